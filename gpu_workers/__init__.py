@@ -1,0 +1,1 @@
+"""The bridge between the web app and `pipelines`: thin Celery tasks, device discovery, the runner."""

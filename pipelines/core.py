@@ -1,0 +1,218 @@
+"""The contract every pipeline stage shares.
+
+A pipeline is an ordered list of stages run over a :class:`PipelineContext`. Each stage reads the
+context's current artifact, may write new artifacts into the context's work directory, and returns
+a :class:`StageResult`. The context is saved as JSON after every stage, so a job that is delivered
+again (a worker killed mid-job) finds the stages it already finished and skips them.
+
+Nothing here imports Django, Celery or a heavy framework: torch and onnxruntime are imported inside
+the stages that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+CONTEXT_FILE = "context.json"
+
+
+class ModelFormat(str, Enum):
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class StageStatus(str, Enum):
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class PipelineError(Exception):
+    """A failure a user can act on: the message is shown in the dashboard as it is."""
+
+
+class StageConfigError(PipelineError):
+    """A pipeline or stage setting that cannot run; raised before anything is queued."""
+
+
+class Cancelled(Exception):
+    """Raised from a progress callback when the job was cancelled; the stage stops at once."""
+
+
+@dataclass
+class TensorSpec:
+    """One input or output: its name, shape (ints, or strings for dynamic axes) and numpy dtype."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(name=str(data["name"]), shape=list(data["shape"]), dtype=str(data["dtype"]))
+
+
+@dataclass
+class Artifact:
+    """A model file the pipeline knows about, the pipeline's input included.
+
+    ``key`` names it inside the context ("input", or the id of the stage that made it); ``parent``
+    is the key of the artifact it was made from, which becomes the version's parent (lineage).
+    """
+
+    key: str
+    path: str
+    format: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parent: str | None = None
+    backend: str = ""
+    produced_by: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Artifact:
+        data = dict(data)
+        data["inputs"] = [TensorSpec.from_dict(t) for t in data.get("inputs", [])]
+        data["outputs"] = [TensorSpec.from_dict(t) for t in data.get("outputs", [])]
+        return cls(**data)
+
+
+@dataclass
+class BenchmarkRow:
+    """Latency and throughput of one artifact at one batch size, measured after warm-up."""
+
+    artifact: str
+    backend: str
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # samples per second
+    iterations: int
+
+
+@dataclass
+class StageResult:
+    stage_id: str
+    name: str
+    status: StageStatus
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageResult:
+        data = dict(data)
+        data["status"] = StageStatus(data["status"])
+        return cls(**data)
+
+
+@dataclass
+class PipelineContext:
+    """What the stages share; saved to ``workdir/context.json`` after each stage."""
+
+    workdir: Path
+    artifacts: dict[str, Artifact]
+    current: str
+    results: dict[str, StageResult] = field(default_factory=dict)
+    benchmarks: list[BenchmarkRow] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, workdir: Path, source: Artifact) -> PipelineContext:
+        """A new context whose current artifact is ``source`` (key forced to "input")."""
+        source.key = "input"
+        return cls(workdir=Path(workdir), artifacts={"input": source}, current="input")
+
+    @property
+    def current_artifact(self) -> Artifact:
+        return self.artifacts[self.current]
+
+    def add_artifact(self, artifact: Artifact) -> None:
+        self.artifacts[artifact.key] = artifact
+        self.current = artifact.key
+
+    def stage_dir(self, stage_id: str) -> Path:
+        path = self.workdir / stage_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save(self) -> None:
+        data = {
+            "current": self.current,
+            "artifacts": {k: asdict(a) for k, a in self.artifacts.items()},
+            "results": {k: {**asdict(r), "status": r.status.value} for k, r in self.results.items()},
+            "benchmarks": [asdict(b) for b in self.benchmarks],
+        }
+        tmp = self.workdir / (CONTEXT_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        # The rename is atomic, so a worker killed while saving leaves the previous context whole.
+        tmp.replace(self.workdir / CONTEXT_FILE)
+
+    @classmethod
+    def load(cls, workdir: Path) -> PipelineContext | None:
+        path = Path(workdir) / CONTEXT_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(
+            workdir=Path(workdir),
+            artifacts={k: Artifact.from_dict(a) for k, a in data["artifacts"].items()},
+            current=data["current"],
+            results={k: StageResult.from_dict(r) for k, r in data["results"].items()},
+            benchmarks=[BenchmarkRow(**b) for b in data["benchmarks"]],
+        )
+
+
+# fraction of the stage done (0..1) and a short message; it may raise Cancelled.
+ProgressFn = Callable[[float, str], None]
+
+
+class StageSettings(BaseModel):
+    """Base of every stage's settings: unknown keys are refused, so a typo is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stage(Protocol):
+    """One step of a pipeline.
+
+    ``accepts`` lists the formats the stage can take as its current artifact, and ``produces`` the
+    format it leaves current (None: it leaves the current artifact as it is, as benchmark does);
+    the pipeline is checked against these before a job is queued.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Settings: ClassVar[type[StageSettings]]
+    accepts: ClassVar[tuple[str, ...]]
+    produces: ClassVar[str | None]
+
+    def run(
+        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
+    ) -> StageResult: ...
+
+
+def timed_result(stage_id: str, name: str, started: float, **kwargs: Any) -> StageResult:
+    """A SUCCEEDED result whose ``seconds`` runs from ``started`` (a ``time.perf_counter()``)."""
+    kwargs.setdefault("status", StageStatus.SUCCEEDED)
+    return StageResult(
+        stage_id=stage_id, name=name, seconds=round(time.perf_counter() - started, 4), **kwargs
+    )

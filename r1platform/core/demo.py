@@ -1,0 +1,49 @@
+"""Seeds the demo team, user and model, so a new user's first page is not empty."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from pipelines.demo import DIGITS_INPUT, build_digits_classifier
+from r1platform.accounts.models import Membership, Team
+from r1platform.core.storage import spool_local_file
+from r1platform.registry.models import ModelVersion, RegisteredModel
+from r1platform.registry.services import upload_model
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "r1-demo-password"
+DEMO_TEAM = "demo"
+DEMO_MODEL = "digits-mlp"
+
+
+def seed_demo() -> ModelVersion:
+    """Create (once) the demo team, user and digits model; returns the model's first version."""
+    User = get_user_model()
+    with transaction.atomic():
+        team, _ = Team.objects.get_or_create(slug=DEMO_TEAM, defaults={"name": "Demo team"})
+        user = User.objects.filter(username=DEMO_USER).first()
+        if user is None:
+            user = User.objects.create_user(DEMO_USER, password=DEMO_PASSWORD, is_staff=True)
+            user.is_superuser = True
+            user.save(update_fields=["is_superuser"])
+        Membership.objects.get_or_create(team=team, user=user)
+    existing = RegisteredModel.objects.filter(team=team, name=DEMO_MODEL).first()
+    if existing is not None:
+        return existing.versions.order_by("number").first()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits_mlp.pt"
+        build_digits_classifier(path)
+        spooled = spool_local_file(path)
+    shape = ",".join(str(d) for d in DIGITS_INPUT[0].shape)
+    return upload_model(
+        team=team,
+        user=user,
+        name=DEMO_MODEL,
+        task="classification",
+        uploaded=spooled,
+        input_shape=shape,
+    )

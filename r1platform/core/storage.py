@@ -1,0 +1,152 @@
+"""The one storage helper: streamed uploads, generated names, hashing, paths inside MEDIA_ROOT.
+
+Uploads never sit whole in memory: :class:`HashingUploadHandler` spools every chunk to a temporary
+file on the storage volume, hashing as it goes, and stops reading once the size limit is passed.
+Stored files always get generated names; the user's file name is kept only for display.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
+
+CHUNK = 1024 * 1024
+
+
+class HashingUploadHandler(TemporaryFileUploadHandler):
+    """Streams each uploaded file to a temp file, computing sha256 and enforcing the size limit.
+
+    A refusal is recorded on ``request.upload_refusal`` so the view can say why the file is
+    missing; the temporary file is removed by Django when the upload is interrupted.
+    """
+
+    chunk_size = 256 * 1024
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):  # noqa: N803
+        limit = settings.R1_MAX_UPLOAD_BYTES
+        # The body also carries the other form fields and multipart framing: allow 1 MiB for them.
+        if content_length and content_length > limit + CHUNK:
+            self._refuse(f"the upload is {_human(content_length)}, over the {_human(limit)} limit")
+        return None
+
+    def new_file(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self.request, "upload_refusal", None):
+            raise StopUpload(connection_reset=False)
+        super().new_file(*args, **kwargs)
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        self._size += len(raw_data)
+        if self._size > settings.R1_MAX_UPLOAD_BYTES:
+            self._refuse(f"the file is over the {_human(settings.R1_MAX_UPLOAD_BYTES)} limit")
+            raise StopUpload(connection_reset=False)
+        self._sha.update(raw_data)
+        self.file.write(raw_data)
+
+    def file_complete(self, file_size: int):
+        uploaded = super().file_complete(file_size)
+        uploaded.sha256 = self._sha.hexdigest()
+        return uploaded
+
+    def _refuse(self, reason: str) -> None:
+        self.request.upload_refusal = reason
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def media_path(relative: str) -> Path:
+    """The absolute path of a stored file; refuses anything that would leave MEDIA_ROOT."""
+    root = Path(settings.MEDIA_ROOT).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{relative!r} is outside the storage root")
+    return path
+
+
+def _new_name(kind: str, team_id: int, suffix: str) -> str:
+    return f"{kind}/team-{team_id}/{uuid.uuid4().hex}{suffix}"
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def store_upload(temp_path: Path, *, kind: str, team_id: int, suffix: str) -> str:
+    """Move a spooled upload into storage under a generated name; returns its relative path."""
+    relative = _new_name(kind, team_id, suffix)
+    final = media_path(relative)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(temp_path), final)
+    return relative
+
+
+def store_copy(src: Path, *, kind: str, team_id: int, suffix: str) -> tuple[str, str, int]:
+    """Copy a worker-made file into storage; returns (relative path, sha256, size).
+
+    The copy is written to a temporary name and renamed, so no reader ever sees half a file.
+    """
+    relative = _new_name(kind, team_id, suffix)
+    final = media_path(relative)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + ".partial")
+    digest = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(partial, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    partial.replace(final)
+    return relative, digest.hexdigest(), size
+
+
+def remove(relative: str) -> None:
+    media_path(relative).unlink(missing_ok=True)
+
+
+class SpooledFile:
+    """A local file presented as Django's spooled upload, for commands and scripts."""
+
+    def __init__(self, path: Path, name: str, sha256: str, size: int) -> None:
+        self._path, self.name, self.sha256, self.size = path, name, sha256, size
+
+    def temporary_file_path(self) -> str:
+        return str(self._path)
+
+
+def spool_local_file(src: Path) -> SpooledFile:
+    """Copy a local file into the upload spool, as an upload through the web would arrive."""
+    spool = Path(settings.MEDIA_ROOT) / "tmp"
+    spool.mkdir(parents=True, exist_ok=True)
+    dest = spool / f"{uuid.uuid4().hex}.upload"
+    digest = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+    return SpooledFile(dest, Path(src).name, digest.hexdigest(), size)

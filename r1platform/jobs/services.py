@@ -1,0 +1,163 @@
+"""Actions on jobs: launch (idempotent), claim, progress, finish, cancel.
+
+Single-row state changes are conditional UPDATEs so that two workers, or a worker and a user
+pressing cancel, can never both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from gpu_workers.queues import queue_for
+from pipelines.core import StageConfigError
+from pipelines.stages import default_pipeline, validate_pipeline
+from r1platform.jobs.models import LOG_TAIL_CHARS, FINISHED, Job, JobStatus
+from r1platform.registry.models import ModelVersion
+
+
+class LaunchRefused(Exception):
+    """The pipeline cannot run on that version; nothing was queued."""
+
+
+class IdempotencyConflict(LaunchRefused):
+    """The idempotency key was used before for a different launch."""
+
+
+def launch_job(
+    *,
+    version: ModelVersion,
+    user: object,
+    stages: list[dict] | None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate the stages and queue a job; the same key twice gives the first job back.
+
+    Returns the job and whether it was created by this call.
+    """
+    if stages is None:
+        stages = default_pipeline(version.format, version.precision)
+    try:
+        planned = validate_pipeline(version.format, stages, version.precision)
+    except StageConfigError as exc:
+        raise LaunchRefused(str(exc)) from None
+    normalized = [p.to_dict() for p in planned]
+    key = (idempotency_key or "").strip() or uuid.uuid4().hex
+    if len(key) > 100:
+        raise LaunchRefused("idempotency_key is longer than 100 characters")
+
+    existing = Job.objects.filter(team_id=version.team_id, idempotency_key=key).first()
+    if existing is not None:
+        return _same_launch_or_conflict(existing, version, normalized), False
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                team_id=version.team_id,
+                version=version,
+                stages=normalized,
+                queue=queue_for(normalized),
+                idempotency_key=key,
+                created_by=user if getattr(user, "is_authenticated", False) else None,
+            )
+            transaction.on_commit(lambda: enqueue(job))
+    except IntegrityError:
+        # A concurrent request with the same key won the insert.
+        existing = Job.objects.get(team_id=version.team_id, idempotency_key=key)
+        return _same_launch_or_conflict(existing, version, normalized), False
+    return job, True
+
+
+def _same_launch_or_conflict(job: Job, version: ModelVersion, stages: list[dict]) -> Job:
+    if job.version_id != version.pk or job.stages != stages:
+        raise IdempotencyConflict(
+            "this idempotency_key was already used for a different launch "
+            f"(job {job.pk}); use a new key for a new job"
+        )
+    return job
+
+
+def enqueue(job: Job) -> None:
+    from gpu_workers.tasks import run_job
+
+    run_job.apply_async(args=[job.pk], queue=job.queue)
+
+
+def claim_job(job_id: int, worker_host: str) -> Job | None:
+    """Take the job for this worker if it is queued, or running with a stale heartbeat.
+
+    Exactly one caller gets the row: the UPDATE's WHERE clause is the lock.
+    """
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.R1_HEARTBEAT_STALE)
+    claimed = Job.objects.filter(
+        Q(status=JobStatus.QUEUED) | Q(status=JobStatus.RUNNING, heartbeat_at__lt=stale),
+        pk=job_id,
+        cancel_requested=False,
+    ).update(
+        status=JobStatus.RUNNING,
+        worker_host=worker_host,
+        started_at=now,
+        heartbeat_at=now,
+        attempts=F("attempts") + 1,
+        error="",
+    )
+    return Job.objects.get(pk=job_id) if claimed == 1 else None
+
+
+def heartbeat(job_id: int) -> None:
+    Job.objects.filter(pk=job_id, status=JobStatus.RUNNING).update(heartbeat_at=timezone.now())
+
+
+def record_progress(
+    job: Job, *, progress: float, stage: str, line: str | None = None, stage_results=None
+) -> None:
+    """Write the job's progress, current stage and log tail, and beat its heartbeat."""
+    job.progress = max(0.0, min(1.0, progress))
+    job.current_stage = stage
+    job.heartbeat_at = timezone.now()
+    fields = ["progress", "current_stage", "heartbeat_at"]
+    if line:
+        stamp = timezone.now().strftime("%H:%M:%S")
+        job.log_tail = (job.log_tail + f"{stamp} {line}\n")[-LOG_TAIL_CHARS:]
+        fields.append("log_tail")
+    if stage_results is not None:
+        job.stage_results = stage_results
+        fields.append("stage_results")
+    job.save(update_fields=fields)
+
+
+def cancel_requested(job_id: int) -> bool:
+    return Job.objects.filter(pk=job_id, cancel_requested=True).exists()
+
+
+def finish_job(job: Job, status: str, error: str = "") -> None:
+    job.status = status
+    job.error = error[:4000]
+    job.finished_at = timezone.now()
+    if status == JobStatus.SUCCEEDED:
+        job.progress = 1.0
+    job.save(update_fields=["status", "error", "finished_at", "progress", "log_tail"])
+
+
+def fail_poison(job_id: int, reason: str) -> None:
+    Job.objects.filter(pk=job_id).exclude(status__in=FINISHED).update(
+        status=JobStatus.FAILED, error=reason, finished_at=timezone.now()
+    )
+
+
+def cancel_job(job: Job) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next progress step."""
+    now = timezone.now()
+    if Job.objects.filter(pk=job.pk, status=JobStatus.QUEUED).update(
+        status=JobStatus.CANCELLED, finished_at=now, cancel_requested=True
+    ):
+        pass
+    else:
+        Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
+    job.refresh_from_db()
+    return job

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
+
+from pipelines.stages import default_pipeline, stage_schemas
+from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
+from r1platform.core import tracking
+from r1platform.jobs.forms import LaunchForm
+from r1platform.jobs.models import Job, JobStatus
+from r1platform.jobs.services import LaunchRefused, cancel_job, launch_job
+from r1platform.registry.models import ModelVersion
+
+PAGE_SIZE = 25
+ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+DETAIL = "jobs/job_detail.html"
+
+
+def _get_job_for_user(request, pk: int) -> Job:
+    """The job if it belongs to one of the user's teams; 404 otherwise."""
+    qs = Job.objects.select_related("team", "version__model")
+    return get_scoped_or_404(qs, teams_for(request.user), pk=pk)
+
+
+def _get_version_for_user(request, raw_pk: str | None) -> ModelVersion:
+    if not raw_pk or not raw_pk.isdigit():
+        raise Http404("no such version")
+    qs = ModelVersion.objects.select_related("model", "team")
+    return get_scoped_or_404(qs, teams_for(request.user), pk=int(raw_pk))
+
+
+def _job_context(job: Job) -> dict:
+    """Everything the live section of the job page shows."""
+    produced = list(job.produced.select_related("parent").order_by("number"))
+    by_id = {v.pk: v for v in produced}
+    stages = [
+        {**r, "produced": [by_id[pk] for pk in r.get("versions", []) if pk in by_id]}
+        for r in job.stage_results
+    ]
+    benchmarks = job.benchmarks.select_related("version").order_by(
+        "version__number", "batch_size", "backend"
+    )
+    run_url = ""
+    if job.mlflow_run_id and job.mlflow_experiment_id:
+        run_url = tracking.run_url(job.mlflow_experiment_id, job.mlflow_run_id)
+    return {
+        "job": job,
+        "stages": stages,
+        "produced": produced,
+        "benchmarks": benchmarks,
+        "run_url": run_url,
+    }
+
+
+@login_required
+def job_list(request):
+    jobs = scoped(Job.objects.select_related("version__model", "team"), teams_for(request.user))
+    status = request.GET.get("status", "")
+    if status in JobStatus.values:
+        jobs = jobs.filter(status=status)
+    else:
+        status = ""
+    page = Paginator(jobs.order_by("-created_at", "-pk"), PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    polling = any(job.status in ACTIVE for job in page)
+    context = {"page": page, "status": status, "statuses": JobStatus.choices, "polling": polling}
+    if request.htmx:
+        html = render_to_string("jobs/job_list.html#table-section", context, request=request)
+        if request.htmx.trigger == "jobs-table" and not polling:
+            return HttpResponseStopPolling(html)
+        return HttpResponse(html)
+    return render(request, "jobs/job_list.html", context)
+
+
+@login_required
+def job_new(request):
+    version = _get_version_for_user(
+        request, request.GET.get("version") or request.POST.get("version")
+    )
+    schemas = stage_schemas()
+    defaults = default_pipeline(version.format)
+    template_name = "jobs/job_new.html"
+    if request.htmx:
+        template_name += "#launch-form"
+    if request.method == "POST":
+        form = LaunchForm(request.POST, schemas=schemas, defaults=defaults)
+        if form.is_valid():
+            try:
+                job, created = launch_job(
+                    version=version,
+                    user=request.user,
+                    stages=form.cleaned_data["stages"],
+                    idempotency_key=form.cleaned_data["idempotency_key"],
+                )
+            except LaunchRefused as exc:
+                form.add_error(None, str(exc))
+            else:
+                if created:
+                    messages.success(request, f"Launched job {job.pk} on {version}.")
+                else:
+                    messages.info(request, f"Job {job.pk} was already launched with this form.")
+                if request.htmx:
+                    return HttpResponseClientRedirect(job.get_absolute_url())
+                return redirect(job)
+        context = {"form": form, "version": version}
+        return render(request, template_name, context, status=400)
+    form = LaunchForm(schemas=schemas, defaults=defaults)
+    return render(request, template_name, {"form": form, "version": version})
+
+
+@login_required
+def job_detail(request, pk: int):
+    job = _get_job_for_user(request, pk)
+    context = _job_context(job)
+    if request.htmx:
+        html = render_to_string(DETAIL + "#job-live", context, request=request)
+        if job.is_finished:
+            # 286: htmx swaps in this final state and stops polling; the final markup carries
+            # no polling trigger either, so nothing starts again after the swap.
+            return HttpResponseStopPolling(html)
+        return HttpResponse(html)
+    return render(request, DETAIL, context)
+
+
+@login_required
+@require_POST
+def job_cancel(request, pk: int):
+    job = cancel_job(_get_job_for_user(request, pk))
+    if request.htmx:
+        return render(request, DETAIL + "#job-live", _job_context(job))
+    if job.status == JobStatus.CANCELLED:
+        messages.success(request, f"Job {job.pk} was cancelled.")
+    elif job.is_finished:
+        messages.info(request, f"Job {job.pk} had already finished ({job.status}).")
+    else:
+        messages.info(request, f"Job {job.pk} will stop at its next progress step.")
+    return redirect(job)

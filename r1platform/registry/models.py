@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+from r1platform.accounts.models import Team
+
+
+class Task(models.TextChoices):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    EMBEDDING = "embedding"
+    OTHER = "other"
+
+
+class Format(models.TextChoices):
+    ONNX = "onnx", "ONNX"
+    TORCHSCRIPT = "torchscript", "TorchScript"
+
+
+class RegisteredModel(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="models")
+    name = models.CharField(max_length=100)
+    task = models.CharField(max_length=20, choices=Task.choices, default=Task.OTHER)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    # Kept on the row so the models list never counts versions: it stays fast at 100k versions.
+    latest_version = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now, db_index=True)
+    mlflow_name = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="model_name_per_team")]
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("registry:model_detail", args=[self.pk])
+
+
+class ModelVersion(models.Model):
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="versions")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    format = models.CharField(max_length=20, choices=Format.choices)
+    precision = models.CharField(max_length=10, default="fp32")
+    backend = models.CharField(max_length=30, blank=True)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    job = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="produced"
+    )
+    # The pipeline artifact this version was made from; with ``job`` it makes registration
+    # idempotent when a job is delivered again.
+    artifact_key = models.CharField(max_length=80, blank=True)
+    file = models.CharField(max_length=500, help_text="path relative to MEDIA_ROOT")
+    original_name = models.CharField(max_length=200, blank=True)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField()
+    inputs = models.JSONField(default=list)
+    outputs = models.JSONField(default=list)
+    details = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    mlflow_version = models.CharField(max_length=20, blank=True)
+    mlflow_run_id = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model", "number"], name="version_number_per_model"),
+            models.UniqueConstraint(
+                fields=["job", "artifact_key"],
+                condition=models.Q(job__isnull=False),
+                name="one_version_per_job_artifact",
+            ),
+        ]
+        ordering = ["model", "-number"]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} v{self.number}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("registry:version_detail", args=[self.pk])
+
+    @property
+    def label(self) -> str:
+        parts = [self.get_format_display(), self.precision.upper()]
+        if self.backend:
+            parts.append(self.backend)
+        return " · ".join(parts)
+
+
+class BenchmarkResult(models.Model):
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="benchmarks")
+    job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="benchmarks")
+    backend = models.CharField(max_length=30)
+    device = models.CharField(max_length=200, blank=True)
+    batch_size = models.PositiveIntegerField()
+    p50_ms = models.FloatField()
+    p95_ms = models.FloatField()
+    p99_ms = models.FloatField()
+    throughput = models.FloatField(help_text="samples per second")
+    iterations = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["version", "batch_size"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "version", "backend", "batch_size"], name="one_benchmark_row"
+            )
+        ]

@@ -1,0 +1,200 @@
+"""Actions on the registry: every multi-row write lives here, views and workers only call them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from pipelines.core import TensorSpec
+from pipelines.formats import RejectedUpload, inspect_model, parse_input_shapes, sanitize_filename
+from r1platform.accounts.models import Team
+from r1platform.core import storage, tracking
+from r1platform.registry.models import ModelVersion, RegisteredModel, Task
+
+log = logging.getLogger(__name__)
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class UploadRefused(Exception):
+    """The upload cannot become a model; the message says why, and nothing was kept."""
+
+
+def mlflow_name(team: Team, name: str) -> str:
+    return f"{team.slug}.{name}"
+
+
+def upload_model(
+    *,
+    team: Team,
+    user: object,
+    name: str,
+    task: str,
+    uploaded,
+    input_shape: str = "",
+    input_dtype: str = "float32",
+) -> ModelVersion:
+    """Validate an uploaded file without running it and register it as version 1 of a new model.
+
+    ``uploaded`` is the file Django spooled through :class:`storage.HashingUploadHandler`.
+    Whatever happens, the spooled file is either moved into storage or deleted.
+    """
+    temp_path = Path(uploaded.temporary_file_path())
+    try:
+        name = name.strip()
+        if not name or len(name) > 100:
+            raise UploadRefused("the model needs a name of 1 to 100 characters")
+        if task not in Task.values:
+            raise UploadRefused(f"task must be one of {', '.join(Task.values)}")
+        if RegisteredModel.objects.filter(team=team, name=name).exists():
+            raise UploadRefused(f"team {team.slug} already has a model named {name!r}")
+        declared = parse_input_shapes(input_shape, input_dtype) if input_shape.strip() else None
+        info = inspect_model(temp_path, uploaded.name, declared_inputs=declared)
+    except RejectedUpload as exc:
+        temp_path.unlink(missing_ok=True)
+        raise UploadRefused(str(exc)) from None
+    except UploadRefused:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+    relative = storage.store_upload(
+        temp_path, kind="models", team_id=team.pk, suffix=SUFFIX[info.format]
+    )
+    try:
+        with transaction.atomic():
+            model = RegisteredModel.objects.create(
+                team=team, name=name, task=task, created_by=user, mlflow_name=mlflow_name(team, name)
+            )
+            version = register_version(
+                model,
+                relative_file=relative,
+                sha256=uploaded.sha256,
+                size_bytes=uploaded.size,
+                format=info.format,
+                precision=info.precision,
+                inputs=[asdict(t) for t in info.inputs],
+                outputs=[asdict(t) for t in info.outputs],
+                details=info.details,
+                original_name=sanitize_filename(uploaded.name),
+                user=user,
+            )
+    except IntegrityError:
+        storage.remove(relative)
+        raise UploadRefused(f"team {team.slug} already has a model named {name!r}") from None
+    except Exception:
+        storage.remove(relative)
+        raise
+    transaction.on_commit(lambda: mirror_to_mlflow(version))
+    return version
+
+
+def register_version(
+    model: RegisteredModel,
+    *,
+    relative_file: str,
+    sha256: str,
+    size_bytes: int,
+    format: str,
+    precision: str,
+    inputs: list[dict],
+    outputs: list[dict],
+    details: dict | None = None,
+    metrics: dict | None = None,
+    parent: ModelVersion | None = None,
+    job=None,
+    artifact_key: str = "",
+    backend: str = "",
+    original_name: str = "",
+    user: object = None,
+) -> ModelVersion:
+    """Give the model its next version number and record the file as that version."""
+    with transaction.atomic():
+        locked = RegisteredModel.objects.select_for_update().get(pk=model.pk)
+        number = locked.latest_version + 1
+        RegisteredModel.objects.filter(pk=model.pk).update(
+            latest_version=number, updated_at=timezone.now()
+        )
+        return ModelVersion.objects.create(
+            model=model,
+            team_id=model.team_id,
+            number=number,
+            format=format,
+            precision=precision,
+            backend=backend,
+            parent=parent,
+            job=job,
+            artifact_key=artifact_key,
+            file=relative_file,
+            original_name=original_name,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            inputs=inputs,
+            outputs=outputs,
+            details=details or {},
+            metrics=metrics or {},
+            created_by=user,
+        )
+
+
+def mirror_to_mlflow(version: ModelVersion, run_id: str | None = None) -> str:
+    """Register the version's file in the MLflow Model Registry (once) and remember its number.
+
+    An uploaded version has no job run, so it gets an "upload" run of its own holding the file.
+    A tracking store that is down must not lose the upload: the failure is logged and the next
+    job on this version mirrors it again.
+    """
+    if version.mlflow_version:
+        return version.mlflow_version
+    model = version.model
+    try:
+        if run_id is None:
+            experiment = tracking.experiment_id(f"team-{model.team.slug}")
+            run_id = tracking.start_run(
+                experiment, f"upload {model.name} v{version.number}", {"r1.kind": "upload"}
+            )
+            tracking.log_params(run_id, {"sha256": version.sha256, "format": version.format})
+            source = tracking.log_artifact(
+                run_id, storage.media_path(version.file), f"versions/v{version.number}"
+            )
+            tracking.finish_run(run_id, succeeded=True)
+        else:
+            source = tracking.log_artifact(
+                run_id, storage.media_path(version.file), f"versions/v{version.number}"
+            )
+        number = tracking.register_model_version(
+            model.mlflow_name or mlflow_name(model.team, model.name),
+            source=source,
+            run_id=run_id,
+            tags=mlflow_tags(version),
+        )
+    except Exception as exc:  # noqa: BLE001 - the tracking store is optional for the upload to land
+        log.warning("could not mirror %s to MLflow: %s", version, exc)
+        return ""
+    ModelVersion.objects.filter(pk=version.pk).update(mlflow_version=number, mlflow_run_id=run_id)
+    version.mlflow_version, version.mlflow_run_id = number, run_id
+    return number
+
+
+def mlflow_tags(version: ModelVersion) -> dict[str, str]:
+    tags = {
+        "r1.version_id": str(version.pk),
+        "r1.version": str(version.number),
+        "format": version.format,
+        "precision": version.precision,
+        "sha256": version.sha256,
+    }
+    if version.backend:
+        tags["backend"] = version.backend
+    if version.parent_id:
+        tags["parent_version"] = str(version.parent.number)
+    if version.job_id:
+        tags["r1.job_id"] = str(version.job_id)
+    return tags
+
+
+def input_specs(version: ModelVersion) -> list[TensorSpec]:
+    return [TensorSpec.from_dict(t) for t in version.inputs]

@@ -1,0 +1,76 @@
+"""Small template helpers shared by the dashboard pages."""
+
+from __future__ import annotations
+
+import json
+
+from django import template
+
+register = template.Library()
+
+
+@register.simple_tag(takes_context=True)
+def page_url(context, number: int) -> str:
+    """The current URL's query string with ``page`` set to ``number`` (filters kept)."""
+    params = context["request"].GET.copy()
+    params["page"] = str(number)
+    return "?" + params.urlencode()
+
+
+@register.filter
+def as_json(value) -> str:
+    """A value as indented JSON, for settings and details shown in <pre>."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+@register.filter
+def shape(value) -> str:
+    """A tensor shape as [batch, 3, 224, 224]."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(d) for d in value) + "]"
+    return str(value)
+
+
+@register.filter
+def seconds(value) -> str:
+    """A duration in seconds as 0.42 s, 12.3 s or 4 min 05 s."""
+    if value is None or value == "":
+        return "—"
+    value = float(value)
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 120:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(round(value)), 60)
+    if minutes < 120:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+@register.filter
+def ms(value) -> str:
+    """A latency in milliseconds with three significant digits: 0.00579, 1.25, 812.4."""
+    if value is None or value == "":
+        return "—"
+    value = float(value)
+    if value >= 100:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if value >= 0.001 else f"{value:.2e}"
+
+
+@register.filter
+def rate(value) -> str:
+    """A throughput: 1,550,478 or 12.5."""
+    if value is None or value == "":
+        return "—"
+    value = float(value)
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+@register.filter
+def num(value) -> str:
+    """A metric: numbers with up to six significant digits, anything else as it is."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:.6g}"

@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from r1platform.registry import views
+
+app_name = "registry"
+
+urlpatterns = [
+    path("", views.model_list, name="model_list"),
+    path("models/upload/", views.model_upload, name="model_upload"),
+    path("models/<int:pk>/", views.model_detail, name="model_detail"),
+    path("versions/<int:pk>/", views.version_detail, name="version_detail"),
+]

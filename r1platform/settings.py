@@ -1,0 +1,189 @@
+"""Django settings, all read from the environment in this one place.
+
+With nothing set, everything lives under ``R1_HOME`` (default ``./var``): SQLite, uploaded files,
+a broker that needs no server (kombu's filesystem transport), and MLflow's SQLite store. Setting
+``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``MLFLOW_TRACKING_URI`` moves each to a real service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from r1platform.env import env_bool, env_int, env_list, env_path, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+R1_HOME = env_path("R1_HOME", BASE_DIR / "var")
+
+DEBUG = env_bool("R1_DEBUG", False)
+SECRET_KEY = env_str("R1_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("R1_PRODUCTION", False):
+        raise ImproperlyConfigured("R1_SECRET_KEY must be set in production")
+    # The embedded default keeps one random key per R1_HOME, so sessions survive restarts.
+    _key_file = R1_HOME / "secret_key"
+    if not _key_file.exists():
+        import secrets
+
+        _key_file.parent.mkdir(parents=True, exist_ok=True)
+        _key_file.write_text(secrets.token_urlsafe(50))
+    SECRET_KEY = _key_file.read_text().strip()
+
+ALLOWED_HOSTS = env_list("R1_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("R1_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "template_partials",
+    "r1platform.core",
+    "r1platform.accounts",
+    "r1platform.registry",
+    "r1platform.jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "r1platform.urls"
+WSGI_APPLICATION = "r1platform.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "r1platform.core.context_processors.platform",
+            ],
+        },
+    },
+]
+
+# Database: SQLite under R1_HOME unless DATABASE_URL names a server.
+_default_db = f"sqlite:///{R1_HOME / 'db.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the dashboard read while a worker writes; IMMEDIATE takes the write lock at the
+    # start of a transaction instead of failing with "database is locked" half-way through.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "registry:model_list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = env_path("R1_STATIC_ROOT", R1_HOME / "static")
+MEDIA_ROOT = env_path("R1_MEDIA_ROOT", R1_HOME / "media")
+# Whitenoise serves files straight from the apps' folders when collectstatic has not run.
+WHITENOISE_USE_FINDERS = True
+
+# Uploads stream to a temporary file in chunks (never whole into memory): see core/storage.py.
+R1_MAX_UPLOAD_BYTES = env_int("R1_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1)
+FILE_UPLOAD_HANDLERS = ["r1platform.core.storage.HashingUploadHandler"]
+FILE_UPLOAD_TEMP_DIR = None  # set at start by core.apps so it lives on the storage volume
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024**2
+
+# Where a job's pipeline writes its intermediate files (one folder per job, resumable).
+R1_WORK_DIR = env_path("R1_WORK_DIR", R1_HOME / "work")
+
+# --- Celery: broker without a server unless CELERY_BROKER_URL is set. ---
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+_broker_dir = R1_HOME / "broker"
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("R1_JOB_SOFT_TIME_LIMIT", 6 * 3600, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("R1_JOB_TIME_LIMIT", CELERY_TASK_SOFT_TIME_LIMIT + 300, minimum=1)
+if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperlyConfigured("R1_JOB_TIME_LIMIT must be above R1_JOB_SOFT_TIME_LIMIT")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    for _folder in ("queue", "processed"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+        "polling_interval": 0.2,
+    }
+else:
+    # Redis re-delivers a message not acknowledged within visibility_timeout: keep it above the
+    # longest hard limit, or a long job would be run twice at once.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 600}
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# A running job writes a heartbeat this often; one silent for R1_HEARTBEAT_STALE is presumed dead.
+R1_HEARTBEAT_SECONDS = env_int("R1_HEARTBEAT_SECONDS", 5, minimum=1)
+R1_HEARTBEAT_STALE = env_int("R1_HEARTBEAT_STALE", 60, minimum=2)
+# A job whose worker died this many times while running it is failed, not tried again (poison).
+R1_MAX_JOB_ATTEMPTS = env_int("R1_MAX_JOB_ATTEMPTS", 3, minimum=1)
+
+# --- MLflow ---
+_mlflow_db = f"sqlite:///{R1_HOME / 'mlflow' / 'mlflow.db'}"
+MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", _mlflow_db)
+MLFLOW_ARTIFACT_ROOT = env_path("MLFLOW_ARTIFACT_ROOT", R1_HOME / "mlflow" / "artifacts")
+# Where people open MLflow's UI; `manage.py up` serves it here for the embedded store.
+MLFLOW_UI_URL = env_str(
+    "MLFLOW_UI_URL",
+    MLFLOW_TRACKING_URI if MLFLOW_TRACKING_URI.startswith("http") else "http://127.0.0.1:5000",
+).rstrip("/")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("R1_LOG_LEVEL", "INFO")},
+    "loggers": {"alembic": {"level": "WARNING"}, "mlflow": {"level": "WARNING"}},
+}
+
+if env_bool("R1_PRODUCTION", False):
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("R1_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("R1_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -1,0 +1,170 @@
+"""Fixtures shared by the whole suite: teams and members, tokens, real model files, a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from r1platform.accounts.models import ApiToken, Membership, Team
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_storage(settings, tmp_path):
+    """Each test gets its own file storage and job folders, so leftovers can be asserted."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.R1_WORK_DIR = tmp_path / "work"
+    spool = settings.MEDIA_ROOT / "tmp"
+    spool.mkdir(parents=True)
+    settings.FILE_UPLOAD_TEMP_DIR = str(spool)
+
+
+@pytest.fixture
+def team(db) -> Team:
+    return Team.objects.create(name="Team A", slug="team-a")
+
+
+@pytest.fixture
+def other_team(db) -> Team:
+    return Team.objects.create(name="Team B", slug="team-b")
+
+
+@pytest.fixture
+def user(team, django_user_model):
+    member = django_user_model.objects.create_user("alice", password="pw-alice-123")
+    Membership.objects.create(team=team, user=member)
+    return member
+
+
+@pytest.fixture
+def outsider(other_team, django_user_model):
+    member = django_user_model.objects.create_user("bob", password="pw-bob-123")
+    Membership.objects.create(team=other_team, user=member)
+    return member
+
+
+@pytest.fixture
+def member_client(client, user):
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def token(user, team) -> str:
+    return ApiToken.issue(user, team)[1]
+
+
+@pytest.fixture
+def outsider_token(outsider, other_team) -> str:
+    return ApiToken.issue(outsider, other_team)[1]
+
+
+@pytest.fixture
+def api(client, token):
+    """A test client that sends team A's bearer token."""
+    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return client
+
+
+@pytest.fixture(scope="session")
+def digits_torchscript(tmp_path_factory) -> Path:
+    """The demo's digits classifier, trained once per session (about 3 s)."""
+    from pipelines.demo import build_digits_classifier
+
+    path = tmp_path_factory.mktemp("models") / "digits_mlp.pt"
+    build_digits_classifier(path, epochs=15)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory) -> Path:
+    """A small ONNX classifier with a dynamic batch axis, exported from torch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    path = tmp_path_factory.mktemp("models") / "mlp.onnx"
+    torch.onnx.export(
+        model.eval(),
+        (torch.randn(2, 16),),
+        str(path),
+        dynamo=False,
+        input_names=["features"],
+        output_names=["logits"],
+        dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+    )
+    return path
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or "postgres"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def worker(transactional_db, tmp_path):
+    """A real Celery worker process (prefork, one child) on the test database and broker."""
+    log_path = tmp_path / "worker.log"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": _database_url(),
+        "R1_HOME": str(settings.R1_HOME),
+        "R1_MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "R1_WORK_DIR": str(settings.R1_WORK_DIR),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu", "-c", "1",
+        "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-mingle", "--without-gossip",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60
+    while b" ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the worker did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    yield proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    sys.stderr.write(f"\n--- worker log (last 3000 chars) ---\n{log_path.read_text()[-3000:]}\n")
+
+
+def wait_for_job(job_id: int, timeout: float = 240.0):
+    """Poll the database until the job ends; returns it."""
+    from r1platform.jobs.models import Job
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = Job.objects.get(pk=job_id)
+        if job.is_finished:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {Job.objects.get(pk=job_id)}")

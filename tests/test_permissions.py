@@ -1,0 +1,222 @@
+"""Every dashboard URL, walked from the resolver: anonymous users are sent to log in, members of
+another team get 404 for team A's objects, team A's members get the page, and no POST gets past
+CSRF without the token.
+
+A new URL pattern is picked up automatically; one with an argument this file cannot fill fails
+the test until it is taught below (``OBJECT_FOR``), so no page goes unchecked.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from django.conf import settings
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.urls.resolvers import RoutePattern
+
+from r1platform.accounts.models import Membership, Team
+from r1platform.jobs.models import Job, JobStatus
+from r1platform.registry.models import RegisteredModel
+from r1platform.registry.services import register_version
+
+SKIPPED_PREFIXES = ("admin/", "api/")  # covered by Django's admin and tests/test_api.py
+SKIPPED_NAMES = {"login", "logout"}
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # "namespace:name"
+    route: str  # the full pattern, for messages
+    kwargs: tuple[str, ...]  # the converters' argument names
+
+
+def dashboard_routes() -> list[Route]:
+    """Every named URL pattern of the site, recursively, except admin, API, login and logout."""
+    found: list[Route] = []
+
+    def walk(patterns, prefix: str, namespace: str) -> None:
+        for p in patterns:
+            route = prefix + str(p.pattern)
+            if route.startswith(SKIPPED_PREFIXES):
+                continue
+            if isinstance(p, URLResolver):
+                ns = f"{namespace}{p.namespace}:" if p.namespace else namespace
+                walk(p.url_patterns, route, ns)
+            elif isinstance(p, URLPattern):
+                assert p.name, f"URL {route!r} has no name"
+                if p.name in SKIPPED_NAMES:
+                    continue
+                names = tuple(p.pattern.converters) if isinstance(p.pattern, RoutePattern) else ()
+                found.append(Route(namespace + p.name, route, names))
+
+    walk(get_resolver().url_patterns, "", "")
+    return found
+
+
+ROUTES = dashboard_routes()
+
+
+@pytest.fixture
+def team_a(db) -> Team:
+    return Team.objects.create(name="Team A", slug="perm-a")
+
+
+@pytest.fixture
+def team_b(db) -> Team:
+    return Team.objects.create(name="Team B", slug="perm-b")
+
+
+@pytest.fixture
+def member_a(team_a, django_user_model):
+    user = django_user_model.objects.create_user("perm-alice", password="pw-alice-123")
+    Membership.objects.create(team=team_a, user=user)
+    return user
+
+
+@pytest.fixture
+def member_b(team_b, django_user_model):
+    user = django_user_model.objects.create_user("perm-bob", password="pw-bob-123")
+    Membership.objects.create(team=team_b, user=user)
+    return user
+
+
+@pytest.fixture
+def objects_a(team_a, member_a) -> dict[str, object]:
+    """One of each object, all belonging to team A."""
+    model = RegisteredModel.objects.create(
+        team=team_a, name="private", mlflow_name="perm-a.private"
+    )
+    version = register_version(
+        model,
+        relative_file="models/x.onnx",
+        sha256="a" * 64,
+        size_bytes=10,
+        format="onnx",
+        precision="fp32",
+        inputs=[],
+        outputs=[],
+    )
+    job = Job.objects.create(
+        team=team_a,
+        version=version,
+        stages=[{"name": "benchmark", "settings": {}}],
+        queue="cpu",
+        idempotency_key=uuid.uuid4().hex,
+        status=JobStatus.QUEUED,
+    )
+    return {"model": model, "version": version, "job": job}
+
+
+# Which object fills each URL's <pk>, and which query string a page needs.
+OBJECT_FOR = {
+    "registry:model_detail": "model",
+    "registry:version_detail": "version",
+    "jobs:job_detail": "job",
+    "jobs:job_cancel": "job",
+}
+QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
+
+
+def url_for(route: Route, objs: dict[str, object]) -> str:
+    kwargs = {}
+    for arg in route.kwargs:
+        assert arg == "pk" and route.name in OBJECT_FOR, (
+            f"teach test_permissions how to fill {arg!r} of {route.name} ({route.route})"
+        )
+        kwargs[arg] = objs[OBJECT_FOR[route.name]].pk
+    query = QUERY_FOR[route.name](objs) if route.name in QUERY_FOR else ""
+    return reverse(route.name, kwargs=kwargs) + query
+
+
+def test_it_finds_every_dashboard_page_in_the_resolver():
+    names = {r.name for r in ROUTES}
+
+    assert {
+        "registry:model_list",
+        "registry:model_upload",
+        "registry:model_detail",
+        "registry:version_detail",
+        "jobs:job_list",
+        "jobs:job_new",
+        "jobs:job_detail",
+        "jobs:job_cancel",
+    } <= names
+    assert not any(r.route.startswith(SKIPPED_PREFIXES) for r in ROUTES)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_it_sends_anonymous_users_to_log_in(client, objects_a, route):
+    url = url_for(route, objects_a)
+
+    for method in (client.get, client.post):
+        response = method(url)
+        assert response.status_code == 302, (route.name, method.__name__)
+        assert response["Location"].startswith(reverse(settings.LOGIN_URL) + "?next=")
+    objects_a["job"].refresh_from_db()
+    assert objects_a["job"].status == JobStatus.QUEUED
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_it_hides_team_a_objects_from_team_b(client, objects_a, member_b, route):
+    client.force_login(member_b)
+    url = url_for(route, objects_a)
+    get = client.get(url)
+
+    if not route.kwargs and route.name not in QUERY_FOR:
+        # A list or a blank form: it renders, but shows nothing of team A.
+        assert get.status_code == 200, route.name
+        assert "private" not in get.content.decode()
+        return
+    if get.status_code == 405:  # POST only: the lookup answers the POST
+        post = client.post(url)
+        assert post.status_code == 404, route.name
+    else:
+        assert get.status_code == 404, route.name
+    objects_a["job"].refresh_from_db()
+    assert objects_a["job"].status == JobStatus.QUEUED, "team B changed team A's job"
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_it_serves_team_a_objects_to_team_a(client, objects_a, member_a, route):
+    client.force_login(member_a)
+    url = url_for(route, objects_a)
+
+    get = client.get(url)
+
+    assert get.status_code in (200, 405), route.name
+    if get.status_code == 405:
+        post = client.post(url)
+        assert post.status_code in (200, 302), route.name
+    elif route.kwargs or route.name in QUERY_FOR:
+        assert "private" in get.content.decode(), "the page shows team A's model"
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_it_refuses_a_post_without_the_csrf_token(objects_a, member_a, route):
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(member_a)
+
+    response = strict.post(url_for(route, objects_a), {"name": "x"})
+
+    assert response.status_code == 403, route.name
+    objects_a["job"].refresh_from_db()
+    assert objects_a["job"].status == JobStatus.QUEUED
+
+
+def test_it_accepts_a_post_that_carries_the_csrf_token(objects_a, member_a):
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(member_a)
+    job = objects_a["job"]
+    page = strict.get(job.get_absolute_url())
+    token = page.cookies[settings.CSRF_COOKIE_NAME].value
+
+    response = strict.post(
+        reverse("jobs:job_cancel", args=[job.pk]), HTTP_X_CSRFTOKEN=token, HTTP_HX_REQUEST="true"
+    )
+
+    job.refresh_from_db()
+    assert response.status_code == 200
+    assert job.status == JobStatus.CANCELLED

@@ -1,0 +1,74 @@
+"""A real worker process over the real broker: upload to produced versions, failures, MLflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1platform.core import tracking
+from r1platform.jobs.models import JobStatus
+from r1platform.registry.models import BenchmarkResult, ModelVersion
+from tests.conftest import wait_for_job
+
+pytestmark = pytest.mark.worker
+
+
+def upload(api, path, name, shape):
+    with open(path, "rb") as f:
+        data = {"name": name, "task": "classification", "file": f, "input_shape": shape}
+        response = api.post("/api/v1/models", data)
+    assert response.status_code == 201, response.content
+    return response.json()["versions"][0]
+
+
+def launch(api, version_id, stages=None):
+    payload = {"version_id": version_id, "stages": stages}
+    response = api.post("/api/v1/jobs", payload, content_type="application/json")
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+def test_it_runs_a_real_job_from_upload_to_versions(worker, api, digits_torchscript):
+    v1 = upload(api, digits_torchscript, "digits", "batch,64")
+    job = wait_for_job(launch(api, v1["id"]))
+    assert job.status == JobStatus.SUCCEEDED, f"{job.error}\n{job.log_tail}"
+    assert job.progress == 1.0 and job.attempts == 1 and job.worker_host
+
+    produced = list(ModelVersion.objects.filter(job=job).order_by("number"))
+    # export_onnx -> quantize -> compile, each the parent of the next, back to the upload.
+    assert [(v.number, v.format, v.precision) for v in produced] == [
+        (2, "onnx", "fp32"),
+        (3, "onnx", "int8"),
+        (4, "onnx", "int8"),
+    ]
+    assert [v.parent_id for v in produced] == [v1["id"], produced[0].pk, produced[1].pk]
+    assert produced[2].backend == "onnxruntime"
+    assert produced[1].size_bytes < produced[0].size_bytes
+
+    rows = BenchmarkResult.objects.filter(job=job)
+    assert {r.version_id for r in rows} >= {v.pk for v in produced}
+    assert all(0 < r.p50_ms <= r.p95_ms <= r.p99_ms and r.throughput > 0 for r in rows)
+
+    body = api.get(f"/api/v1/jobs/{job.pk}").json()
+    assert body["status"] == "succeeded"
+    assert body["produced_version_ids"] == [v.pk for v in produced]
+    assert [r["status"] for r in body["stage_results"]] == ["succeeded"] * 4
+
+    run = tracking.client().get_run(job.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert any(k.startswith("bench.v3.b1.") for k in run.data.metrics)
+    registered = tracking.client().search_model_versions(f"name = '{job.team.slug}.digits'")
+    assert len(registered) == 4
+    by_number = {mv.tags["r1.version"]: mv for mv in registered}
+    assert by_number["3"].tags["precision"] == "int8"
+    assert by_number["3"].tags["parent_version"] == "2"
+
+
+def test_it_fails_a_job_whose_stage_raises_and_says_why(worker, api, digits_torchscript):
+    # The model takes 64 features; declaring 32 makes the export stage's trial run fail.
+    v1 = upload(api, digits_torchscript, "digits-wrong-shape", "batch,32")
+    job = wait_for_job(launch(api, v1["id"]))
+    assert job.status == JobStatus.FAILED
+    assert "shape" in job.error
+    assert job.stage_results[0]["status"] == "failed"
+    assert not ModelVersion.objects.filter(job=job).exists()
+    assert tracking.client().get_run(job.mlflow_run_id).info.status == "FAILED"
