@@ -1,1 +1,1 @@
-"""The bridge between the web app and `pipelines`: thin Celery tasks, device discovery, the runner."""
+"""The bridge from the web app to `pipelines`: thin Celery tasks, devices, the job runner."""

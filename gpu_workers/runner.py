@@ -183,7 +183,9 @@ class JobRun:
             for p in planned:
                 params.update(tracking.flatten(p.stage_id, p.settings.model_dump(mode="json")))
             tracking.log_params(run_id, params)
-            Job.objects.filter(pk=job.pk).update(mlflow_run_id=run_id, mlflow_experiment_id=experiment)
+            Job.objects.filter(pk=job.pk).update(
+                mlflow_run_id=run_id, mlflow_experiment_id=experiment
+            )
             job.mlflow_run_id, job.mlflow_experiment_id = run_id, experiment
         registry.mirror_to_mlflow(self.version)
 
@@ -209,7 +211,8 @@ class JobRun:
             self._record_benchmarks(ctx)
         if result.metrics and result.status is StageStatus.SUCCEEDED:
             tracking.log_metrics(
-                self.job.mlflow_run_id, {f"{result.stage_id}.{k}": v for k, v in result.metrics.items()}
+                self.job.mlflow_run_id,
+                {f"{result.stage_id}.{k}": v for k, v in result.metrics.items()},
             )
         results = self._with_result(result, [v.pk for v in produced])
         index = self._stage_index.get(result.stage_id, 0)

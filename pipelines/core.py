@@ -13,29 +13,30 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 CONTEXT_FILE = "context.json"
 
 
-class ModelFormat(str, Enum):
+class ModelFormat(StrEnum):
     ONNX = "onnx"
     TORCHSCRIPT = "torchscript"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
 
 
-class StageStatus(str, Enum):
+class StageStatus(StrEnum):
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"
     FAILED = "failed"
@@ -158,7 +159,9 @@ class PipelineContext:
         data = {
             "current": self.current,
             "artifacts": {k: asdict(a) for k, a in self.artifacts.items()},
-            "results": {k: {**asdict(r), "status": r.status.value} for k, r in self.results.items()},
+            "results": {
+                k: {**asdict(r), "status": r.status.value} for k, r in self.results.items()
+            },
             "benchmarks": [asdict(b) for b in self.benchmarks],
         }
         tmp = self.workdir / (CONTEXT_FILE + ".tmp")

@@ -26,9 +26,7 @@ def build_digits_classifier(path: Path, epochs: int = 60, seed: int = 0) -> floa
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, random_state=seed, stratify=y
     )
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     for _ in range(epochs):

@@ -34,9 +34,17 @@ class LatencyStats:
 
 
 def measure_latency(
-    run_once: Callable[[], object], warmup: int = 10, iterations: int = 50
+    run_once: Callable[[], object],
+    warmup: int = 10,
+    iterations: int = 50,
+    min_seconds: float = 0.0,
+    max_iterations: int = 1_000_000,
 ) -> LatencyStats:
-    """Call ``run_once`` ``warmup`` times untimed, then ``iterations`` times timed.
+    """Call ``run_once`` ``warmup`` times untimed, then time at least ``iterations`` calls.
+
+    Timing goes on until ``min_seconds`` have also passed (up to ``max_iterations`` calls): a small
+    model answers in microseconds, and 50 calls would then be a window of half a millisecond in
+    which one scheduler hiccup moves the throughput tenfold.
 
     Warm-up matters: the first calls of onnxruntime allocate arenas and TorchScript's profiling
     executor re-optimises the graph on its first runs, neither of which a served model pays again.
@@ -48,17 +56,22 @@ def measure_latency(
         raise ValueError(f"warmup cannot be negative, got {warmup}")
     for _ in range(warmup):
         run_once()
-    latencies = np.empty(iterations, dtype=np.float64)
-    loop_start = time.perf_counter()
-    for i in range(iterations):
-        start = time.perf_counter()
+    latencies: list[float] = []
+    clock = time.perf_counter
+    loop_start = clock()
+    deadline = loop_start + min_seconds
+    while len(latencies) < max_iterations:
+        start = clock()
         run_once()
-        latencies[i] = time.perf_counter() - start
-    total_s = time.perf_counter() - loop_start
-    ms = latencies * 1000.0
+        end = clock()
+        latencies.append(end - start)
+        if len(latencies) >= iterations and end >= deadline:
+            break
+    total_s = clock() - loop_start
+    ms = np.asarray(latencies, dtype=np.float64) * 1000.0
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
     return LatencyStats(
-        iterations=iterations,
+        iterations=len(latencies),
         total_s=total_s,
         mean_ms=float(ms.mean()),
         min_ms=float(ms.min()),

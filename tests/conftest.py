@@ -113,7 +113,8 @@ def _database_url() -> str:
         return f"sqlite:///{db['NAME']}"
     user = db.get("USER") or "postgres"
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-    return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+    host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
+    return f"postgres://{user}{password}@{host}/{db['NAME']}"
 
 
 @pytest.fixture
@@ -167,4 +168,6 @@ def wait_for_job(job_id: int, timeout: float = 240.0):
         if job.is_finished:
             return job
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {Job.objects.get(pk=job_id)}")
+    raise AssertionError(
+        f"job {job_id} did not finish in {timeout} s: {Job.objects.get(pk=job_id)}"
+    )

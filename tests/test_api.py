@@ -27,7 +27,9 @@ def stored_files() -> list[Path]:
 
 def upload(api, path: Path, name: str = "mlp", **fields):
     with open(path, "rb") as f:
-        return api.post("/api/v1/models", {"name": name, "task": "classification", "file": f, **fields})
+        return api.post(
+            "/api/v1/models", {"name": name, "task": "classification", "file": f, **fields}
+        )
 
 
 def test_it_serves_the_openapi_document(api):
@@ -143,7 +145,9 @@ def onnx_version(api, mlp_onnx) -> dict:
     return upload(api, mlp_onnx).json()["versions"][0]
 
 
-def test_it_launches_the_default_pipeline(api, onnx_version, django_capture_on_commit_callbacks, no_broker):
+def test_it_launches_the_default_pipeline(
+    api, onnx_version, django_capture_on_commit_callbacks, no_broker
+):
     with django_capture_on_commit_callbacks(execute=True):
         response = api.post(
             "/api/v1/jobs", {"version_id": onnx_version["id"]}, content_type="application/json"
@@ -194,7 +198,9 @@ def test_it_refuses_a_bad_pipeline_before_queueing(api, onnx_version, stages, ne
 
 def test_it_hides_other_teams_objects(api, client, onnx_version, outsider_token):
     model_id = onnx_version["model_id"]
-    job = api.post("/api/v1/jobs", {"version_id": onnx_version["id"]}, content_type="application/json").json()
+    job = api.post(
+        "/api/v1/jobs", {"version_id": onnx_version["id"]}, content_type="application/json"
+    ).json()
     other = {"HTTP_AUTHORIZATION": f"Bearer {outsider_token}"}
     client.defaults.pop("HTTP_AUTHORIZATION")
     assert client.get(f"/api/v1/models/{model_id}", **other).status_code == 404
@@ -202,13 +208,18 @@ def test_it_hides_other_teams_objects(api, client, onnx_version, outsider_token)
     assert client.get(f"/api/v1/jobs/{job['id']}", **other).status_code == 404
     assert client.post(f"/api/v1/jobs/{job['id']}/cancel", **other).status_code == 404
     launch = {"version_id": onnx_version["id"]}
-    assert client.post("/api/v1/jobs", launch, content_type="application/json", **other).status_code == 404
+    assert (
+        client.post("/api/v1/jobs", launch, content_type="application/json", **other).status_code
+        == 404
+    )
     assert client.get("/api/v1/models", **other).json() == []
     assert client.get("/api/v1/jobs", **other).json() == []
 
 
 def test_it_cancels_a_queued_job(api, onnx_version):
-    job = api.post("/api/v1/jobs", {"version_id": onnx_version["id"]}, content_type="application/json").json()
+    job = api.post(
+        "/api/v1/jobs", {"version_id": onnx_version["id"]}, content_type="application/json"
+    ).json()
     response = api.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert response.json()["status"] == "cancelled"
     assert api.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 409

@@ -172,6 +172,18 @@ def test_it_filters_models_by_name_and_answers_htmx_with_the_table_only(alice_cl
     assert "<html" not in body
 
 
+def test_it_answers_an_htmx_history_restore_with_the_whole_page(alice_client, team_a):
+    make_model(team_a, "resnet50")
+
+    response = alice_client.get(
+        reverse("registry:model_list"), {"q": "res"}, HTTP_HX_HISTORY_RESTORE_REQUEST="true", **HX
+    )
+
+    assert response.status_code == 200
+    assert "<html" in response.content.decode() and "resnet50" in response.content.decode()
+    assert "HX-Request" in response["Vary"]
+
+
 def test_it_paginates_the_models_list_25_to_a_page(alice_client, team_a):
     RegisteredModel.objects.bulk_create(
         RegisteredModel(team=team_a, name=f"model-{i:02d}") for i in range(30)
@@ -506,7 +518,7 @@ def test_it_refuses_a_launch_with_no_stage_checked(alice_client, team_a, no_enqu
     version = make_version(make_model(team_a))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    response = alice_client.post(url, {"idempotency_key": uuid.uuid4().hex})
+    response = alice_client.post(url, {})
 
     assert response.status_code == 400
     assert "Include at least one stage" in response.content.decode()

@@ -72,3 +72,43 @@ def test_it_fails_a_job_whose_stage_raises_and_says_why(worker, api, digits_torc
     assert job.stage_results[0]["status"] == "failed"
     assert not ModelVersion.objects.filter(job=job).exists()
     assert tracking.client().get_run(job.mlflow_run_id).info.status == "FAILED"
+
+
+def _pool_children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_it_finishes_once_after_the_worker_process_is_killed(worker, api, digits_torchscript):
+    import os
+    import signal
+    import time
+
+    from r1platform.jobs.models import Job
+
+    v1 = upload(api, digits_torchscript, "digits-killed", "batch,64")
+    slow_benchmark = {"batch_sizes": [1, 8, 32, 64], "warmup": 20, "iterations": 3000}
+    stages = [
+        {"name": "export_onnx"},
+        {"name": "quantize"},
+        {"name": "compile"},
+        {"name": "benchmark", "settings": slow_benchmark},
+    ]
+    job_id = launch(api, v1["id"], stages)
+    deadline = time.monotonic() + 120
+    while Job.objects.get(pk=job_id).current_stage != "benchmark":
+        assert time.monotonic() < deadline, Job.objects.get(pk=job_id).log_tail
+        time.sleep(0.2)
+    (child,) = _pool_children(worker.pid)
+    os.kill(child, signal.SIGKILL)
+
+    job = wait_for_job(job_id, timeout=300)
+    assert job.status == JobStatus.SUCCEEDED, f"{job.error}\n{job.log_tail}"
+    assert job.attempts == 2
+    assert "resuming from the saved pipeline context" in job.log_tail
+    # One result: each artifact registered once, in the registry and in MLflow.
+    assert ModelVersion.objects.filter(job=job).count() == 3
+    registered = tracking.client().search_model_versions(f"name = '{job.team.slug}.digits-killed'")
+    assert len(registered) == 4
+    rows = BenchmarkResult.objects.filter(job=job)
+    assert rows.count() == len({(r.version_id, r.backend, r.batch_size) for r in rows})

@@ -33,7 +33,9 @@ from pipelines.formats.torchscript import TENSORRT_MESSAGE, inspect_zip
 
 __all__ = [
     "ModelInfo",
+    "PickleScan",
     "RejectedUpload",
+    "scan_pickle",
     "check_external_data",
     "inspect_model",
     "parse_input_shapes",
@@ -181,7 +183,8 @@ def inspect_model(
     if head.startswith(b"ftrt"):  # serialized TensorRT engines (and Torch-TensorRT's) start so
         raise _tensorrt()
 
-    if head[8:9] == b"{" or ext == ".safetensors":
+    # safetensors: 8-byte header length, then JSON ('{"' as every writer emits it).
+    if head[8:10] == b'{"' or ext == ".safetensors":
         read_safetensors_header(path)  # a malformed header gets its own, precise refusal
         raise RejectedUpload(SAFETENSORS_MESSAGE, code="safetensors")
 

@@ -286,8 +286,9 @@ def inspect_onnx(path: Path, model: onnx.ModelProto) -> ModelInfo:
         raise RejectedUpload(
             f"this ONNX model keeps {len(external)} tensor(s) in external data files (e.g. "
             f"{first.name[:60]!r} in {_location(first)[:60]!r}), which a single-file upload "
-            "cannot carry; save it with onnx.save_model(model, path, "
-            "save_as_external_data=False) (under 2 GB) and upload that file",
+            "cannot carry; export it with torch.onnx.export(..., external_data=False), or re-save "
+            "it with onnx.save_model(onnx.load(path), new_path, save_as_external_data=False) "
+            "(possible under 2 GB), and upload that one file",
             code="external_data",
         )
 

@@ -126,10 +126,15 @@ _DANGEROUS_ROOTS = frozenset(
         "distutils",
         "dill",
         "joblib",
-        "numpy",
-        "torch",
     }
 )
+# ... and entry points inside torch/numpy that load files, code or native libraries.
+_DANGEROUS_PREFIXES = (
+    "torch.load", "torch.serialization", "torch.hub", "torch.jit.load", "torch.package",
+    "torch.utils.cpp_extension", "torch.ops", "torch._C", "torch.classes", "torch._dynamo",
+    "torch._inductor", "torch.distributed", "numpy.load", "numpy.testing", "numpy.f2py",
+    "numpy.distutils", "numpy.ctypeslib",
+)  # fmt: skip
 
 # Opcodes whose string argument pushes a str that STACK_GLOBAL can consume (the STRING family
 # decodes to str under Python 3's default encoding="ASCII", so it counts too).
@@ -176,8 +181,8 @@ def classify_global(module: str, name: str) -> str | None:
 
 def looks_dangerous(qualified: str) -> bool:
     """True for globals from modules used by classic pickle payloads (wording only)."""
-    root = qualified.split(".", 1)[0].split(" ", 1)[0]
-    return root in _DANGEROUS_ROOTS and not qualified.startswith("torch.")
+    root = qualified.split(".", 1)[0]
+    return root in _DANGEROUS_ROOTS or qualified.startswith(_DANGEROUS_PREFIXES)
 
 
 # -- the symbolic machine ----------------------------------------------------------------------
@@ -329,7 +334,9 @@ def _scan_one(reader: _Bounded, result: PickleScan, max_opcodes: int) -> None:
     memo: dict[int, _Val] = {}
 
     def pop() -> _Val:
-        if not stack:
+        # Python's machine keeps marks on a separate metastack, so an item pop never crosses a
+        # MARK (it raises); fail the same way rather than guess.
+        if not stack or stack[-1] is _MARK:
             raise ValueError("stack underflow")
         return stack.pop()
 
@@ -381,7 +388,9 @@ def _scan_one(reader: _Bounded, result: PickleScan, max_opcodes: int) -> None:
         elif name == "MARK":
             stack.append(_MARK)
         elif name == "POP":
-            pop()
+            if not stack:
+                raise ValueError("POP on an empty stack")
+            stack.pop()  # on a MARK this drops the mark, as Python's POP does
         elif name == "POP_MARK":
             pop_to_mark()
         elif name == "DUP":

@@ -71,6 +71,15 @@ class BenchmarkSettings(StageSettings):
         le=100_000,
         description="Timed calls per artifact and batch size; p99 needs about 100 to mean much.",
     )
+    min_seconds: float = Field(
+        0.3,
+        ge=0.0,
+        le=600.0,
+        description=(
+            "Keep timing each artifact and batch size until this many seconds have passed as "
+            "well, so a microsecond model is not judged on a sub-millisecond window."
+        ),
+    )
     targets: Literal["all", "current"] = Field(
         "all",
         description=(
@@ -270,4 +279,6 @@ def _measure(
                 f"{artifact.key} ({artifact.format}) fails on an input of shape "
                 f"{describe_inputs(arrays)}: {first_error_line(exc)}{hint}"
             ) from exc
-        return measure_latency(run_once, settings.warmup, settings.iterations)
+        return measure_latency(
+            run_once, settings.warmup, settings.iterations, min_seconds=settings.min_seconds
+        )

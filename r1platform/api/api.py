@@ -127,7 +127,9 @@ def get_model(request: HttpRequest, model_id: int):
     return {**_model_out(model), "versions": [_version_out(v) for v in versions]}
 
 
-@api.get("/versions/{version_id}", response={200: s.VersionDetailOut, 404: s.ErrorOut}, tags=["models"])
+@api.get(
+    "/versions/{version_id}", response={200: s.VersionDetailOut, 404: s.ErrorOut}, tags=["models"]
+)
 def get_version(request: HttpRequest, version_id: int):
     version = get_object_or_404(ModelVersion, pk=version_id, team_id=team_id(request))
     rows = version.benchmarks.order_by("batch_size", "backend")
@@ -174,7 +176,11 @@ def get_job(request: HttpRequest, job_id: int):
     return _job_out(get_object_or_404(Job, pk=job_id, team_id=team_id(request)))
 
 
-@api.post("/jobs/{job_id}/cancel", response={200: s.JobOut, 404: s.ErrorOut, 409: s.ErrorOut}, tags=["jobs"])
+@api.post(
+    "/jobs/{job_id}/cancel",
+    response={200: s.JobOut, 404: s.ErrorOut, 409: s.ErrorOut},
+    tags=["jobs"],
+)
 def cancel_job(request: HttpRequest, job_id: int):
     job = get_object_or_404(Job, pk=job_id, team_id=team_id(request))
     if job.is_finished:

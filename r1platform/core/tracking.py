@@ -6,6 +6,7 @@ tracking server in production. The same store is the model registry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from functools import lru_cache
@@ -14,6 +15,7 @@ from pathlib import Path
 from django.conf import settings
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -85,12 +87,10 @@ def finish_run(run_id: str, succeeded: bool) -> None:
 def register_model_version(
     model_name: str, source: str, run_id: str | None, tags: dict[str, str]
 ) -> str:
-    """Register ``source`` as a version of ``model_name``; idempotent on the ``r1.version_id`` tag."""
+    """Register ``source`` as a version of ``model_name``, once per ``r1.version_id`` tag."""
     c = client()
-    try:
+    with contextlib.suppress(MlflowException):  # it exists already
         c.create_registered_model(model_name, tags={"r1.platform": "r1platform"})
-    except Exception:
-        pass  # it exists already
     version_id = tags.get("r1.version_id")
     if version_id:
         for mv in c.search_model_versions(f"name = '{_quote(model_name)}'"):

@@ -37,7 +37,8 @@ class LaunchForm(forms.Form):
     the version's format, which decides the pre-checked rows and their prefilled settings.
     """
 
-    idempotency_key = forms.CharField(max_length=100, widget=forms.HiddenInput)
+    # Blank is allowed: launch_job then makes a key of its own.
+    idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
 
     def __init__(self, *args, schemas: list[dict], defaults: list[dict], **kwargs) -> None:
         super().__init__(*args, **kwargs)

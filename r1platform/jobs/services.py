@@ -17,7 +17,7 @@ from django.utils import timezone
 from gpu_workers.queues import queue_for
 from pipelines.core import StageConfigError
 from pipelines.stages import default_pipeline, validate_pipeline
-from r1platform.jobs.models import LOG_TAIL_CHARS, FINISHED, Job, JobStatus
+from r1platform.jobs.models import FINISHED, LOG_TAIL_CHARS, Job, JobStatus
 from r1platform.registry.models import ModelVersion
 
 

@@ -7,6 +7,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
+from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from pipelines.stages import default_pipeline, stage_schemas
@@ -58,7 +59,13 @@ def _job_context(job: Job) -> dict:
     }
 
 
+def _wants_partial(request) -> bool:
+    """An htmx swap asks for the partial; a history restore after a cache miss needs the page."""
+    return bool(request.htmx) and not request.htmx.history_restore_request
+
+
 @login_required
+@vary_on_headers("HX-Request")
 def job_list(request):
     jobs = scoped(Job.objects.select_related("version__model", "team"), teams_for(request.user))
     status = request.GET.get("status", "")
@@ -71,7 +78,7 @@ def job_list(request):
     )
     polling = any(job.status in ACTIVE for job in page)
     context = {"page": page, "status": status, "statuses": JobStatus.choices, "polling": polling}
-    if request.htmx:
+    if _wants_partial(request):
         html = render_to_string("jobs/job_list.html#table-section", context, request=request)
         if request.htmx.trigger == "jobs-table" and not polling:
             return HttpResponseStopPolling(html)
@@ -87,7 +94,7 @@ def job_new(request):
     schemas = stage_schemas()
     defaults = default_pipeline(version.format)
     template_name = "jobs/job_new.html"
-    if request.htmx:
+    if _wants_partial(request):
         template_name += "#launch-form"
     if request.method == "POST":
         form = LaunchForm(request.POST, schemas=schemas, defaults=defaults)
@@ -116,10 +123,11 @@ def job_new(request):
 
 
 @login_required
+@vary_on_headers("HX-Request")
 def job_detail(request, pk: int):
     job = _get_job_for_user(request, pk)
     context = _job_context(job)
-    if request.htmx:
+    if _wants_partial(request):
         html = render_to_string(DETAIL + "#job-live", context, request=request)
         if job.is_finished:
             # 286: htmx swaps in this final state and stops polling; the final markup carries

@@ -121,3 +121,6 @@ class BenchmarkResult(models.Model):
                 fields=["job", "version", "backend", "batch_size"], name="one_benchmark_row"
             )
         ]
+
+    def __str__(self) -> str:
+        return f"{self.version} batch {self.batch_size} on {self.backend}"

@@ -67,7 +67,11 @@ def upload_model(
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(
-                team=team, name=name, task=task, created_by=user, mlflow_name=mlflow_name(team, name)
+                team=team,
+                name=name,
+                task=task,
+                created_by=user,
+                mlflow_name=mlflow_name(team, name),
             )
             version = register_version(
                 model,

@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.views.decorators.vary import vary_on_headers
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
@@ -61,6 +62,7 @@ def _lineage(versions: list[ModelVersion]) -> list[dict]:
 
 
 @login_required
+@vary_on_headers("HX-Request")
 def model_list(request):
     q = request.GET.get("q", "").strip()
     models = scoped(RegisteredModel.objects.select_related("team"), teams_for(request.user))
@@ -70,7 +72,7 @@ def model_list(request):
         request.GET.get("page")
     )
     template_name = "registry/model_list.html"
-    if request.htmx:
+    if request.htmx and not request.htmx.history_restore_request:
         template_name += "#table-section"
     return render(request, template_name, {"page": page, "q": q})
 

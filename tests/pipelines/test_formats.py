@@ -232,6 +232,37 @@ def test_it_accepts_com_microsoft_ops(tmp_path: Path) -> None:
     assert inspect_model(path, "ms.onnx").details["domains"] == ["com.microsoft"]
 
 
+def test_it_accepts_model_local_functions_in_their_own_domain(tmp_path: Path) -> None:
+    function = helper.make_function(
+        "local.fns",
+        "Double",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Double", ["x"], ["y"], domain="local.fns")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local.fns", 1)],
+        functions=[function],
+    )
+    model.ir_version = 8
+    path = tmp_path / "functions.onnx"
+    onnx.save(model, str(path))
+    info = inspect_model(path, "functions.onnx")
+    assert info.details["local_functions"] == 1 and info.details["total_node_count"] == 2
+    # the same node without its function is an unknown custom op
+    del model.functions[:]
+    onnx.save(model, str(path))
+    assert refusal(path).code == "custom_op"
+
+
 def test_it_decides_by_content_not_extension(models: dict[str, Path], tmp_path: Path) -> None:
     disguised = shutil.copyfile(models["onnx"], tmp_path / "model.plan")
     assert inspect_model(disguised, "model.plan").format == "onnx"
@@ -336,6 +367,22 @@ def test_it_refuses_hand_written_pickles(
     assert err.code == "pickle" and str(err).startswith(PICKLE_MESSAGE)
     assert named in str(err)
     assert not canary.exists()
+
+
+def test_it_follows_ordinary_pickles_of_every_protocol() -> None:
+    """The symbolic machine tracks real streams to STOP (a tracking bug shows up as malformed)."""
+    shared = [1, 2]
+    values = [
+        None, 2**70, -5, 1.5, "s" * 300, (), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4),
+        [1, [2, [3]]], {"a": {"b": [1, 2, {"c": None}]}}, [shared, shared, (shared,)],
+        {"k": (shared, shared)}, [[]] * 3, b"raw", {1, 2},
+    ]  # fmt: skip
+    for value in values:
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            result = scan_pickle_bytes(pickle.dumps(value, protocol=protocol))
+            assert result.is_pickle and not result.malformed, (value, protocol, result.problems)
+            # bytes (protocol < 3) and sets (< 4) need _codecs.encode / builtins.set: refused
+            assert result.ok == (result.refused == []), (value, protocol)
 
 
 def test_it_resolves_memoized_stack_global_operands_correctly(canary: Path) -> None:
@@ -486,6 +533,25 @@ def test_it_refuses_a_torch_save_checkpoint(models: dict[str, Path]) -> None:
         "this is a torch.save checkpoint (weights only, no model code); export the model with "
         "torch.jit.script(...).save() or to ONNX"
     )
+
+
+def test_it_refuses_a_whole_module_torch_save_as_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(MLP(), path)  # pickles the Python classes themselves
+    err = refusal(path, declared_inputs=SPEC_64)
+    assert err.code == "checkpoint" and "torch.save checkpoint" in str(err)
+    assert "MLP" in str(err) or "torch.nn" in str(err)
+
+
+def test_it_names_the_payload_of_a_malicious_checkpoint(
+    models: dict[str, Path], tmp_path: Path, canary: Path
+) -> None:
+    path = malicious.replace_member(
+        models["checkpoint"], tmp_path / "evil_sd.pt", "/data.pkl", malicious.reduce_pickle(canary)
+    )
+    err = refusal(path)
+    assert err.code == "unsafe_pickle" and "posix.system" in str(err)
+    assert not canary.exists()
 
 
 def test_it_refuses_a_legacy_torch_save_file_as_a_pickle(tmp_path: Path) -> None:

@@ -242,7 +242,7 @@ def test_it_benchmarks_every_artifact_at_every_batch_size(ts_mlp: ModelFile, mak
     result = Benchmark().run(
         ctx,
         "02-benchmark",
-        {"batch_sizes": [1, 4], "warmup": 1, "iterations": 5},
+        {"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "min_seconds": 0},
         lambda f, m: calls.append((f, m)),
     )
 
@@ -268,7 +268,7 @@ def test_it_skips_batch_sizes_a_fixed_batch_model_cannot_take(
     result = Benchmark().run(
         ctx,
         "01-benchmark",
-        {"batch_sizes": [1, 8, 32], "warmup": 0, "iterations": 5},
+        {"batch_sizes": [1, 8, 32], "warmup": 0, "iterations": 5, "min_seconds": 0},
         lambda f, m: calls.append(f),
     )
 
@@ -287,7 +287,13 @@ def test_it_benchmarks_only_the_current_artifact_of_a_two_input_model(
     Benchmark().run(
         ctx,
         "02-benchmark",
-        {"batch_sizes": [2, 3], "warmup": 1, "iterations": 5, "targets": "current"},
+        {
+            "batch_sizes": [2, 3],
+            "warmup": 1,
+            "iterations": 5,
+            "targets": "current",
+            "min_seconds": 0,
+        },
         noop,
     )
 
@@ -306,7 +312,9 @@ def test_it_stops_a_stage_at_once_when_progress_raises_cancelled(
         raise Cancelled()
 
     with pytest.raises(Cancelled):
-        Benchmark().run(ctx, "01-benchmark", {"warmup": 0, "iterations": 5}, cancel)
+        Benchmark().run(
+            ctx, "01-benchmark", {"warmup": 0, "iterations": 5, "min_seconds": 0}, cancel
+        )
     assert ctx.benchmarks == []
 
 
@@ -445,3 +453,13 @@ def test_it_leaves_no_partial_folders_after_a_stage(onnx_mlp: ModelFile, make_ct
     assert names == ["model.onnx"]
     assert not any(n.startswith(PARTIAL_PREFIX) for n in names)
     assert read_tensor_specs(ctx.current_artifact.path)[0][0].shape == ["batch", 64]
+
+
+def test_it_keeps_timing_until_the_minimum_window_has_passed():
+    import time
+
+    started = time.perf_counter()
+    stats = measure_latency(lambda: None, warmup=0, iterations=5, min_seconds=0.05)
+    assert time.perf_counter() - started >= 0.05
+    assert stats.iterations > 5
+    assert stats.total_s >= 0.05

@@ -6,7 +6,9 @@ from r1platform.core.demo import DEMO_PASSWORD, DEMO_USER, seed_demo
 
 
 class Command(BaseCommand):
-    help = "Create the demo team, user and a small digits classifier (trained here, not downloaded)."
+    help = (
+        "Create the demo team, user and a small digits classifier (trained here, not downloaded)."
+    )
 
     def handle(self, **options) -> None:
         version = seed_demo()

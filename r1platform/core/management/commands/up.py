@@ -86,11 +86,12 @@ class Command(BaseCommand):
         raise CommandError(f"the dashboard did not answer at {url} within {READY_TIMEOUT:.0f} s")
 
     def _banner(self, host: str, port: int, mlflow_port: int, mlflow: bool) -> None:
+        mlflow_url = f"http://{host}:{mlflow_port}" if mlflow else settings.MLFLOW_UI_URL
         lines = [
             "",
             f"  r1platform dashboard   http://{host}:{port}",
             f"  demo login             {DEMO_USER} / {DEMO_PASSWORD}",
-            f"  MLflow UI              {'http://%s:%d' % (host, mlflow_port) if mlflow else settings.MLFLOW_UI_URL}",
+            f"  MLflow UI              {mlflow_url}",
             "  API                    see README (manage.py issue_token demo demo)",
             "  Ctrl-C stops everything.",
             "",
