@@ -35,6 +35,10 @@ class Command(BaseCommand):
         if not no_demo:
             self.stdout.write("seeding the demo team, user and model (trained here, ~10 s)...")
             seed_demo()
+        # Installed explicitly: a shell starting this in the background leaves SIGINT ignored,
+        # and a process manager stops it with SIGTERM. Both end in the same orderly stop.
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
         children = self._start(host, port, mlflow_port)
         try:
             self._wait_ready(f"http://{host}:{port}/accounts/login/", children)
@@ -61,6 +65,8 @@ class Command(BaseCommand):
         }  # fmt: skip
         uri = settings.MLFLOW_TRACKING_URI
         if uri.startswith("sqlite:"):
+            # The dashboard links to the UI this command starts, on whichever port it was given.
+            env.setdefault("MLFLOW_UI_URL", f"http://{host}:{mlflow_port}")
             Path(settings.MLFLOW_ARTIFACT_ROOT).mkdir(parents=True, exist_ok=True)
             commands["mlflow"] = [
                 py, "-m", "mlflow", "server", "--backend-store-uri", uri,
@@ -86,7 +92,9 @@ class Command(BaseCommand):
         raise CommandError(f"the dashboard did not answer at {url} within {READY_TIMEOUT:.0f} s")
 
     def _banner(self, host: str, port: int, mlflow_port: int, mlflow: bool) -> None:
-        mlflow_url = f"http://{host}:{mlflow_port}" if mlflow else settings.MLFLOW_UI_URL
+        mlflow_url = os.environ.get("MLFLOW_UI_URL") or (
+            f"http://{host}:{mlflow_port}" if mlflow else settings.MLFLOW_UI_URL
+        )
         lines = [
             "",
             f"  r1platform dashboard   http://{host}:{port}",
@@ -102,6 +110,10 @@ class Command(BaseCommand):
         while True:
             _check_alive(children)
             time.sleep(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_alive(children: dict[str, subprocess.Popen]) -> None:
