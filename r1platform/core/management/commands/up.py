@@ -42,6 +42,8 @@ class Command(BaseCommand):
         children = self._start(host, port, mlflow_port)
         try:
             self._wait_ready(f"http://{host}:{port}/accounts/login/", children)
+            if "mlflow" in children:
+                self._wait_ready(f"http://{host}:{mlflow_port}/health", children)
             self._banner(host, port, mlflow_port, "mlflow" in children)
             self._supervise(children)
         except KeyboardInterrupt:
@@ -89,7 +91,7 @@ class Command(BaseCommand):
                     return
             except OSError:
                 time.sleep(0.5)
-        raise CommandError(f"the dashboard did not answer at {url} within {READY_TIMEOUT:.0f} s")
+        raise CommandError(f"nothing answered at {url} within {READY_TIMEOUT:.0f} s")
 
     def _banner(self, host: str, port: int, mlflow_port: int, mlflow: bool) -> None:
         mlflow_url = os.environ.get("MLFLOW_UI_URL") or (
