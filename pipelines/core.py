@@ -96,6 +96,29 @@ class Artifact:
 
 
 @dataclass
+class DatasetRef:
+    """A stored dataset a stage may read: the worker resolves ids to local files before the run.
+
+    ``target`` names the column (CSV, JSON Lines) or array (npz) holding the labels or expected
+    outputs; ``splits`` are the train/validation/test fractions and the seed that cuts them, so
+    every stage of every job sees the same rows in the same split.
+    """
+
+    id: str
+    path: str
+    format: str  # "csv" | "jsonl" | "npz"
+    target: str | None = None
+    splits: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}
+    )
+    schema: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetRef:
+        return cls(**data)
+
+
+@dataclass
 class BenchmarkRow:
     """Latency and throughput of one artifact at one batch size, measured after warm-up."""
 
@@ -135,12 +158,38 @@ class PipelineContext:
     current: str
     results: dict[str, StageResult] = field(default_factory=dict)
     benchmarks: list[BenchmarkRow] = field(default_factory=list)
+    # The model's task ("classification", "regression", "embedding", "other"): it picks the
+    # metric that evaluate, fine-tune and quantize retention use.
+    task: str = "other"
+    # Datasets the stages' settings name (by id, as a string), resolved by whoever runs the job.
+    datasets: dict[str, DatasetRef] = field(default_factory=dict)
+    # Free-form per-stage state that must survive a worker being killed (e.g. a checkpoint path).
+    state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, workdir: Path, source: Artifact) -> PipelineContext:
+    def start(
+        cls,
+        workdir: Path,
+        source: Artifact,
+        task: str = "other",
+        datasets: dict[str, DatasetRef] | None = None,
+    ) -> PipelineContext:
         """A new context whose current artifact is ``source`` (key forced to "input")."""
         source.key = "input"
-        return cls(workdir=Path(workdir), artifacts={"input": source}, current="input")
+        return cls(
+            workdir=Path(workdir),
+            artifacts={"input": source},
+            current="input",
+            task=task,
+            datasets=dict(datasets or {}),
+        )
+
+    def dataset(self, dataset_id: int | str, purpose: str) -> DatasetRef:
+        """The dataset a setting names, or a PipelineError saying which setting named what."""
+        ref = self.datasets.get(str(dataset_id))
+        if ref is None:
+            raise PipelineError(f"dataset {dataset_id} ({purpose}) was not provided to this job")
+        return ref
 
     @property
     def current_artifact(self) -> Artifact:
@@ -163,6 +212,9 @@ class PipelineContext:
                 k: {**asdict(r), "status": r.status.value} for k, r in self.results.items()
             },
             "benchmarks": [asdict(b) for b in self.benchmarks],
+            "task": self.task,
+            "datasets": {k: asdict(d) for k, d in self.datasets.items()},
+            "state": self.state,
         }
         tmp = self.workdir / (CONTEXT_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
@@ -181,6 +233,9 @@ class PipelineContext:
             current=data["current"],
             results={k: StageResult.from_dict(r) for k, r in data["results"].items()},
             benchmarks=[BenchmarkRow(**b) for b in data["benchmarks"]],
+            task=data.get("task", "other"),
+            datasets={k: DatasetRef.from_dict(d) for k, d in data.get("datasets", {}).items()},
+            state=data.get("state", {}),
         )
 
 
