@@ -141,6 +141,9 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    # Metrics over time, e.g. a training curve: [{"step": 10, "metrics": {"loss": 0.3}}, ...];
+    # the worker logs each entry to MLflow at its step.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageResult:
