@@ -15,7 +15,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection
+from django.db import IntegrityError, connection
 
 from gpu_workers import devices
 from pipelines.core import (
@@ -50,7 +50,7 @@ class Outcome(Enum):
 
 
 def execute_job(job_id: int, worker_host: str) -> Outcome:
-    close_old_connections()
+    # Celery's Django fix-up closes stale database connections before and after each task.
     job = Job.objects.filter(pk=job_id).first()
     if job is None or job.is_finished:
         return Outcome.NOTHING
@@ -68,10 +68,7 @@ def execute_job(job_id: int, worker_host: str) -> Outcome:
     if claimed is None:
         job.refresh_from_db()
         return Outcome.NOTHING if job.is_finished or job.cancel_requested else Outcome.BUSY
-    try:
-        return JobRun(claimed).run()
-    finally:
-        close_old_connections()
+    return JobRun(claimed).run()
 
 
 class Heartbeat(threading.Thread):

@@ -44,6 +44,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
+    # Listed so the API docs page serves Swagger UI from ninja's own static files, not a CDN.
+    "ninja",
     "r1platform.core",
     "r1platform.accounts",
     "r1platform.registry",

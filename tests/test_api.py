@@ -39,6 +39,12 @@ def test_it_serves_the_openapi_document(api):
     )
 
 
+def test_it_serves_the_api_docs_without_a_cdn(client, db):
+    page = client.get("/api/v1/docs").content.decode()
+    assert "swagger-ui-bundle.js" in page
+    assert "cdn" not in page.lower()
+
+
 @pytest.mark.parametrize("header", [None, "Bearer nope", "Token abc"])
 def test_it_requires_a_valid_token(client, db, header):
     extra = {"HTTP_AUTHORIZATION": header} if header else {}
