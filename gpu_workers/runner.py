@@ -30,6 +30,8 @@ from pipelines.core import (
 from pipelines.pipeline import run_pipeline
 from pipelines.stages import validate_pipeline
 from r1platform.core import storage, tracking
+from r1platform.datasets.models import Dataset
+from r1platform.datasets.services import dataset_ids_in, dataset_ref
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
@@ -38,6 +40,11 @@ from r1platform.registry.models import BenchmarkResult, ModelVersion
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_SECONDS = 0.5
+# BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
+BENCHMARK_FIELDS = (
+    "p50_ms", "p90_ms", "p95_ms", "p99_ms", "throughput", "iterations",
+    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb",
+)  # fmt: skip
 CANCEL_CHECK_SECONDS = 1.0
 
 
@@ -143,6 +150,8 @@ class JobRun:
                 "loaded. Upload the model again."
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
+        ids = dataset_ids_in(self.job.stages)
+        datasets = Dataset.objects.filter(team_id=self.job.team_id, pk__in=ids)
         ctx = PipelineContext.start(
             self.workdir,
             Artifact(
@@ -154,6 +163,8 @@ class JobRun:
                 outputs=[TensorSpec.from_dict(t) for t in self.version.outputs],
                 backend=self.version.backend,
             ),
+            task=self.version.model.task,
+            datasets={str(d.pk): dataset_ref(d) for d in datasets},
         )
         ctx.save()
         return ctx
@@ -204,8 +215,12 @@ class JobRun:
 
     def _stage_done(self, result: StageResult, ctx: PipelineContext) -> None:
         produced = [self._register(ctx.artifacts[key]) for key in result.outputs]
+        self._sync_metrics(ctx)
         if result.name == "benchmark":
             self._record_benchmarks(ctx)
+        for entry in result.history if result.status is StageStatus.SUCCEEDED else []:
+            step_metrics = {f"{result.stage_id}.{k}": v for k, v in entry["metrics"].items()}
+            tracking.log_metrics(self.job.mlflow_run_id, step_metrics, step=int(entry["step"]))
         if result.metrics and result.status is StageStatus.SUCCEEDED:
             tracking.log_metrics(
                 self.job.mlflow_run_id,
@@ -223,6 +238,15 @@ class JobRun:
             line=summary,
             stage_results=results,
         )
+
+    def _sync_metrics(self, ctx: PipelineContext) -> None:
+        """Stages such as evaluate add metrics to artifacts already registered: copy them over."""
+        for key, artifact in ctx.artifacts.items():
+            version = self.versions.get(key)
+            if version is None or not artifact.metrics or version.metrics == artifact.metrics:
+                continue
+            version.metrics = {**version.metrics, **artifact.metrics}
+            version.save(update_fields=["metrics"])
 
     def _with_result(self, result: StageResult, version_ids: list[int]) -> list[dict]:
         entry = {
@@ -284,14 +308,10 @@ class JobRun:
                 version=version,
                 backend=row.backend,
                 batch_size=row.batch_size,
-                defaults=dict(
-                    device=device,
-                    p50_ms=row.p50_ms,
-                    p95_ms=row.p95_ms,
-                    p99_ms=row.p99_ms,
-                    throughput=row.throughput,
-                    iterations=row.iterations,
-                ),
+                defaults={
+                    "device": device,
+                    **{f: getattr(row, f) for f in BENCHMARK_FIELDS if hasattr(row, f)},
+                },
             )
             prefix = f"bench.v{version.number}.b{row.batch_size}"
             metrics.update({f"{prefix}.p50_ms": row.p50_ms, f"{prefix}.p99_ms": row.p99_ms})

@@ -40,3 +40,40 @@ def build_digits_classifier(path: Path, epochs: int = 60, seed: int = 0) -> floa
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(model).save(str(path))
     return accuracy
+
+
+def write_digits_dataset(path: Path, fmt: str = "csv") -> int:
+    """Write scikit-learn's digits as a dataset file for the demo classifier; returns the rows.
+
+    Pixels are scaled to 0..1 (divided by 16, as the classifier was trained). ``fmt`` "csv" or
+    "jsonl": 64 float columns ``p0``..``p63`` and an int ``label`` column; "npz": arrays
+    ``input`` [N, 64] float32 and ``label`` [N] int64.
+    """
+    import json
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f"p{i}" for i in range(x.shape[1])]
+    if fmt == "csv":
+        with path.open("w", encoding="utf-8", newline="") as f:
+            f.write(",".join([*names, "label"]) + "\n")
+            for row, label in zip(x, y, strict=True):
+                f.write(",".join([*(repr(float(v)) for v in row), str(int(label))]) + "\n")
+    elif fmt == "jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            for row, label in zip(x, y, strict=True):
+                record = {n: float(v) for n, v in zip(names, row, strict=True)}
+                record["label"] = int(label)
+                f.write(json.dumps(record) + "\n")
+    elif fmt == "npz":
+        with path.open("wb") as f:  # a file object: np.savez would append .npz to a str path
+            np.savez(f, input=x, label=y)
+    else:
+        raise ValueError(f"unknown dataset format {fmt!r}; use csv, jsonl or npz")
+    return len(y)

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "r1platform.accounts",
     "r1platform.registry",
     "r1platform.jobs",
+    "r1platform.datasets",
 ]
 
 MIDDLEWARE = [

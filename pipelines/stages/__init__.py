@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pipelines.core import ModelFormat, Precision, Stage, StageConfigError, StageSettings
 from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
 from pipelines.stages.compile import BACKENDS, Compile, CompileSettings
+from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
 from pipelines.stages.quantize import Quantize, QuantizeSettings
 
@@ -26,6 +27,8 @@ __all__ = [
     "BenchmarkSettings",
     "Compile",
     "CompileSettings",
+    "Evaluate",
+    "EvaluateSettings",
     "ExportOnnx",
     "ExportOnnxSettings",
     "PlannedStage",
@@ -38,7 +41,7 @@ __all__ = [
 
 # Stage name -> class; the names are what users write in a pipeline.
 REGISTRY: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark)
+    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate)
 }
 
 # A longer pipeline is almost certainly a generated mistake, and every stage costs worker time.

@@ -6,6 +6,9 @@ objects; another team's id answers 404, as if it did not exist.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from django.db.models import Q
 from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
@@ -16,6 +19,8 @@ from pipelines.stages import stage_schemas
 from r1platform.api import schemas as s
 from r1platform.api.auth import TeamToken, team_id
 from r1platform.core import tracking
+from r1platform.datasets import services as datasets
+from r1platform.datasets.models import Dataset
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
@@ -133,14 +138,72 @@ def get_model(request: HttpRequest, model_id: int):
 def get_version(request: HttpRequest, version_id: int):
     version = get_object_or_404(ModelVersion, pk=version_id, team_id=team_id(request))
     rows = version.benchmarks.order_by("batch_size", "backend")
-    benchmarks = [
-        {
-            **{f: getattr(b, f) for f in ("batch_size", "backend", "device", "p50_ms", "p95_ms")},
-            **{f: getattr(b, f) for f in ("p99_ms", "throughput", "iterations", "job_id")},
-        }
-        for b in rows
-    ]
+    benchmarks = [{f: getattr(b, f) for f in s.BenchmarkOut.model_fields} for b in rows]
     return {**_version_out(version), "benchmarks": benchmarks}
+
+
+def _dataset_out(d: Dataset) -> dict:
+    fields = ("id", "name", "version", "format", "sha256", "size_bytes", "rows", "target")
+    return {
+        **{f: getattr(d, f) for f in fields},
+        "team": d.team.slug,
+        "schema": d.schema,
+        "splits": d.splits,
+        "created_at": d.created_at,
+    }
+
+
+@api.post("/datasets", response={201: s.DatasetOut, **Errors}, tags=["datasets"], by_alias=True)
+def create_dataset(
+    request: HttpRequest,
+    name: Form[str],
+    target: Form[str] = "",
+    splits: Form[str] = "",
+    file: File[UploadedFile] = None,  # type: ignore[assignment]
+):
+    """Upload a CSV, JSON Lines or .npz dataset; the same name again makes its next version.
+
+    ``splits`` is optional JSON such as {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 1}.
+    """
+    refusal = getattr(request, "upload_refusal", None)
+    if refusal:
+        return Status(413, {"detail": refusal})
+    if file is None:
+        return Status(400, {"detail": "no file was uploaded (multipart field 'file')"})
+    try:
+        parsed = json.loads(splits) if splits.strip() else None
+        if parsed is not None and not isinstance(parsed, dict):
+            raise ValueError
+    except ValueError:
+        Path(file.temporary_file_path()).unlink(missing_ok=True)
+        return Status(400, {"detail": "splits must be a JSON object, e.g. {\"train\": 0.8, ...}"})
+    try:
+        dataset = datasets.upload_dataset(
+            team=request.auth.team,  # type: ignore[attr-defined]
+            user=request.user,
+            name=name,
+            uploaded=file,
+            target=target,
+            splits=parsed,
+        )
+    except datasets.DatasetRefused as exc:
+        return Status(400, {"detail": str(exc)})
+    return Status(201, _dataset_out(dataset))
+
+
+@api.get("/datasets", response=list[s.DatasetOut], tags=["datasets"], by_alias=True)
+def list_datasets(request: HttpRequest, limit: int = 50, offset: int = 0):
+    limit = max(1, min(limit, 500))
+    found = Dataset.objects.filter(team_id=team_id(request)).select_related("team")
+    return [_dataset_out(d) for d in found.order_by("name", "-version")[offset : offset + limit]]
+
+
+@api.get("/datasets/{dataset_id}", response={200: s.DatasetOut, 404: s.ErrorOut}, tags=["datasets"], by_alias=True)
+def get_dataset(request: HttpRequest, dataset_id: int):
+    dataset = get_object_or_404(
+        Dataset.objects.select_related("team"), pk=dataset_id, team_id=team_id(request)
+    )
+    return _dataset_out(dataset)
 
 
 @api.post("/jobs", response={200: s.JobOut, 201: s.JobOut, **Errors}, tags=["jobs"])

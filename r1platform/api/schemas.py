@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ninja import Schema
+from ninja import Field, Schema
 
 
 class ErrorOut(Schema):
@@ -21,10 +21,16 @@ class BenchmarkOut(Schema):
     backend: str
     device: str
     p50_ms: float
+    p90_ms: float | None
     p95_ms: float
     p99_ms: float
     throughput: float
     iterations: int
+    windows: int
+    converged: bool
+    peak_rss_mb: float | None
+    model_rss_mb: float | None
+    gpu_mem_mb: float | None
     job_id: int
 
 
@@ -62,6 +68,21 @@ class ModelOut(Schema):
 
 class ModelDetailOut(ModelOut):
     versions: list[VersionOut]
+
+
+class DatasetOut(Schema):
+    id: int
+    team: str
+    name: str
+    version: int
+    format: str
+    sha256: str
+    size_bytes: int
+    rows: int
+    schema_: dict[str, Any] = Field(alias="schema")
+    target: str
+    splits: dict[str, float]
+    created_at: datetime
 
 
 class StageIn(Schema):

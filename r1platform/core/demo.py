@@ -8,9 +8,12 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from pipelines.demo import DIGITS_INPUT, build_digits_classifier
+from pipelines.demo import DIGITS_INPUT, build_digits_classifier, write_digits_dataset
 from r1platform.accounts.models import Membership, Team
 from r1platform.core.storage import spool_local_file
+from r1platform.datasets.models import Dataset
+from r1platform.datasets.services import upload_dataset
+from r1platform.jobs.services import launch_job
 from r1platform.registry.models import ModelVersion, RegisteredModel
 from r1platform.registry.services import upload_model
 
@@ -18,6 +21,18 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "r1-demo-password"
 DEMO_TEAM = "demo"
 DEMO_MODEL = "digits-mlp"
+DEMO_DATASET = "digits"
+
+
+def demo_pipeline(dataset_id: int) -> list[dict]:
+    """Fine-tune on digits, quantize to static INT8 (Q/DQ) calibrated on it, compile, measure."""
+    return [
+        {"name": "finetune", "settings": {"dataset_id": dataset_id, "epochs": 3}},
+        {"name": "quantize", "settings": {"mode": "int8_static", "calibration_dataset_id": dataset_id}},
+        {"name": "compile", "settings": {"backend": "onnxruntime"}},
+        {"name": "evaluate", "settings": {"dataset_id": dataset_id}},
+        {"name": "benchmark", "settings": {}},
+    ]
 
 
 def seed_demo() -> ModelVersion:
@@ -31,9 +46,29 @@ def seed_demo() -> ModelVersion:
             user.is_superuser = True
             user.save(update_fields=["is_superuser"])
         Membership.objects.get_or_create(team=team, user=user)
+    dataset = Dataset.objects.filter(team=team, name=DEMO_DATASET).first()
+    if dataset is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "digits.csv"
+            write_digits_dataset(path, "csv")
+            dataset = upload_dataset(
+                team=team, user=user, name=DEMO_DATASET, uploaded=spool_local_file(path), target="label"
+            )
     existing = RegisteredModel.objects.filter(team=team, name=DEMO_MODEL).first()
     if existing is not None:
         return existing.versions.order_by("number").first()
+    version = _upload_demo_model(team, user)
+    # The first page shows a real run: the worker takes this job as soon as it starts.
+    launch_job(
+        version=version,
+        user=user,
+        stages=demo_pipeline(dataset.pk),
+        idempotency_key="demo-pipeline",
+    )
+    return version
+
+
+def _upload_demo_model(team: Team, user: object) -> ModelVersion:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits_mlp.pt"
         build_digits_classifier(path)

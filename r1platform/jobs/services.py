@@ -15,7 +15,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from gpu_workers.queues import queue_for
-from pipelines.core import StageConfigError
+from pipelines.core import PipelineError, StageConfigError
 from pipelines.stages import default_pipeline, validate_pipeline
 from r1platform.jobs.models import FINISHED, LOG_TAIL_CHARS, Job, JobStatus
 from r1platform.registry.models import ModelVersion
@@ -47,6 +47,7 @@ def launch_job(
     except StageConfigError as exc:
         raise LaunchRefused(str(exc)) from None
     normalized = [p.to_dict() for p in planned]
+    check_datasets(version, normalized)
     key = (idempotency_key or "").strip() or uuid.uuid4().hex
     if len(key) > 100:
         raise LaunchRefused("idempotency_key is longer than 100 characters")
@@ -70,6 +71,25 @@ def launch_job(
         existing = Job.objects.get(team_id=version.team_id, idempotency_key=key)
         return _same_launch_or_conflict(existing, version, normalized), False
     return job, True
+
+
+def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
+    """Every dataset the settings name exists in the version's team and fits the model's input."""
+    from pipelines.datasets import check_compatible
+    from r1platform.datasets.models import Dataset
+    from r1platform.datasets.services import dataset_ids_in, dataset_ref
+    from r1platform.registry.services import input_specs
+
+    ids = dataset_ids_in(stages)
+    found = {d.pk: d for d in Dataset.objects.filter(team_id=version.team_id, pk__in=ids)}
+    for dataset_id in ids:
+        dataset = found.get(dataset_id)
+        if dataset is None:
+            raise LaunchRefused(f"dataset {dataset_id} does not exist in this team")
+        try:
+            check_compatible(dataset_ref(dataset), input_specs(version))
+        except PipelineError as exc:
+            raise LaunchRefused(str(exc)) from None
 
 
 def _same_launch_or_conflict(job: Job, version: ModelVersion, stages: list[dict]) -> Job:

@@ -18,6 +18,8 @@ class Task(models.TextChoices):
 class Format(models.TextChoices):
     ONNX = "onnx", "ONNX"
     TORCHSCRIPT = "torchscript", "TorchScript"
+    AOTINDUCTOR = "aotinductor", "AOTInductor"
+    TENSORRT = "tensorrt", "TensorRT"
 
 
 class RegisteredModel(models.Model):
@@ -108,10 +110,16 @@ class BenchmarkResult(models.Model):
     device = models.CharField(max_length=200, blank=True)
     batch_size = models.PositiveIntegerField()
     p50_ms = models.FloatField()
+    p90_ms = models.FloatField(null=True, blank=True)
     p95_ms = models.FloatField()
     p99_ms = models.FloatField()
     throughput = models.FloatField(help_text="samples per second")
     iterations = models.PositiveIntegerField()
+    windows = models.PositiveIntegerField(default=1)
+    converged = models.BooleanField(default=True, help_text="three windows agreed within 10%")
+    peak_rss_mb = models.FloatField(null=True, blank=True)
+    model_rss_mb = models.FloatField(null=True, blank=True)
+    gpu_mem_mb = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

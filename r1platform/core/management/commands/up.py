@@ -125,9 +125,11 @@ def _check_alive(children: dict[str, subprocess.Popen]) -> None:
 
 
 def _stop_all(children: dict[str, subprocess.Popen]) -> None:
+    # Each main process first, so Celery does a warm shutdown of its own pool; the whole group
+    # is killed only if it has not exited in time.
     for proc in children.values():
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     for proc in children.values():
         try:

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from django import forms
+
+from r1platform.accounts.scoping import teams_for
+from r1platform.datasets.services import SPLIT_KEYS, DatasetRefused, parse_splits
+
+TARGET_HELP = (
+    "The column (CSV, JSON Lines) or array (npz) holding the labels. Blank: the first of "
+    "label, target, y the file has, else none (unlabelled data, e.g. for calibration)."
+)
+FILE_HELP = (
+    "CSV with a header row (numbers only), JSON Lines (one object per line) or an .npz written "
+    "by numpy.savez. Pickles and object arrays are refused."
+)
+
+
+class DatasetUploadForm(forms.Form):
+    """A dataset file and how jobs cut it. The file comes last, so every other field is already
+    parsed when the streaming upload handler stops reading an oversized body at the file."""
+
+    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    name = forms.CharField(
+        max_length=100, help_text="Uploading a name the team already has makes its next version."
+    )
+    target = forms.CharField(max_length=100, required=False, help_text=TARGET_HELP)
+    train = forms.FloatField(min_value=0, max_value=1, initial=0.8)
+    validation = forms.FloatField(min_value=0, max_value=1, initial=0.1)
+    test = forms.FloatField(min_value=0, max_value=1, initial=0.1)
+    seed = forms.IntegerField(
+        min_value=0,
+        initial=0,
+        help_text="Seeds the shuffle that cuts the rows; the same seed always gives the same cut.",
+    )
+    file = forms.FileField(required=False, help_text=FILE_HELP)
+
+    def __init__(self, user, *args, refusal: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusal = refusal
+        teams = teams_for(user).order_by("name")
+        self.fields["team"].queryset = teams
+        first_two = list(teams[:2])
+        # A member of one team never picks it: the field is hidden and defaults to that team.
+        self.only_team = first_two[0] if len(first_two) == 1 else None
+        if self.only_team is not None:
+            self.fields["team"].widget = forms.HiddenInput()
+            self.fields["team"].initial = self.only_team.pk
+            self.fields["team"].required = False
+        self.fields["name"].widget.attrs.update(autocomplete="off", autofocus=True)
+        self.fields["target"].widget.attrs.update(autocomplete="off", placeholder="label")
+        for key in SPLIT_KEYS:
+            self.fields[key].widget.attrs.update(step="0.01")
+        self.fields["file"].widget.attrs.update(accept=".csv,.jsonl,.ndjson,.npz", required=True)
+
+    @property
+    def split_fields(self) -> list[forms.BoundField]:
+        return [self[key] for key in (*SPLIT_KEYS, "seed")]
+
+    def clean_team(self):
+        return self.cleaned_data.get("team") or self.only_team
+
+    def clean_name(self) -> str:
+        return self.cleaned_data["name"].strip()
+
+    def clean_target(self) -> str:
+        return self.cleaned_data.get("target", "").strip()
+
+    def clean_file(self):
+        if self.refusal:
+            raise forms.ValidationError(self.refusal)
+        uploaded = self.cleaned_data.get("file")
+        if not uploaded:
+            raise forms.ValidationError("Choose a dataset file to upload.")
+        return uploaded
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        raw = {key: cleaned[key] for key in (*SPLIT_KEYS, "seed") if cleaned.get(key) is not None}
+        if len(raw) == len(SPLIT_KEYS) + 1:
+            try:
+                cleaned["splits"] = parse_splits(raw)
+            except DatasetRefused as exc:
+                self.add_error(None, f"Splits: {exc}.")
+        return cleaned
