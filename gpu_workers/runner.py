@@ -281,8 +281,10 @@ class JobRun:
                     backend=artifact.backend,
                     inputs=[_spec(t) for t in artifact.inputs],
                     outputs=[_spec(t) for t in artifact.outputs],
-                    details=artifact.meta,
-                    metrics=artifact.metrics,
+                    # Copies: stages such as evaluate update the artifact's dicts in place later,
+                    # and _sync_metrics must see the difference to save it.
+                    details=dict(artifact.meta),
+                    metrics=dict(artifact.metrics),
                     parent=self.versions.get(artifact.parent or "input", self.version),
                     job=self.job,
                     artifact_key=artifact.key,

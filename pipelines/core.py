@@ -27,6 +27,9 @@ CONTEXT_FILE = "context.json"
 class ModelFormat(StrEnum):
     ONNX = "onnx"
     TORCHSCRIPT = "torchscript"
+    # Compiled formats: compile makes them; they are not uploaded.
+    AOTINDUCTOR = "aotinductor"  # a .pt2 package of torch._inductor.aoti_compile_and_package
+    TENSORRT = "tensorrt"  # a serialized TensorRT engine (.engine), for one GPU model
 
 
 class Precision(StrEnum):
@@ -130,6 +133,13 @@ class BenchmarkRow:
     p99_ms: float
     throughput: float  # samples per second
     iterations: int
+    # Added later; the defaults let contexts saved before them load.
+    p90_ms: float = 0.0
+    windows: int = 1  # timed windows (see pipelines.latency.measure_windows)
+    converged: bool = False  # the last three windows' p50 agreed
+    peak_rss_mb: float = 0.0  # process peak RSS (VmHWM) while loading and measuring this artifact
+    model_rss_mb: float = 0.0  # RSS growth from loading the model
+    gpu_mem_mb: float | None = None  # peak CUDA memory, for the backends that allocate via torch
 
 
 @dataclass

@@ -20,9 +20,9 @@ Mapping rules (one place, :func:`_plan`, used by both):
 
 1. The target is ``ref.target``, else the first of ``label``, ``target``, ``y`` present, else none.
 2. A model with several inputs reads one column/array per input, named after the input.
-3. A one-input model reads, in this order of preference: a JSON Lines key or npz array named
-   after the input, or named ``features``; the single non-target npz array; for CSV and JSON
-   Lines, all non-target columns in file order (list values flattened), concatenated.
+3. A one-input model reads, in this order of preference: an npz array or JSON Lines list key
+   named after the input, or named ``features``; the single non-target npz array; for CSV and
+   JSON Lines, all non-target columns in file order (list values flattened), concatenated.
 4. The values of a row are reshaped to the input's non-batch dims (their product must match; one
    named dim is inferred) and cast to the input's dtype.
 """
@@ -656,6 +656,10 @@ class _Plan:
     inputs: list[_InputPlan]
 
 
+def _values(n: int) -> str:
+    return "1 value" if n == 1 else f"{n} values"
+
+
 def _fmt_shape(shape: list[int | str] | tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -745,7 +749,7 @@ def _plan(ref: DatasetRef, columns: list[_Column], specs: list[TensorSpec]) -> _
 
     def named(spec: TensorSpec, column: _Column) -> _InputPlan:
         has = (
-            f"dataset {ref.id} {what} {column.name!r} has {column.size} values per row "
+            f"dataset {ref.id} {what} {column.name!r} has {_values(column.size)} per row "
             f"(shape {_fmt_shape(column.shape)})"
         )
         return _InputPlan(spec, [column.name], _resolve_dims(spec, column.size, column.shape, has))
@@ -765,8 +769,11 @@ def _plan(ref: DatasetRef, columns: list[_Column], specs: list[TensorSpec]) -> _
     spec = specs[0]
     if ref.format != "csv":
         for name in (spec.name, FEATURES_NAME):
-            if name in by_name and name != target:
-                return _Plan(target, [named(spec, by_name[name])])
+            column = by_name.get(name)
+            # A JSON Lines number named like the input is one feature among the columns, not
+            # the input's whole value: only a list (or an npz array) stands for the input.
+            if column is not None and name != target and (ref.format == "npz" or column.shape):
+                return _Plan(target, [named(spec, column)])
     if ref.format == "npz":
         if len(features) != 1:
             raise PipelineError(

@@ -73,9 +73,7 @@ def make_scheduler(
     """
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, schedule_lambda(total_steps, warmup_ratio)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda(total_steps, warmup_ratio))
 
 
 def optimizer_steps_per_epoch(rows: int, batch_size: int, accumulation_steps: int) -> int:
@@ -109,7 +107,7 @@ class PrecisionPlan:
 
 
 def resolve_device(device: str) -> str:
-    """"cpu" or "cuda" for a device setting; a PipelineError if CUDA is asked for but absent."""
+    """The device a setting names, "cpu" or "cuda"; a PipelineError if CUDA is absent."""
     import torch
 
     if device == "auto":

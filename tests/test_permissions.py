@@ -18,6 +18,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.urls.resolvers import RoutePattern
 
 from r1platform.accounts.models import Membership, Team
+from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
@@ -107,7 +108,20 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         idempotency_key=uuid.uuid4().hex,
         status=JobStatus.QUEUED,
     )
-    return {"model": model, "version": version, "job": job}
+    dataset = Dataset.objects.create(
+        team=team_a,
+        name="private",
+        version=1,
+        format="csv",
+        file="datasets/x.csv",
+        sha256="b" * 64,
+        size_bytes=10,
+        rows=3,
+        schema={
+            "columns": [{"name": "x", "dtype": "float64"}, {"name": "label", "dtype": "int64"}]
+        },
+    )
+    return {"model": model, "version": version, "job": job, "dataset": dataset}
 
 
 # Which object fills each URL's <pk>, and which query string a page needs.
@@ -116,6 +130,7 @@ OBJECT_FOR = {
     "registry:version_detail": "version",
     "jobs:job_detail": "job",
     "jobs:job_cancel": "job",
+    "datasets:dataset_detail": "dataset",
 }
 QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
 
@@ -143,6 +158,9 @@ def test_it_finds_every_dashboard_page_in_the_resolver():
         "jobs:job_new",
         "jobs:job_detail",
         "jobs:job_cancel",
+        "datasets:dataset_list",
+        "datasets:dataset_upload",
+        "datasets:dataset_detail",
     } <= names
     assert not any(r.route.startswith(SKIPPED_PREFIXES) for r in ROUTES)
 

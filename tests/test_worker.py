@@ -112,3 +112,44 @@ def test_it_finishes_once_after_the_worker_process_is_killed(worker, api, digits
     assert len(registered) == 4
     rows = BenchmarkResult.objects.filter(job=job)
     assert rows.count() == len({(r.version_id, r.backend, r.batch_size) for r in rows})
+
+
+def test_it_runs_the_demo_pipeline_with_a_dataset(worker, api, digits_torchscript, tmp_path):
+    from pipelines.demo import write_digits_dataset
+    from r1platform.core.demo import demo_pipeline
+
+    data = tmp_path / "digits.csv"
+    write_digits_dataset(data, "csv")
+    with open(data, "rb") as f:
+        response = api.post("/api/v1/datasets", {"name": "digits", "file": f, "target": "label"})
+    assert response.status_code == 201, response.content
+    dataset_id = response.json()["id"]
+    v1 = upload(api, digits_torchscript, "digits-demo", "batch,64")
+    stages = demo_pipeline(dataset_id)
+    stages[0]["settings"]["epochs"] = 2
+    stages[-1]["settings"] = {"batch_sizes": [1, 32], "min_seconds": 0.05, "max_windows": 3}
+    job = wait_for_job(launch(api, v1["id"], stages), timeout=400)
+    assert job.status == JobStatus.SUCCEEDED, f"{job.error}\n{job.log_tail}"
+
+    produced = list(ModelVersion.objects.filter(job=job).order_by("number"))
+    kinds = [(v.format, v.precision, v.backend) for v in produced]
+    assert kinds == [
+        ("torchscript", "fp32", ""),  # fine-tuned
+        ("onnx", "fp32", ""),  # its export
+        ("onnx", "int8", ""),  # static Q/DQ
+        ("onnx", "int8", "onnxruntime"),  # compiled
+    ]
+    assert produced[0].parent_id == v1["id"]
+    assert [v.parent_id for v in produced[1:]] == [v.pk for v in produced[:-1]]
+    int8 = produced[2]
+    assert int8.metrics["retention"] >= 0.98 and int8.metrics["size_ratio"] < 0.5
+    compiled = produced[3]
+    assert compiled.metrics["accuracy"] > 0.85 and "retention" in compiled.metrics
+
+    body = api.get(f"/api/v1/versions/{compiled.pk}").json()
+    assert body["metrics"]["accuracy"] == compiled.metrics["accuracy"]
+    assert {b["batch_size"] for b in body["benchmarks"]} == {1, 32}
+    assert all(b["p90_ms"] is not None for b in body["benchmarks"])
+
+    history = tracking.client().get_metric_history(job.mlflow_run_id, "01-finetune.val_accuracy")
+    assert len(history) >= 2  # one point per epoch, logged at its step

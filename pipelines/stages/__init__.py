@@ -7,6 +7,7 @@ the stage modules import no torch or onnxruntime at import time (the stages impo
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
 from pipelines.stages.compile import BACKENDS, Compile, CompileSettings
 from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
-from pipelines.stages.quantize import Quantize, QuantizeSettings
+from pipelines.stages.finetune import Finetune, FinetuneSettings
+from pipelines.stages.quantize import Quantize, QuantizeSettings, precision_rule
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +33,8 @@ __all__ = [
     "EvaluateSettings",
     "ExportOnnx",
     "ExportOnnxSettings",
+    "Finetune",
+    "FinetuneSettings",
     "PlannedStage",
     "Quantize",
     "QuantizeSettings",
@@ -41,7 +45,7 @@ __all__ = [
 
 # Stage name -> class; the names are what users write in a pipeline.
 REGISTRY: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate)
+    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune)
 }
 
 # A longer pipeline is almost certainly a generated mistake, and every stage costs worker time.
@@ -51,7 +55,15 @@ MAX_STAGES = 20
 # a stage refuses. validate_pipeline follows these so that a second quantize fails at submission,
 # not an hour into the job.
 _OUTPUT_PRECISION: dict[str, str] = {Quantize.name: Precision.INT8.value}
-_REFUSED_PRECISIONS: dict[str, tuple[str, ...]] = {Quantize.name: (Precision.INT8.value,)}
+_REFUSED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    Quantize.name: (Precision.INT8.value, Precision.FP16.value, Precision.BF16.value)
+}
+# Stages whose effect on precision depends on their settings (quantize's mode): given the
+# validated settings and the precision the stage gets, the precision it leaves and why it refuses
+# the model (None: it takes it). These win over the two tables above, which stay the defaults.
+_PRECISION_RULES: dict[str, Callable[[StageSettings, str | None], tuple[str, str | None]]] = {
+    Quantize.name: precision_rule
+}
 
 _DEFAULT_PIPELINES: dict[str, list[str]] = {
     ModelFormat.TORCHSCRIPT.value: [ExportOnnx.name, Quantize.name, Compile.name, Benchmark.name],
@@ -125,12 +137,56 @@ def _settings_errors(where: str, exc: ValidationError) -> list[str]:
     return lines
 
 
+# A stage whose formats depend on its settings (compile: on its backend) has classmethods
+# ``accepts_for(settings) -> tuple[str, ...]`` and ``produces_for(settings) -> str | tuple`` (a
+# tuple: one of these, decided on the worker), and may have ``narrow_for(settings, formats)``:
+# the settings that make only ``formats`` (None: it cannot), used when a later stage takes only
+# some of them (compile "auto" followed by evaluate becomes compile "onnxruntime"). Its
+# class-level ``accepts``/``produces`` stay the summary stage_schemas shows.
+Formats = str | tuple[str, ...] | None
+
+
+def _stage_formats(
+    cls: type[Stage], settings: StageSettings | None
+) -> tuple[tuple[str, ...], Formats]:
+    """(accepts, produces) of a stage with these settings; None settings: its defaults."""
+    accepts_for = getattr(cls, "accepts_for", None)
+    produces_for = getattr(cls, "produces_for", None)
+    if accepts_for is None or produces_for is None:
+        return cls.accepts, cls.produces
+    if settings is None:
+        try:
+            settings = cls.Settings()
+        except ValidationError:
+            return cls.accepts, cls.produces
+    return tuple(accepts_for(settings)), produces_for(settings)
+
+
+def _possible(fmt: Formats) -> tuple[str, ...]:
+    if fmt is None:
+        return ()
+    return (fmt,) if isinstance(fmt, str) else fmt
+
+
+def _narrow(planned: list[PlannedStage], index: int | None, formats: tuple[str, ...]) -> bool:
+    """Make planned[index] produce only ``formats`` (its ``narrow_for``); whether it could."""
+    if index is None or index >= len(planned):
+        return False
+    step = planned[index]
+    narrow_for = getattr(step.stage_class, "narrow_for", None)
+    settings = narrow_for(step.settings, formats) if narrow_for is not None else None
+    if settings is None:
+        return False
+    planned[index] = PlannedStage(step.stage_id, step.name, settings)
+    return True
+
+
 def _format_remedy(current: str, accepts: tuple[str, ...]) -> str:
-    converters = [
-        cls.name
-        for cls in REGISTRY.values()
-        if current in cls.accepts and cls.produces is not None and cls.produces in accepts
-    ]
+    converters = []
+    for cls in REGISTRY.values():
+        takes, gives = _stage_formats(cls, None)
+        if current in takes and isinstance(gives, str) and gives in accepts:
+            converters.append(cls.name)
     if converters:
         return f"add {' or '.join(converters)} before it"
     return f"no stage converts {current} to {' or '.join(accepts)}"
@@ -164,7 +220,8 @@ def validate_pipeline(
     errors: list[str] = []
     planned: list[PlannedStage] = []
     # None once a stage is unknown: what follows it cannot be followed, so it is not checked.
-    fmt: str | None = source_format
+    fmt: Formats = source_format
+    decided_by, decided_at = "", None  # the stage that made fmt, and its index in planned
     precision = source_precision
     for index, item in enumerate(stages, start=1):
         where = f"stage {index}"
@@ -203,19 +260,43 @@ def validate_pipeline(
                 settings = cls.Settings.model_validate(raw)
             except ValidationError as exc:
                 errors.extend(_settings_errors(where, exc))
-        if fmt is not None and fmt not in cls.accepts:
-            wanted = " or ".join(cls.accepts)
+        rule = _PRECISION_RULES.get(name) if settings is not None else None
+        accepts, produces = _stage_formats(cls, settings)
+        taken = tuple(f for f in _possible(fmt) if f in accepts)
+        if len(_possible(fmt)) > 1 and taken and _narrow(planned, decided_at, taken):
+            fmt = taken[0] if len(taken) == 1 else taken
+        refused = [f for f in _possible(fmt) if f not in accepts]
+        if refused:
+            wanted = " or ".join(accepts)
+            if len(_possible(fmt)) > 1:
+                remedy = (
+                    f"the format after {decided_by} depends on the worker; set {decided_by}'s "
+                    "backend so it is known"
+                )
+            else:
+                remedy = _format_remedy(refused[0], accepts)
+            format_hint = getattr(cls, "format_hint", None)
+            if format_hint is not None and settings is not None:
+                remedy += f" ({format_hint(settings)})"
             errors.append(
-                f"{where} needs {_a(wanted)} model but the model is {fmt} at that point: "
-                f"{_format_remedy(fmt, cls.accepts)}"
+                f"{where} needs {_a(wanted)} model but the model is "
+                f"{' or '.join(_possible(fmt))} at that point: {remedy}"
             )
+        elif rule is not None and settings is not None:
+            refusal = rule(settings, precision)[1]
+            if refusal is not None:
+                errors.append(f"{where}: {refusal}")
         elif precision is not None and precision in _REFUSED_PRECISIONS.get(name, ()):
             errors.append(
                 f"{where}: the model is already {precision} at that point; remove this stage"
             )
-        if cls.produces is not None and fmt is not None:
-            fmt = cls.produces
-        precision = _OUTPUT_PRECISION.get(name, precision)
+        if produces is not None and fmt is not None:
+            fmt = produces
+            decided_by, decided_at = name, (len(planned) if settings is not None else None)
+        if rule is not None and settings is not None:
+            precision = rule(settings, precision)[0]
+        else:
+            precision = _OUTPUT_PRECISION.get(name, precision)
         if settings is not None:
             planned.append(PlannedStage(f"{index:02d}-{name}", name, settings))
 

@@ -1,4 +1,19 @@
-"""benchmark: latency and throughput of the pipeline's artifacts at several batch sizes (CPU)."""
+"""benchmark: latency, throughput and memory of the pipeline's artifacts, side by side.
+
+Every artifact is timed in windows (``pipelines.latency.measure_windows``) until three windows'
+p50 agree, and the pipeline's input artifact is always measured too, run eagerly (TorchScript with
+torch, ONNX with onnxruntime), as the baseline: ``speedup.<artifact>.b<batch>`` metrics are the
+baseline's p50 over the artifact's at that batch size.
+
+Runners: ONNX with onnxruntime (CPU, or the CUDA provider where the benchmark runs on a GPU and
+onnxruntime has it), TorchScript with torch, AOTInductor packages with
+``torch._inductor.aoti_load_package`` (on the device they were compiled for), TensorRT engines with
+the TensorRT runtime (GPU only; skipped with a note elsewhere).
+
+Memory per row: the process's peak RSS (VmHWM, reset before each artifact is loaded where the
+kernel allows), the RSS growth from loading the artifact, and on CUDA the peak torch allocation
+(plus the engine's scratch memory for TensorRT).
+"""
 
 from __future__ import annotations
 
@@ -24,8 +39,17 @@ from pipelines.core import (
     TensorSpec,
     timed_result,
 )
-from pipelines.latency import LatencyStats, measure_latency
+from pipelines.latency import (
+    LatencyStats,
+    WindowedStats,
+    measure_latency,
+    measure_windows,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+)
 from pipelines.onnx_io import (
+    CPU_PROVIDERS,
     cpu_session,
     describe_inputs,
     first_error_line,
@@ -37,11 +61,18 @@ from pipelines.onnx_io import (
 from pipelines.stages._common import coerce_settings, require_format
 
 __all__ = [
+    "BASELINE",
     "Benchmark",
     "BenchmarkSettings",
     "LatencyStats",
+    "WindowedStats",
     "measure_latency",
+    "measure_windows",
 ]
+
+# The key of the pipeline's input artifact: the baseline every speedup is relative to.
+BASELINE = "input"
+MIB = 1024.0 * 1024.0
 
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
 DimSize = Annotated[int, Field(ge=1, le=1_000_000)]
@@ -60,31 +91,60 @@ class BenchmarkSettings(StageSettings):
         ),
     )
     warmup: int = Field(
-        10,
+        default=10,
         ge=0,
         le=10_000,
         description="Untimed calls before measuring (arena allocation, JIT re-optimisation).",
     )
     iterations: int = Field(
-        50,
+        default=30,
         ge=5,
         le=100_000,
-        description="Timed calls per artifact and batch size; p99 needs about 100 to mean much.",
+        description=(
+            "Timed calls per measurement window. The statistics pool the last three windows, so "
+            "p99 rests on at least three times this many calls."
+        ),
     )
     min_seconds: float = Field(
-        0.3,
+        default=0.1,
         ge=0.0,
         le=600.0,
         description=(
-            "Keep timing each artifact and batch size until this many seconds have passed as "
-            "well, so a microsecond model is not judged on a sub-millisecond window."
+            "Each window also lasts at least this many seconds, so a microsecond model is not "
+            "judged on a sub-millisecond window."
+        ),
+    )
+    agreement: float = Field(
+        default=0.10,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Windows are timed until the p50 of the last three agree within this fraction "
+            "(0.10: the slowest is at most 10% slower than the fastest), or max_windows ran."
+        ),
+    )
+    max_windows: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description=(
+            "Most windows per artifact and batch size; a row that used them all without three "
+            "agreeing is marked not converged (its numbers are unsteady)."
         ),
     )
     targets: Literal["all", "current"] = Field(
-        "all",
+        default="all",
         description=(
-            "all: every ONNX and TorchScript artifact of the pipeline so far (the upload "
-            "included), to compare them; current: only the latest one."
+            "all: every artifact of the pipeline so far (the upload included), to compare them; "
+            "current: only the latest one (and the upload, always measured as the baseline)."
+        ),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description=(
+            "Where TorchScript and ONNX models run: auto: the GPU when this worker has one, else "
+            "the CPU. AOTInductor packages run on the device they were compiled for; TensorRT "
+            "engines only on a GPU."
         ),
     )
     dynamic_dims: dict[str, DimSize] = Field(
@@ -102,10 +162,34 @@ class BenchmarkSettings(StageSettings):
         return list(dict.fromkeys(value))
 
 
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU; torch is not imported where no NVIDIA driver is loaded."""
+    if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def resolve_device(requested: str) -> str:
+    """ "cpu" or "cuda" for the device setting; PipelineError for cuda without a GPU."""
+    has_cuda = _cuda_available()
+    if requested == "cuda" and not has_cuda:
+        raise PipelineError("device cuda was asked for but this worker has no CUDA GPU")
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return requested
+
+
 class _Runner:
     """Runs one artifact on prepared inputs; ``context`` wraps the timed loop."""
 
     backend: str
+    # Whether the runner allocates CUDA memory through torch (its peak is then measurable).
+    torch_cuda: bool = False
 
     def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
         raise NotImplementedError
@@ -113,13 +197,30 @@ class _Runner:
     def context(self) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def batch_problem(self, batch_size: int) -> str | None:
+        """Why this runner cannot take ``batch_size`` (None: it can)."""
+        return None
+
+    def extra_gpu_bytes(self) -> int:
+        """CUDA memory the runner holds outside torch's allocator."""
+        return 0
+
 
 class _OnnxRunner(_Runner):
     backend = "onnxruntime"
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, device: str) -> None:
         # onnxruntime applies its default (full) graph optimisations when it loads a model, so
         # every ONNX artifact is measured as it would be served, compiled or not.
+        if device == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                self.backend = "onnxruntime-cuda"
+                self.session = ort.InferenceSession(
+                    str(artifact.path), providers=["CUDAExecutionProvider", *CPU_PROVIDERS]
+                )
+                return
         self.session = cpu_session(artifact.path)
 
     def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
@@ -130,27 +231,109 @@ class _OnnxRunner(_Runner):
 class _TorchRunner(_Runner):
     backend = "torch"
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, device: str) -> None:
         import torch
 
         self.torch = torch
-        self.model = torch.jit.load(artifact.path, map_location="cpu").eval()
+        self.device = device
+        self.model = torch.jit.load(artifact.path, map_location=device).eval()
         self.specs = artifact.inputs
+        if device == "cuda":
+            self.backend, self.torch_cuda = "torch-cuda", True
 
     def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
         # Positional, in declared order: that is how the upload's inputs map to forward().
-        tensors = tuple(self.torch.from_numpy(arrays[spec.name]) for spec in self.specs)
-        model = self.model
-        return lambda: model(*tensors)
+        torch, device = self.torch, self.device
+        tensors = tuple(torch.from_numpy(arrays[spec.name]).to(device) for spec in self.specs)
+        return _call(self.model, tensors, torch if device == "cuda" else None)
 
     def context(self) -> AbstractContextManager[Any]:
         # No autograd bookkeeping, as when served; entered once around the loop, not per call.
         return self.torch.inference_mode()
 
 
-_RUNNERS: dict[str, Callable[[Artifact], _Runner]] = {
+class _AotiRunner(_Runner):
+    backend = "aotinductor"
+
+    def __init__(self, artifact: Artifact, device: str) -> None:
+        import torch
+
+        from pipelines.backends.aotinductor import load_package
+
+        self.torch = torch
+        # A package runs on the device it was compiled for, whatever the benchmark's device.
+        self.device = str(artifact.meta.get("device", "cpu"))
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise _Skip("compiled for cuda and this worker has no CUDA GPU")
+        self.model = load_package(artifact.path)
+        self.specs = artifact.inputs
+        if self.device == "cuda":
+            self.backend, self.torch_cuda = "aotinductor-cuda", True
+
+    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
+        torch, device = self.torch, self.device
+        tensors = tuple(torch.from_numpy(arrays[spec.name]).to(device) for spec in self.specs)
+        return _call(self.model, tensors, torch if device == "cuda" else None)
+
+    def context(self) -> AbstractContextManager[Any]:
+        return self.torch.inference_mode()
+
+
+class _TensorRTRunner(_Runner):
+    backend = "tensorrt"
+    torch_cuda = True
+
+    def __init__(self, artifact: Artifact, device: str) -> None:
+        from pipelines.backends import _tensorrt_reason
+
+        reason = _tensorrt_reason()
+        if reason is not None:
+            raise _Skip(f"TensorRT engines need a CUDA GPU with TensorRT ({reason})")
+        from pipelines.backends.tensorrt import TensorRTEngine
+
+        flags = artifact.meta.get("flags") or {}
+        self.engine = TensorRTEngine(
+            artifact.path, allow_host_code=bool(flags.get("version_compatible", True))
+        )
+        low_high = artifact.meta.get("batch_range")
+        self.batch_range = tuple(low_high) if low_high else None
+
+    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
+        run, _ = self.engine.prepare(arrays)
+        return run
+
+    def batch_problem(self, batch_size: int) -> str | None:
+        if self.batch_range and not self.batch_range[0] <= batch_size <= self.batch_range[1]:
+            return f"outside the engine's batch range {self.batch_range[0]}-{self.batch_range[1]}"
+        return None
+
+    def extra_gpu_bytes(self) -> int:
+        return self.engine.device_memory_bytes
+
+
+class _Skip(Exception):
+    """This artifact cannot be measured on this worker; the message says why."""
+
+
+def _call(model: Any, tensors: tuple[Any, ...], cuda_torch: Any) -> Callable[[], object]:
+    """``model(*tensors)``; on CUDA, waits for the GPU so the timing covers the work."""
+    if cuda_torch is None:
+        return lambda: model(*tensors)
+    synchronize = cuda_torch.cuda.synchronize
+
+    def run() -> object:
+        out = model(*tensors)
+        synchronize()
+        return out
+
+    return run
+
+
+_RUNNERS: dict[str, Callable[[Artifact, str], _Runner]] = {
     ModelFormat.ONNX.value: _OnnxRunner,
     ModelFormat.TORCHSCRIPT.value: _TorchRunner,
+    ModelFormat.AOTINDUCTOR.value: _AotiRunner,
+    ModelFormat.TENSORRT.value: _TensorRTRunner,
 }
 
 
@@ -161,16 +344,35 @@ def _input_specs(artifact: Artifact) -> list[TensorSpec]:
     return artifact.inputs
 
 
+def _targets(ctx: PipelineContext, targets: str, accepts: tuple[str, ...]) -> list[Artifact]:
+    """The artifacts to measure, the baseline (the input) first when it can be run."""
+    if targets == "current":
+        require_format(ctx.current_artifact, Benchmark.name, accepts)
+        chosen = [ctx.current_artifact]
+    else:
+        chosen = [a for a in ctx.artifacts.values() if a.format in _RUNNERS]
+    baseline = ctx.artifacts.get(BASELINE)
+    if baseline is not None and baseline.format in _RUNNERS:
+        chosen = [baseline, *[a for a in chosen if a.key != BASELINE]]
+    return chosen
+
+
 class Benchmark:
-    """Measure latency percentiles and throughput with random inputs on the CPU."""
+    """Measure latency percentiles, throughput and memory with random inputs, side by side."""
 
     name: ClassVar[str] = "benchmark"
     description: ClassVar[str] = (
-        "Measure p50/p95/p99 latency and throughput of the models at several batch sizes on "
-        "the CPU (onnxruntime for ONNX, torch for TorchScript), with random inputs."
+        "Measure p50/p90/p95/p99 latency, throughput and memory of the models at several batch "
+        "sizes with random inputs, timing windows until they agree; the upload, run eagerly, is "
+        "the baseline each model's speedup is given against."
     )
     Settings: ClassVar[type[StageSettings]] = BenchmarkSettings
-    accepts: ClassVar[tuple[str, ...]] = (ModelFormat.ONNX.value, ModelFormat.TORCHSCRIPT.value)
+    accepts: ClassVar[tuple[str, ...]] = (
+        ModelFormat.ONNX.value,
+        ModelFormat.TORCHSCRIPT.value,
+        ModelFormat.AOTINDUCTOR.value,
+        ModelFormat.TENSORRT.value,
+    )
     produces: ClassVar[str | None] = None
 
     def run(
@@ -179,13 +381,10 @@ class Benchmark:
         """Benchmark the targets; rows go to ``ctx.benchmarks``, the current artifact stays."""
         started = time.perf_counter()
         s = coerce_settings(BenchmarkSettings, settings)
-        if s.targets == "current":
-            require_format(ctx.current_artifact, self.name, self.accepts)
-            artifacts = [ctx.current_artifact]
-        else:
-            artifacts = [a for a in ctx.artifacts.values() if a.format in _RUNNERS]
+        artifacts = _targets(ctx, s.targets, self.accepts)
         if not artifacts:
-            raise PipelineError("there is no ONNX or TorchScript model to benchmark")
+            raise PipelineError("there is no model this stage can benchmark")
+        device = resolve_device(s.device)
 
         rows: list[BenchmarkRow] = []
         metrics: dict[str, float] = {}
@@ -209,13 +408,28 @@ class Benchmark:
                     f"{artifact.key}: skipped batch size {', '.join(map(str, skipped))} "
                     f"(its batch dim is fixed at {fixed})"
                 )
-            runner = _load_runner(artifact) if runnable else None
+            runner: _Runner | None = None
+            model_rss = 0.0
+            if runnable:
+                reset_peak_rss()
+                before = rss_mb()
+                try:
+                    runner = _load_runner(artifact, device)
+                except _Skip as exc:
+                    notes.append(f"{artifact.key}: skipped, {exc}")
+                after = rss_mb()
+                if before is not None and after is not None:
+                    model_rss = max(after - before, 0.0)
             for batch_size in s.batch_sizes:
                 done += 1
-                if runner is None or batch_size not in runnable:
+                problem = runner.batch_problem(batch_size) if runner is not None else None
+                if runner is None or batch_size not in runnable or problem is not None:
+                    if runner is not None and problem is not None:
+                        notes.append(f"{artifact.key}: skipped batch size {batch_size}, {problem}")
                     progress(done / total, f"{artifact.key} batch {batch_size}: skipped")
                     continue
-                stats = _measure(runner, artifact, specs, batch_size, s)
+                stats, gpu_mb = _measure(runner, artifact, specs, batch_size, s)
+                peak = peak_rss_mb()
                 row = BenchmarkRow(
                     artifact=artifact.key,
                     backend=runner.backend,
@@ -225,18 +439,37 @@ class Benchmark:
                     p99_ms=stats.p99_ms,
                     throughput=stats.throughput(batch_size),
                     iterations=stats.iterations,
+                    p90_ms=stats.p90_ms,
+                    windows=stats.windows,
+                    converged=stats.converged,
+                    peak_rss_mb=round(peak, 2) if peak is not None else 0.0,
+                    model_rss_mb=round(model_rss, 2),
+                    gpu_mem_mb=gpu_mb,
                 )
                 rows.append(row)
                 prefix = f"{artifact.key}.b{batch_size}"
                 metrics[f"{prefix}.p50_ms"] = row.p50_ms
+                metrics[f"{prefix}.p90_ms"] = row.p90_ms
                 metrics[f"{prefix}.p95_ms"] = row.p95_ms
                 metrics[f"{prefix}.p99_ms"] = row.p99_ms
                 metrics[f"{prefix}.throughput"] = row.throughput
+                metrics[f"{prefix}.peak_rss_mb"] = row.peak_rss_mb
+                if row.gpu_mem_mb is not None:
+                    metrics[f"{prefix}.gpu_mem_mb"] = row.gpu_mem_mb
+                steady = "" if row.converged else f", not steady after {row.windows} windows"
                 progress(
-                    done / total, f"{artifact.key} batch {batch_size}: p50 {row.p50_ms:.3g} ms"
+                    done / total,
+                    f"{artifact.key} batch {batch_size}: p50 {row.p50_ms:.3g} ms{steady}",
                 )
             del runner  # release this model before the next one loads
 
+        metrics.update(_speedups(rows))
+        unsteady = sorted({f"{r.artifact} b{r.batch_size}" for r in rows if not r.converged})
+        if unsteady:
+            notes.append(
+                f"not steady (windows disagreed by more than {s.agreement:.0%}): "
+                + ", ".join(unsteady)
+            )
         # Added only now, so a benchmark that fails or is cancelled half-way leaves no rows. A new
         # row replaces an earlier one of the same (artifact, backend, batch size): a re-run after
         # an upstream stage ran again measures a new file under the same key.
@@ -244,15 +477,27 @@ class Benchmark:
         ctx.benchmarks[:] = [
             r for r in ctx.benchmarks if (r.artifact, r.backend, r.batch_size) not in measured
         ] + rows
-        message = f"measured {len(rows)} (model, batch size) pairs"
+        message = f"measured {len(rows)} (model, batch size) pairs on {device}"
         if notes:
             message += "; " + "; ".join(notes)
         return timed_result(stage_id, self.name, started, metrics=metrics, message=message)
 
 
-def _load_runner(artifact: Artifact) -> _Runner:
+def _speedups(rows: list[BenchmarkRow]) -> dict[str, float]:
+    """``speedup.<artifact>.b<batch>``: the baseline's p50 over each other artifact's."""
+    baseline = {r.batch_size: r.p50_ms for r in rows if r.artifact == BASELINE}
+    return {
+        f"speedup.{r.artifact}.b{r.batch_size}": baseline[r.batch_size] / r.p50_ms
+        for r in rows
+        if r.artifact != BASELINE and r.batch_size in baseline and r.p50_ms > 0
+    }
+
+
+def _load_runner(artifact: Artifact, device: str) -> _Runner:
     try:
-        return _RUNNERS[artifact.format](artifact)
+        return _RUNNERS[artifact.format](artifact, device)
+    except _Skip:
+        raise
     except Exception as exc:
         raise PipelineError(
             f"cannot load {artifact.key} ({artifact.format}) to benchmark it: "
@@ -266,11 +511,18 @@ def _measure(
     specs: list[TensorSpec],
     batch_size: int,
     settings: BenchmarkSettings,
-) -> LatencyStats:
+) -> tuple[WindowedStats, float | None]:
+    """Windowed latency of one artifact at one batch size, and its peak CUDA memory in MiB."""
     arrays = random_inputs(specs, batch_size, settings.dynamic_dims, default_dim=1, seed=batch_size)
-    run_once = runner.prepare(arrays)
+    torch_cuda = None
+    if runner.torch_cuda:
+        import torch
+
+        torch_cuda = torch.cuda
+        torch_cuda.reset_peak_memory_stats()
     with runner.context():
         try:
+            run_once = runner.prepare(arrays)
             run_once()  # one untimed call first, so a failure gets a message, not a traceback
         except Exception as exc:
             named = sorted({d for spec in specs for d in spec.shape[1:] if isinstance(d, str)})
@@ -279,6 +531,15 @@ def _measure(
                 f"{artifact.key} ({artifact.format}) fails on an input of shape "
                 f"{describe_inputs(arrays)}: {first_error_line(exc)}{hint}"
             ) from exc
-        return measure_latency(
-            run_once, settings.warmup, settings.iterations, min_seconds=settings.min_seconds
+        stats = measure_windows(
+            run_once,
+            settings.warmup,
+            settings.iterations,
+            settings.min_seconds,
+            agreement=settings.agreement,
+            max_windows=settings.max_windows,
         )
+    gpu_mb = None
+    if torch_cuda is not None:
+        gpu_mb = round((torch_cuda.max_memory_allocated() + runner.extra_gpu_bytes()) / MIB, 2)
+    return stats, gpu_mb

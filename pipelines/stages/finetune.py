@@ -81,9 +81,7 @@ class FinetuneSettings(StageSettings):
         le=1.0,
         description="Peak learning rate of AdamW, reached at the end of warm-up.",
     )
-    weight_decay: float = Field(
-        0.01, ge=0.0, le=1.0, description="AdamW's decoupled weight decay."
-    )
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW's decoupled weight decay.")
     warmup_ratio: float = Field(
         0.1,
         ge=0.0,
@@ -459,7 +457,9 @@ class _Trainer:
             return False
         payload = training.load_checkpoint(path)
         if payload.get("fingerprint") != self.fingerprint:
-            logger.info("%s: ignoring %s, made with other settings, model or data", self.stage_id, path)
+            logger.info(
+                "%s: ignoring %s, made with other settings, model or data", self.stage_id, path
+            )
             self.progress(0.02, "ignoring a checkpoint made with other settings, model or data")
             return False
         self.model.load_state_dict(payload["model"])
@@ -591,7 +591,7 @@ class _Trainer:
                 if not math.isfinite(step_loss):
                     raise PipelineError(
                         f"training diverged: the loss is {step_loss} at step {st.global_step}; "
-                        "lower learning_rate (or use mixed_precision \"no\")"
+                        'lower learning_rate (or use mixed_precision "no")'
                     )
                 st.epoch_loss_sum += step_loss * group_rows
                 st.epoch_rows += group_rows
@@ -600,24 +600,24 @@ class _Trainer:
                 group_loss = torch.zeros((), device=self.device)
                 group_rows = 0
 
-                if st.global_step % s.checkpoint_every_steps == 0:
-                    if st.batch_in_epoch < self.batches_per_epoch:
-                        # At an epoch's end the epoch's own entry has the train loss.
-                        st.history.append(
-                            {
-                                "step": st.global_step,
-                                "metrics": {
-                                    "train_loss": st.interval_loss_sum / st.interval_rows,
-                                    "lr": lr,
-                                },
-                            }
-                        )
-                        st.interval_loss_sum, st.interval_rows = 0.0, 0
+                # At an epoch's end the epoch's own entry and checkpoint follow the validation.
+                mid_epoch = st.batch_in_epoch < self.batches_per_epoch
+                if st.global_step % s.checkpoint_every_steps == 0 and mid_epoch:
+                    st.history.append(
+                        {
+                            "step": st.global_step,
+                            "metrics": {
+                                "train_loss": st.interval_loss_sum / st.interval_rows,
+                                "lr": lr,
+                            },
+                        }
+                    )
+                    st.interval_loss_sum, st.interval_rows = 0.0, 0
                     self._save_checkpoint(elapsed())
                 self.progress(
                     self._fraction(),
                     f"epoch {epoch + 1}/{s.epochs} step {st.global_step}/{self.total_steps} "
-                    f"loss {step_loss:.3f} lr {lr:.2g}",
+                    f"loss {step_loss:.3f} lr {lr:.1e}",
                 )
 
             # -- the epoch's end: validate, keep the best weights, decide on stopping
@@ -736,6 +736,8 @@ class Finetune:
         # -- the fine-tuned TorchScript model, with the best epoch's weights
         progress(TRAIN_SHARE, f"saving the fine-tuned model (epoch {st.best_epoch})")
         stage_dir = ctx.stage_dir(stage_id)
+        # Saved from the CPU, so the file loads on a machine without a GPU.
+        trainer.model.to("cpu")
         with staged_output(stage_dir, TORCHSCRIPT_FILENAME) as tmp_path:
             torch.jit.save(trainer.model, str(tmp_path))
         metrics = trainer.metrics()
@@ -766,7 +768,9 @@ class Finetune:
         )
 
         # -- its ONNX export, checked against it; the export becomes current
-        export_settings = ExportOnnxSettings(dim_sizes=_dim_sizes(source.inputs, trainer.train))
+        export_settings = ExportOnnxSettings.model_validate(
+            {"dim_sizes": _dim_sizes(source.inputs, trainer.train)}
+        )
 
         def export_progress(fraction: float, message: str) -> None:
             progress(TRAIN_SHARE + (1.0 - TRAIN_SHARE) * fraction, f"ONNX export: {message}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import re
 import time
 from collections import Counter, deque
@@ -65,7 +66,9 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
+    from pipelines.calibration import SplitCalibrationReader
     from pipelines.core import DatasetRef
+    from pipelines.datasets import SplitData
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,13 @@ _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(\d+\)")
 # Providers that run bf16 models; the CPU provider has almost no bf16 kernels.
 _BF16_PROVIDERS = ("CUDAExecutionProvider",)
 _EVAL_BATCH = 64
+
+
+def _listed(names: list[str], verb: str) -> str:
+    """``a applies`` / ``a, b apply``: setting names and a verb that agrees with them."""
+    if len(names) == 1:
+        verb = verb.replace("apply", "applies") if "apply" in verb else verb + "s"
+    return f"{', '.join(names)} {verb}"
 
 
 class QuantizeSettings(StageSettings):
@@ -202,7 +212,7 @@ class QuantizeSettings(StageSettings):
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
             if used:
-                problems.append(f"{', '.join(used)} only apply to mode int8_static")
+                problems.append(f"{_listed(used, 'only apply')} to mode int8_static")
         if self.mode in _FLOAT_MODES:
             used = [
                 name
@@ -210,7 +220,7 @@ class QuantizeSettings(StageSettings):
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
             if used:
-                problems.append(f"{', '.join(used)} only apply to the int8 modes")
+                problems.append(f"{_listed(used, 'only apply')} to the int8 modes")
         elif not self.keep_io_types:
             problems.append("keep_io_types only applies to modes fp16 and bf16")
         if self.effective_eval_dataset_id is None:
@@ -221,7 +231,7 @@ class QuantizeSettings(StageSettings):
             ]
             if used:
                 problems.append(
-                    f"{', '.join(used)} need an evaluation dataset: set eval_dataset_id"
+                    f"{_listed(used, 'need')} an evaluation dataset: set eval_dataset_id"
                 )
         if problems:
             raise PydanticCustomError("quantize_settings", "; ".join(problems))
@@ -260,16 +270,18 @@ def precision_rule(settings: StageSettings, precision: str | None) -> tuple[str,
     The refusal follows "stage N (quantize): ".
     """
     mode = str(getattr(settings, "mode", "int8_dynamic"))
-    problem = precision_problem(mode, precision)
+    target = MODE_PRECISION.get(mode, Precision.INT8.value)
     refusal = None
-    if problem is not None:
-        remedy = (
-            "remove this stage"
-            if problem.startswith("is already")
-            else f"quantize once, from fp32: remove this stage or the one that made it {precision}"
+    if precision_problem(mode, precision) is None:
+        pass
+    elif precision == target:
+        refusal = f"the model is already {precision} at that point; remove this stage"
+    else:
+        refusal = (
+            f"the model is {precision} at that point, and {mode} starts from the fp32 model; "
+            f"quantize once, from fp32: remove this stage or the one that made it {precision}"
         )
-        refusal = f"the model {problem} at that point; {remedy}"
-    return MODE_PRECISION.get(mode, Precision.INT8.value), refusal
+    return target, refusal
 
 
 # -- onnx helpers ----------------------------------------------------------------------------------
@@ -329,16 +341,22 @@ class _RunFailed(PipelineError):
 
 
 def _check_runs(
-    source_path: str, new_path: Path, mode: str, providers: Sequence[str]
+    source_path: str,
+    new_path: Path,
+    mode: str,
+    providers: Sequence[str],
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> float | None:
     """Load and run the new model once; its max abs difference to the source on the same input.
 
-    None when the source model itself cannot run the generated input (a named dim whose size the
-    model constrains): then there is nothing to compare with, and no reason to fail the stage as
-    long as the new model loads.
+    ``feeds`` default to random normal data; static int8 passes real rows instead, since its
+    activation ranges only cover data like the calibration set. None when the source model itself
+    cannot run the input (a named dim whose size the model constrains): then there is nothing to
+    compare with, and no reason to fail the stage as long as the new model loads.
     """
-    specs, _ = read_tensor_specs(source_path)
-    feeds = random_inputs(specs, batch_size=1, default_dim=8)
+    if feeds is None:
+        specs, _ = read_tensor_specs(source_path)
+        feeds = random_inputs(specs, batch_size=1, default_dim=8)
     try:
         reference = _run_session(_session(source_path, CPU_PROVIDERS), feeds)
     except Exception as exc:
@@ -520,6 +538,35 @@ def to_bfloat16(fp32: onnx.ModelProto, fp16: onnx.ModelProto) -> onnx.ModelProto
     return model
 
 
+def convert_float(
+    fp32: onnx.ModelProto,
+    mode: str,
+    keep_io_types: bool = True,
+    op_block_list: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """``fp32`` converted to fp16 or bf16 (``mode``), nodes in topological order; ``fp32`` is kept.
+
+    ``op_block_list`` (default: the converter's own list of ops with no float16 form) stay fp32
+    behind casts. ``fp32`` should carry inferred shapes (value_info): they tell the converter
+    which tensors are float.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    work = onnx.ModelProto()
+    work.CopyFrom(fp32)  # the converter rewrites the model it is given, in place
+    converted = convert_float_to_float16(
+        work,
+        keep_io_types=keep_io_types,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST if op_block_list is None else op_block_list),
+        disable_shape_infer=True,
+    )
+    if mode == "bf16":
+        converted = to_bfloat16(fp32, converted)
+    _toposort(converted.graph)
+    return converted
+
+
 @dataclass
 class _Made:
     """What a mode's conversion produced, besides the file."""
@@ -531,6 +578,8 @@ class _Made:
     # The session check already ran (float modes check as part of choosing what stays fp32).
     max_abs_diff: float | None = None
     checked: bool = False
+    # Rows to compare the new model with its parent on (None: random data).
+    check_feeds: dict[str, np.ndarray] | None = None
 
 
 def _bf16_providers() -> list[str]:
@@ -547,7 +596,7 @@ def _convert_float(
     import onnx
     from onnx import TensorProto
     from onnx.external_data_helper import load_external_data_for_model
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
     # Types of intermediate tensors tell the converter where casts go. The path form works for
     # models over 2 GB; their external data stays next to the source, so it is loaded from there.
@@ -563,21 +612,15 @@ def _convert_float(
     blocked = list(DEFAULT_OP_BLOCK_LIST)
     kept_fp32: list[str] = sorted(present & set(blocked))
     elem = TensorProto.FLOAT16 if s.mode == "fp16" else TensorProto.BFLOAT16
-    providers = CPU_PROVIDERS if s.mode == "fp16" else _bf16_providers()
-    # Each pass that fails for a missing kernel leaves that op type in fp32; a model has few.
+    providers = list(CPU_PROVIDERS) if s.mode == "fp16" else _bf16_providers()
+    cpu_only = providers == list(CPU_PROVIDERS)
+    # Each pass that fails for a missing kernel leaves that op type in fp32; a model has few. Not
+    # for bf16 on the CPU provider: it has (almost) no bf16 kernels, so nothing would be left.
     for _ in range(8):
         try:
-            converted = convert_float_to_float16(
-                fp32,
-                keep_io_types=s.keep_io_types,
-                op_block_list=blocked,
-                disable_shape_infer=True,
-            )
+            converted = convert_float(fp32, s.mode, s.keep_io_types, blocked)
         except Exception as exc:
             raise PipelineError(f"{s.mode} conversion failed: {first_error_line(exc)}") from exc
-        if s.mode == "bf16":
-            converted = to_bfloat16(fp32, converted)
-        _toposort(converted.graph)
         _save(converted, out, external)
         try:
             max_abs_diff = _check_runs(source.path, out, s.mode, providers)
@@ -585,13 +628,13 @@ def _convert_float(
         except _RunFailed as exc:
             missing = _NO_KERNEL.search(exc.cause)
             op = missing.group(1) if missing else None
-            if s.mode == "fp16" and op in present and op not in blocked:
-                logger.info("quantize: no fp16 kernel for %s; keeping it in fp32", op)
+            if (s.mode == "fp16" or not cpu_only) and op in present and op not in blocked:
+                logger.info("quantize: no %s kernel for %s; keeping it in fp32", s.mode, op)
                 blocked.append(op)
                 kept_fp32.append(op)
                 continue
             if s.mode == "bf16":
-                if providers == list(CPU_PROVIDERS):
+                if cpu_only:
                     raise PipelineError(
                         "bf16 needs a backend that runs it, e.g. TensorRT or ORT's CUDA "
                         "provider; this worker has CPU only (onnxruntime's CPU provider has no "
@@ -674,9 +717,9 @@ def _int8_dynamic(
 
 
 def _calibration_reader(
-    ctx: PipelineContext, ref: DatasetRef, to_quantize: str, s: QuantizeSettings
-) -> Any:
-    """A reader over the calibration train split; a PipelineError if its rows do not fit."""
+    ref: DatasetRef, to_quantize: str, s: QuantizeSettings
+) -> tuple[SplitCalibrationReader, SplitData]:
+    """A reader over the calibration train split, and the split; a PipelineError if it misfits."""
     from pipelines.calibration import SplitCalibrationReader, check_fits
     from pipelines.datasets import load_split
 
@@ -684,9 +727,11 @@ def _calibration_reader(
     what = f"calibration dataset {ref.id} (calibration_dataset_id, train split)"
     try:
         data = load_split(ref, "train", specs)
-    except PipelineError as exc:
-        wanted = "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in specs)
-        raise PipelineError(f"{what} does not fit the model, which takes {wanted}: {exc}") from exc
+    except PipelineError as exc:  # rows that do not map onto the inputs: it names both shapes
+        raise PipelineError(
+            f"calibration_dataset_id {ref.id} cannot calibrate this model: {exc}; pick a "
+            "dataset whose rows have the model's input shape"
+        ) from exc
     check_fits(data, specs, what)
     if data.rows == 0:
         raise PipelineError(f"{what} has no rows")
@@ -703,7 +748,7 @@ def _calibration_reader(
         raise PipelineError(
             f"{what} has {data.rows} rows, fewer than the model's fixed batch of {fixed}"
         )
-    return reader
+    return reader, data
 
 
 def _int8_static(
@@ -724,7 +769,7 @@ def _int8_static(
 
     assert s.calibration_dataset_id is not None  # the settings validator makes sure
     ref = ctx.dataset(s.calibration_dataset_id, "calibration_dataset_id")
-    reader = _calibration_reader(ctx, ref, to_quantize, s)
+    reader, data = _calibration_reader(ref, to_quantize, s)
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -760,9 +805,11 @@ def _int8_static(
         raise _nothing_quantized(source, s)
     symmetric = _zero_points_all_zero(out)
     notes = [] if symmetric else ["some zero points are not 0: TensorRT will refuse this model"]
+    reader.rewind()
     return _Made(
         counts=counts,
         notes=notes,
+        check_feeds=reader.get_next(),  # the first calibration batch
         meta={
             "quant_format": "QDQ",
             "calibrate_method": s.calibrate_method,
@@ -788,8 +835,9 @@ class _Evaluation:
     split: str
 
     def describe(self) -> str:
+        kept = f"{_pct(self.retention)} kept" if math.isfinite(self.retention) else "parent at 0"
         return (
-            f"{self.metric} {self.parent:.4f} -> {self.value:.4f} ({_pct(self.retention)} kept) "
+            f"{self.metric} {self.parent:.4f} -> {self.value:.4f} ({kept}) "
             f"on {self.rows} {self.split} rows of dataset {self.dataset_id}"
         )
 
@@ -813,6 +861,10 @@ def _predict_on(
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
 
+class _Unmeasurable(PipelineError):
+    """The eval split has no targets and the task's metric has no form against the parent."""
+
+
 def _evaluate(
     ctx: PipelineContext,
     source: Artifact,
@@ -822,7 +874,12 @@ def _evaluate(
     providers: Sequence[str],
     progress: ProgressFn,
 ) -> _Evaluation:
-    """The primary metric of ``ctx.task`` for the parent and the new model on the eval split."""
+    """The primary metric of ``ctx.task`` for the parent and the new model on the eval split.
+
+    Without targets in the dataset, classification is judged on ``agreement`` with the parent's
+    top-1 class and embedding on ``cosine`` to the parent's outputs (the parent scores 1.0 on
+    both); regression and other tasks have nothing to compare with (_Unmeasurable).
+    """
     from pipelines.datasets import load_split
     from pipelines.metrics import predict, primary_metric, retention, task_metrics
 
@@ -834,20 +891,23 @@ def _evaluate(
             f"evaluation dataset {dataset_id} has no {s.eval_split} rows; pick another "
             "eval_split or dataset"
         )
+    if data.targets is None:
+        if ctx.task == "classification":
+            name, higher_is_better = "agreement", True
+        elif ctx.task != "embedding":
+            raise _Unmeasurable(
+                f"evaluation dataset {dataset_id} has no target column, and {name} "
+                f"({ctx.task}) needs one"
+            )
     progress(0.8, f"measuring {name} of the parent on {data.rows} {s.eval_split} rows")
     parent_out = predict(source, data.inputs)
     progress(0.9, f"measuring {name} of the {s.mode} model")
-    if list(providers) == list(CPU_PROVIDERS):
-        child_out = predict(candidate, data.inputs)
-    else:  # bf16 on a GPU provider: predict runs on the CPU, which has no bf16 kernels
+    if any(t.dtype == "bfloat16" for t in candidate.inputs):  # predict feeds no bfloat16
         child_out = _predict_on(_session(candidate.path, providers), data.inputs, data.rows)
-    parent_value = task_metrics(ctx.task, parent_out, data.targets, reference=parent_out).get(name)
-    child_value = task_metrics(ctx.task, child_out, data.targets, reference=parent_out).get(name)
-    if parent_value is None or child_value is None:
-        raise PipelineError(
-            f"cannot measure {name} for task {ctx.task!r} on dataset {dataset_id}: does it have "
-            "the target the task needs?"
-        )
+    else:
+        child_out = predict(candidate, data.inputs)
+    parent_value = task_metrics(ctx.task, parent_out, data.targets, reference=parent_out)[name]
+    child_value = task_metrics(ctx.task, child_out, data.targets, reference=parent_out)[name]
     return _Evaluation(
         metric=name,
         higher_is_better=higher_is_better,
@@ -904,8 +964,8 @@ class Quantize:
         problem = precision_problem(s.mode, source.precision)
         if problem is not None:
             raise PipelineError(
-                f"the model {source.key!r} {problem}: quantizing it only adds error; remove this "
-                "quantize stage or quantize its fp32 parent"
+                f"the model {source.key!r} {problem}: quantizing a quantized model only adds "
+                "error; remove this quantize stage or quantize its fp32 parent"
             )
         eval_id = s.effective_eval_dataset_id
         if eval_id is not None:  # a missing dataset fails now, not after the quantization
@@ -920,6 +980,7 @@ class Quantize:
         stage_dir = ctx.stage_dir(stage_id)
         preprocessed: bool | None = None
         evaluation: _Evaluation | None = None
+        unchecked = ""
         try:
             with scratch_dir(stage_dir) as scratch, staged_output(stage_dir, ONNX_FILENAME) as out:
                 if s.mode in _INT8_MODES:
@@ -937,7 +998,9 @@ class Quantize:
                     made = _convert_float(source, out, scratch, s, external)
                 if not made.checked:
                     progress(0.7, f"checking that onnxruntime runs the {s.mode} model")
-                    made.max_abs_diff = _check_runs(source.path, out, s.mode, made.providers)
+                    made.max_abs_diff = _check_runs(
+                        source.path, out, s.mode, made.providers, made.check_feeds
+                    )
                 inputs, outputs = read_tensor_specs(out)
                 out_bytes = model_size_bytes(out)
                 artifact = Artifact(
@@ -951,10 +1014,19 @@ class Quantize:
                     produced_by=self.name,
                 )
                 if eval_id is not None:
-                    evaluation = _evaluate(
-                        ctx, source, artifact, eval_id, s, made.providers, progress
-                    )
-                    if evaluation.retention < s.min_retention and not s.keep_below_threshold:
+                    try:
+                        evaluation = _evaluate(
+                            ctx, source, artifact, eval_id, s, made.providers, progress
+                        )
+                    except _Unmeasurable as exc:
+                        if s.eval_dataset_id is not None:  # asked for by name: say why not
+                            raise
+                        unchecked = f"no retention check: {exc}"
+                    if (
+                        evaluation is not None
+                        and evaluation.retention < s.min_retention
+                        and not s.keep_below_threshold
+                    ):
                         raise _NotRegistered(evaluation, made, out_bytes)
         except _NotRegistered as refused:
             _remove_stale_output(stage_dir)
@@ -984,6 +1056,8 @@ class Quantize:
         progress(1.0, "quantized")
 
         notes = list(made.notes)
+        if unchecked:
+            notes.append(unchecked)
         if preprocessed is False:
             notes.append("pre-processing failed; quantized the model as it is")
         if evaluation is not None and evaluation.retention < s.min_retention:
@@ -1015,7 +1089,8 @@ class Quantize:
                 f"{s.calibrate_method} calibration on {made.meta.get('calibration_rows')} rows)"
             )
         else:
-            what = f"{s.mode} conversion"
+            counts = _describe_counts(made.counts)
+            return f"{s.mode} conversion: {total} nodes in {s.mode} ({counts})"
         return f"{what}: {total} quantized nodes ({_describe_counts(made.counts)})"
 
     @staticmethod
@@ -1030,7 +1105,8 @@ class Quantize:
         if made.max_abs_diff is not None:
             metrics["max_abs_diff"] = made.max_abs_diff
         if evaluation is not None:
-            metrics["retention"] = evaluation.retention
+            if math.isfinite(evaluation.retention):  # inf: the parent scored 0 (JSON has no inf)
+                metrics["retention"] = evaluation.retention
             metrics[evaluation.metric] = evaluation.value
             metrics[f"parent_{evaluation.metric}"] = evaluation.parent
         return metrics

@@ -176,7 +176,7 @@ def create_dataset(
             raise ValueError
     except ValueError:
         Path(file.temporary_file_path()).unlink(missing_ok=True)
-        return Status(400, {"detail": "splits must be a JSON object, e.g. {\"train\": 0.8, ...}"})
+        return Status(400, {"detail": 'splits must be a JSON object, e.g. {"train": 0.8, ...}'})
     try:
         dataset = datasets.upload_dataset(
             team=request.auth.team,  # type: ignore[attr-defined]
@@ -198,7 +198,12 @@ def list_datasets(request: HttpRequest, limit: int = 50, offset: int = 0):
     return [_dataset_out(d) for d in found.order_by("name", "-version")[offset : offset + limit]]
 
 
-@api.get("/datasets/{dataset_id}", response={200: s.DatasetOut, 404: s.ErrorOut}, tags=["datasets"], by_alias=True)
+@api.get(
+    "/datasets/{dataset_id}",
+    response={200: s.DatasetOut, 404: s.ErrorOut},
+    tags=["datasets"],
+    by_alias=True,
+)
 def get_dataset(request: HttpRequest, dataset_id: int):
     dataset = get_object_or_404(
         Dataset.objects.select_related("team"), pk=dataset_id, team_id=team_id(request)

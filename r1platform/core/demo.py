@@ -28,7 +28,10 @@ def demo_pipeline(dataset_id: int) -> list[dict]:
     """Fine-tune on digits, quantize to static INT8 (Q/DQ) calibrated on it, compile, measure."""
     return [
         {"name": "finetune", "settings": {"dataset_id": dataset_id, "epochs": 3}},
-        {"name": "quantize", "settings": {"mode": "int8_static", "calibration_dataset_id": dataset_id}},
+        {
+            "name": "quantize",
+            "settings": {"mode": "int8_static", "calibration_dataset_id": dataset_id},
+        },
         {"name": "compile", "settings": {"backend": "onnxruntime"}},
         {"name": "evaluate", "settings": {"dataset_id": dataset_id}},
         {"name": "benchmark", "settings": {}},
@@ -52,7 +55,11 @@ def seed_demo() -> ModelVersion:
             path = Path(tmp) / "digits.csv"
             write_digits_dataset(path, "csv")
             dataset = upload_dataset(
-                team=team, user=user, name=DEMO_DATASET, uploaded=spool_local_file(path), target="label"
+                team=team,
+                user=user,
+                name=DEMO_DATASET,
+                uploaded=spool_local_file(path),
+                target="label",
             )
     existing = RegisteredModel.objects.filter(team=team, name=DEMO_MODEL).first()
     if existing is not None:

@@ -9,6 +9,7 @@ TARGET_HELP = (
     "The column (CSV, JSON Lines) or array (npz) holding the labels. Blank: the first of "
     "label, target, y the file has, else none (unlabelled data, e.g. for calibration)."
 )
+SEED_HELP = "Rows are shuffled with the seed, then cut: the same seed always gives the same cut."
 FILE_HELP = (
     "CSV with a header row (numbers only), JSON Lines (one object per line) or an .npz written "
     "by numpy.savez. Pickles and object arrays are refused."
@@ -27,11 +28,8 @@ class DatasetUploadForm(forms.Form):
     train = forms.FloatField(min_value=0, max_value=1, initial=0.8)
     validation = forms.FloatField(min_value=0, max_value=1, initial=0.1)
     test = forms.FloatField(min_value=0, max_value=1, initial=0.1)
-    seed = forms.IntegerField(
-        min_value=0,
-        initial=0,
-        help_text="Seeds the shuffle that cuts the rows; the same seed always gives the same cut.",
-    )
+    # Its help sits under the split fields (see SEED_HELP), not squeezed into a grid cell.
+    seed = forms.IntegerField(min_value=0, initial=0)
     file = forms.FileField(required=False, help_text=FILE_HELP)
 
     def __init__(self, user, *args, refusal: str | None = None, **kwargs) -> None:
@@ -51,6 +49,8 @@ class DatasetUploadForm(forms.Form):
         for key in SPLIT_KEYS:
             self.fields[key].widget.attrs.update(step="0.01")
         self.fields["file"].widget.attrs.update(accept=".csv,.jsonl,.ndjson,.npz", required=True)
+
+    seed_help = SEED_HELP
 
     @property
     def split_fields(self) -> list[forms.BoundField]:

@@ -28,7 +28,9 @@ def parse_splits(raw: dict | None) -> dict[str, float]:
         return splits
     unknown = set(raw) - {*SPLIT_KEYS, "seed"}
     if unknown:
-        raise DatasetRefused(f"unknown split keys {sorted(unknown)}; use train, validation, test, seed")
+        raise DatasetRefused(
+            f"unknown split keys {sorted(unknown)}; use train, validation, test, seed"
+        )
     try:
         for key in SPLIT_KEYS:
             if key in raw:
@@ -84,7 +86,9 @@ def upload_dataset(
             )
     except IntegrityError:
         storage.remove(relative)
-        raise DatasetRefused("another upload of this dataset landed at the same time; retry") from None
+        raise DatasetRefused(
+            "another upload of this dataset landed at the same time; retry"
+        ) from None
     except Exception:
         storage.remove(relative)
         raise

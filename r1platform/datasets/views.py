@@ -134,7 +134,10 @@ def dataset_upload(request):
                 return redirect(dataset)
         return render(request, "datasets/dataset_upload.html", {"form": form}, status=400)
     # "Upload a new version" links prefill the name (and team) of the dataset they come from.
-    initial = {k: request.GET[k] for k in ("name", "team", "target") if request.GET.get(k)}
+    initial = {k: request.GET[k] for k in ("name", "target") if request.GET.get(k)}
+    team = request.GET.get("team", "")
+    if team.isdigit() and teams_for(request.user).filter(pk=int(team)).exists():
+        initial["team"] = int(team)
     form = DatasetUploadForm(request.user, initial=initial)
     return render(request, "datasets/dataset_upload.html", {"form": form})
 

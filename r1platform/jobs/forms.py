@@ -30,36 +30,96 @@ def _settings_summary(schema: dict) -> list[dict]:
     return rows
 
 
+# The order stages run in when several are checked; a stage not listed runs after these, in the
+# order stage_schemas() gives. finetune works on TorchScript and hands on ONNX, so it comes first.
+PIPELINE_ORDER = ("finetune", "export_onnx", "quantize", "compile", "evaluate", "benchmark")
+
+
+def pipeline_order(schemas: list[dict]) -> list[dict]:
+    """``schemas`` sorted into the order their stages run in (see PIPELINE_ORDER)."""
+    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    return sorted(schemas, key=lambda s: rank.get(s["name"], len(rank)))
+
+
+def dataset_settings(schema: dict) -> list[dict]:
+    """The settings of a stage that name a dataset (their names end in ``dataset_id``)."""
+    settings_schema = schema.get("settings") or {}
+    required = set(settings_schema.get("required") or [])
+    return [
+        {"name": name, "required": name in required, "description": prop.get("description", "")}
+        for name, prop in (settings_schema.get("properties") or {}).items()
+        if name.endswith("dataset_id")
+    ]
+
+
+def dataset_label(dataset) -> str:
+    """How a dataset reads in a picker: ``digits v2 (1,797 rows, csv)``."""
+    return f"{dataset.name} v{dataset.version} ({dataset.rows:,} rows, {dataset.format})"
+
+
 class LaunchForm(forms.Form):
     """One row per known stage: an include box and its settings as JSON, in pipeline order.
 
     ``schemas`` is ``pipelines.stages.stage_schemas()``; ``defaults`` is the default pipeline of
     the version's format, which decides the pre-checked rows and their prefilled settings.
+    ``datasets`` are the team's datasets: every setting whose name ends in ``dataset_id`` gets a
+    picker of them, and the chosen id is written into that stage's settings.
     """
 
     # Blank is allowed: launch_job then makes a key of its own.
     idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
 
-    def __init__(self, *args, schemas: list[dict], defaults: list[dict], **kwargs) -> None:
+    def __init__(
+        self, *args, schemas: list[dict], defaults: list[dict], datasets=(), **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.schemas = schemas
+        self.schemas = pipeline_order(schemas)
+        self.datasets = list(datasets)
         if not self.is_bound:
             # A fresh key per rendered form: a double click posts the same key, so one job.
             self.initial["idempotency_key"] = uuid.uuid4().hex
         default_settings: dict[str, dict] = {}
         for stage in defaults:
             default_settings.setdefault(stage["name"], stage.get("settings") or {})
-        for schema in schemas:
+        for schema in self.schemas:
             name = schema["name"]
+            pickers = {d["name"] for d in dataset_settings(schema)}
+            # The pickers show the dataset settings; the JSON holds the others.
+            prefilled = {
+                k: v for k, v in default_settings.get(name, {}).items() if k not in pickers
+            }
             self.fields[f"include_{name}"] = forms.BooleanField(
                 required=False, initial=name in default_settings, label=name
             )
             self.fields[f"settings_{name}"] = forms.CharField(
                 required=False,
                 label=f"{name} settings",
-                initial=json.dumps(default_settings.get(name, {}), indent=2),
+                initial=json.dumps(prefilled, indent=2),
                 widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "mono"}),
             )
+            for setting in dataset_settings(schema):
+                self.fields[self._picker(name, setting["name"])] = self._dataset_field(
+                    setting, default_settings.get(name, {}).get(setting["name"])
+                )
+
+    @staticmethod
+    def _picker(stage: str, setting: str) -> str:
+        return f"dataset_{stage}_{setting}"
+
+    def _dataset_field(self, setting: dict, initial) -> forms.Field:
+        choices = [(d.pk, dataset_label(d)) for d in self.datasets]
+        if not setting["required"]:
+            choices.insert(0, ("", "— none —"))
+        # Never required as a field: it only counts when its stage is included (see clean).
+        return forms.TypedChoiceField(
+            choices=choices,
+            coerce=int,
+            empty_value=None,
+            required=False,
+            initial=initial,
+            label=setting["name"],
+            help_text=setting["description"],
+        )
 
     @property
     def stage_rows(self) -> list[dict]:
@@ -69,9 +129,34 @@ class LaunchForm(forms.Form):
                 "include": self[f"include_{schema['name']}"],
                 "settings": self[f"settings_{schema['name']}"],
                 "settings_help": _settings_summary(schema),
+                "datasets": [
+                    {**setting, "field": self[self._picker(schema["name"], setting["name"])]}
+                    for setting in dataset_settings(schema)
+                ],
             }
             for schema in self.schemas
         ]
+
+    def _merge_datasets(self, schema: dict, settings: dict, cleaned: dict) -> bool:
+        """Write the picked datasets into ``settings``; False (with an error) if one is missing."""
+        name = schema["name"]
+        ok = True
+        for setting in dataset_settings(schema):
+            field = self._picker(name, setting["name"])
+            if field in self.errors:
+                ok = False
+                continue
+            chosen = cleaned.get(field)
+            if chosen is not None:
+                settings[setting["name"]] = chosen
+            elif setting["required"] and settings.get(setting["name"]) is None:
+                self.add_error(
+                    field,
+                    f"{name}: choose a dataset for {setting['name']}"
+                    + ("" if self.datasets else " (this team has none yet: upload one first)"),
+                )
+                ok = False
+        return ok
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -79,6 +164,9 @@ class LaunchForm(forms.Form):
         for schema in self.schemas:
             name = schema["name"]
             if not cleaned.get(f"include_{name}"):
+                # A stale pick on a stage that does not run is no reason to refuse the launch.
+                for setting in dataset_settings(schema):
+                    self._errors.pop(self._picker(name, setting["name"]), None)
                 continue
             field = f"settings_{name}"
             raw = (cleaned.get(field) or "").strip() or "{}"
@@ -95,6 +183,8 @@ class LaunchForm(forms.Form):
                 self.add_error(
                     field, f'{name}: the settings must be a JSON object, like {{"key": 1}}'
                 )
+                continue
+            if not self._merge_datasets(schema, settings, cleaned):
                 continue
             stages.append({"name": name, "settings": settings})
         if not self.errors and not stages:

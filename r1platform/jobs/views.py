@@ -10,10 +10,13 @@ from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
+from pipelines.core import StageConfigError
 from pipelines.stages import default_pipeline, stage_schemas
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
-from r1platform.jobs.forms import LaunchForm
+from r1platform.core.demo import demo_pipeline
+from r1platform.datasets.models import Dataset
+from r1platform.jobs.forms import LaunchForm, dataset_label
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import LaunchRefused, cancel_job, launch_job
 from r1platform.registry.models import ModelVersion
@@ -34,6 +37,30 @@ def _get_version_for_user(request, raw_pk: str | None) -> ModelVersion:
         raise Http404("no such version")
     qs = ModelVersion.objects.select_related("model", "team")
     return get_scoped_or_404(qs, teams_for(request.user), pk=int(raw_pk))
+
+
+def _team_datasets(version: ModelVersion):
+    """The datasets a launch on ``version`` may name: its team's, for the pickers."""
+    return (
+        Dataset.objects.filter(team_id=version.team_id)
+        .only("pk", "name", "version", "rows", "format")
+        .order_by("name", "-version")
+    )
+
+
+def _demo_preset(request, version: ModelVersion, datasets, schemas) -> list[dict] | None:
+    """The demo pipeline on the dataset ``?dataset=`` names, for ``?preset=demo``; else None.
+
+    It starts with finetune, which takes TorchScript, so only TorchScript versions get it.
+    """
+    raw = request.GET.get("dataset", "")
+    if request.GET.get("preset") != "demo" or version.format != "torchscript" or not raw.isdigit():
+        return None
+    dataset = datasets.filter(pk=int(raw)).first()
+    if dataset is None:
+        return None
+    known = {s["name"] for s in schemas}
+    return [stage for stage in demo_pipeline(dataset.pk) if stage["name"] in known]
 
 
 def _job_context(job: Job) -> dict:
@@ -92,12 +119,16 @@ def job_new(request):
         request, request.GET.get("version") or request.POST.get("version")
     )
     schemas = stage_schemas()
-    defaults = default_pipeline(version.format)
+    try:
+        defaults = default_pipeline(version.format, version.precision)
+    except StageConfigError:  # a compiled engine (TensorRT, AOTInductor) has no default pipeline
+        defaults = []
+    datasets = _team_datasets(version)
     template_name = "jobs/job_new.html"
     if _wants_partial(request):
         template_name += "#launch-form"
     if request.method == "POST":
-        form = LaunchForm(request.POST, schemas=schemas, defaults=defaults)
+        form = LaunchForm(request.POST, schemas=schemas, defaults=defaults, datasets=datasets)
         if form.is_valid():
             try:
                 job, created = launch_job(
@@ -118,8 +149,12 @@ def job_new(request):
                 return redirect(job)
         context = {"form": form, "version": version}
         return render(request, template_name, context, status=400)
-    form = LaunchForm(schemas=schemas, defaults=defaults)
-    return render(request, template_name, {"form": form, "version": version})
+    preset = _demo_preset(request, version, datasets, schemas)
+    form = LaunchForm(schemas=schemas, defaults=preset or defaults, datasets=datasets)
+    context = {"form": form, "version": version, "preset": "demo" if preset else ""}
+    if version.format == "torchscript":
+        context["demo_choices"] = [(d.pk, dataset_label(d)) for d in form.datasets]
+    return render(request, template_name, context)
 
 
 @login_required

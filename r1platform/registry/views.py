@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+import re
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -8,13 +11,27 @@ from django.views.decorators.vary import vary_on_headers
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
+from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
+from r1platform.registry.charts import latency_chart_svg
 from r1platform.registry.forms import UploadForm
-from r1platform.registry.models import ModelVersion, RegisteredModel
+from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
 
 PAGE_SIZE = 25
 RECENT_JOBS = 10
+
+# Evaluation metrics the version page shows as tiles, in this order: key -> (label, kind).
+# "fraction" reads as a percentage; "error" and "score" as plain numbers.
+EVALUATION_METRICS = {
+    "accuracy": ("Accuracy", "fraction"),
+    "agreement": ("Agreement with parent", "fraction"),
+    "mse": ("MSE", "error"),
+    "rmse": ("RMSE", "error"),
+    "mae": ("MAE", "error"),
+    "cosine": ("Cosine similarity", "score"),
+}
+TOP_K = re.compile(r"^top(\d+)$")
 
 
 def _get_model_for_user(request, pk: int) -> RegisteredModel:
@@ -135,16 +152,148 @@ def model_detail(request, pk: int):
     return render(request, "registry/model_detail.html", context)
 
 
+def _percent(value: float) -> str:
+    return f"{value * 100:.2f}%"
+
+
+def _metric_text(value: float, kind: str) -> str:
+    if kind == "fraction":
+        return _percent(value)
+    if kind == "score":
+        return f"{value:.4f}"
+    return f"{value:.4g}"
+
+
+def _finite(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _evaluation(version: ModelVersion) -> dict | None:
+    """The version's evaluation metrics as display tiles, and the metrics left for the raw table.
+
+    Keys such as ``parent_accuracy`` become the tile's parent value; ``retention`` (child over
+    parent on the task's primary metric) and ``size_ratio`` read as percentages.
+    """
+    metrics = version.metrics or {}
+    used: set[str] = set()
+    tiles: list[dict] = []
+
+    def add(key: str, label: str, kind: str) -> None:
+        value = _finite(metrics.get(key))
+        if value is None:
+            return
+        parent = _finite(metrics.get(f"parent_{key}"))
+        used.update({key, f"parent_{key}"} if parent is not None else {key})
+        tiles.append(
+            {
+                "key": key,
+                "label": label,
+                "value": _metric_text(value, kind),
+                "parent": _metric_text(parent, kind) if parent is not None else "",
+            }
+        )
+
+    add("accuracy", *EVALUATION_METRICS["accuracy"])
+    for k in sorted(int(m.group(1)) for m in map(TOP_K.match, metrics) if m):
+        add(f"top{k}", f"Top-{k} accuracy", "fraction")
+    for key in ("agreement", "mse", "rmse", "mae", "cosine"):
+        add(key, *EVALUATION_METRICS[key])
+
+    retention = _finite(metrics.get("retention"))
+    retained = None
+    if retention is not None:
+        used.add("retention")
+        # The metric it was measured on: the first one that also has a parent value.
+        basis = next(
+            (t for t in tiles if t["parent"] and t["key"] in ("accuracy", "mse", "cosine")), None
+        ) or next((t for t in tiles if t["parent"]), None)
+        retained = {
+            "value": _percent(retention),
+            "metric": basis["label"].lower() if basis else "",
+            "parent": basis["parent"] if basis else "",
+            "child": basis["value"] if basis else "",
+            "low": retention < 0.99,
+        }
+    size_ratio = _finite(metrics.get("size_ratio"))
+    if size_ratio is not None:
+        used.add("size_ratio")
+    rows = _finite(metrics.get("eval_rows"))
+    if rows is not None:
+        used.add("eval_rows")
+    if not tiles and retained is None and size_ratio is None:
+        return None
+
+    dataset = None
+    evaluation_meta = (version.details or {}).get("evaluation") or {}
+    dataset_id = evaluation_meta.get("dataset_id")
+    if isinstance(dataset_id, int) and not isinstance(dataset_id, bool):
+        dataset = (
+            Dataset.objects.filter(team_id=version.team_id, pk=dataset_id)
+            .only("pk", "name", "version")
+            .first()
+        )
+    return {
+        "tiles": tiles,
+        "retention": retained,
+        "size_ratio": _percent(size_ratio) if size_ratio is not None else "",
+        "smaller": f"{1 / size_ratio:.1f}" if size_ratio else "",
+        "rows": int(rows) if rows is not None else None,
+        "dataset": dataset,
+        "split": evaluation_meta.get("split", ""),
+        "other": {k: v for k, v in metrics.items() if k not in used},
+    }
+
+
+def _latest_job_rows(rows: list[BenchmarkResult]) -> list[BenchmarkResult]:
+    """The rows of the newest job among ``rows`` (which have ``job`` selected)."""
+    if not rows:
+        return []
+    latest = max(rows, key=lambda r: (r.job.created_at, r.job_id))
+    return [r for r in rows if r.job_id == latest.job_id]
+
+
+def _add_speedups(version: ModelVersion, rows: list[BenchmarkResult]) -> bool:
+    """Set ``speedup`` (parent p50 / this p50 at the same batch size) on each row that has one.
+
+    The parent's rows are those of its newest benchmarking job; where it measured several
+    backends at a batch size, the fastest is the reference. True if any row got a speedup.
+    """
+    if not version.parent_id or not rows:
+        return False
+    parent_rows = _latest_job_rows(
+        list(BenchmarkResult.objects.filter(version_id=version.parent_id).select_related("job"))
+    )
+    parent_p50: dict[int, float] = {}
+    for r in parent_rows:
+        if r.p50_ms > 0:
+            parent_p50[r.batch_size] = min(r.p50_ms, parent_p50.get(r.batch_size, math.inf))
+    found = False
+    for r in rows:
+        reference = parent_p50.get(r.batch_size)
+        r.speedup = reference / r.p50_ms if reference and r.p50_ms > 0 else None
+        found = found or r.speedup is not None
+    return found
+
+
 @login_required
 def version_detail(request, pk: int):
     version = _get_version_for_user(request, pk)
+    benchmarks = list(
+        version.benchmarks.select_related("job").order_by("batch_size", "backend", "job_id")
+    )
+    chart_rows = _latest_job_rows(benchmarks)
     context = {
         "version": version,
         "model": version.model,
         "children": version.children.order_by("number"),
-        "benchmarks": version.benchmarks.select_related("job").order_by(
-            "batch_size", "backend", "job_id"
-        ),
+        "benchmarks": benchmarks,
+        "show_speedup": _add_speedups(version, benchmarks),
+        # Markup built by latency_chart_svg, which escapes every piece of text it writes.
+        "latency_chart": latency_chart_svg(chart_rows),
+        "chart_job_id": chart_rows[0].job_id if chart_rows else None,
+        "evaluation": _evaluation(version),
         "mlflow_url": (
             tracking.model_version_url(_mlflow_name(version.model), version.mlflow_version)
             if version.mlflow_version
