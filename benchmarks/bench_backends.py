@@ -239,6 +239,7 @@ def _compile_aoti(prepared: Prepared, folder: Path) -> None:
     ctx = PipelineContext.start(workdir, source)
     Compile().run(ctx, "01-compile", {"backend": "aotinductor"}, lambda f, m: None)
     prepared.paths["aoti"] = Path(ctx.current_artifact.path)
+    prepared.paths["aoti_cache"] = folder / "jobs" / "cache" / "inductor"
     seconds = ctx.current_artifact.metrics.get("compile_seconds", 0.0)
     prepared.notes.append(f"AOTInductor compile {seconds:.0f} s")
 
@@ -276,7 +277,7 @@ def _make_runners(prepared: Prepared, threads: int) -> None:
 
     fp32 = _ort_session(prepared.paths["onnx"], threads)
     int8 = _ort_session(prepared.paths["int8"], threads)
-    package = load_package(prepared.paths["aoti"])
+    package = load_package(prepared.paths["aoti"], prepared.paths["aoti_cache"])
     prepared.runners = {
         "eager": torch_runner(module),
         "ort_fp32": ort_runner(fp32),
@@ -289,9 +290,10 @@ def _make_runners(prepared: Prepared, threads: int) -> None:
             value = value[0]
         return value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
-    prepared.outputs = {
-        name: (lambda x, prep=prep: first(prep(x)())) for name, prep in prepared.runners.items()
-    }
+    def output_of(prepare: Callable[[np.ndarray], Callable[[], Any]]) -> Callable:
+        return lambda x: first(prepare(x)())
+
+    prepared.outputs = {name: output_of(prep) for name, prep in prepared.runners.items()}
 
 
 @dataclass

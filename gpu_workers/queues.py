@@ -19,6 +19,7 @@ def queue_for(stages: list[dict]) -> str:
     for stage in stages:
         if stage.get("settings", {}).get("backend") in _GPU_BACKENDS:
             return Queue.GPU.value
-        if stage.get("settings", {}).get("device") == "cuda":
+        settings = stage.get("settings", {})
+        if settings.get("device") == "cuda" or settings.get("providers") == "cuda":
             return Queue.GPU.value
     return Queue.CPU.value

@@ -146,3 +146,19 @@ def test_it_fails_loudly_on_a_bad_setting(tmp_path, name, value, message):
     )
     assert result.returncode != 0
     assert name in result.stderr and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stages", "queue"),
+    [
+        ([{"name": "compile", "settings": {"backend": "onnxruntime"}}], "cpu"),
+        ([{"name": "compile", "settings": {"backend": "tensorrt"}}], "gpu"),
+        ([{"name": "compile", "settings": {"providers": "cuda"}}], "gpu"),
+        ([{"name": "finetune", "settings": {"device": "cuda"}}], "gpu"),
+        ([{"name": "benchmark", "settings": {}}], "cpu"),
+    ],
+)
+def test_it_routes_gpu_work_to_the_gpu_queue(stages, queue):
+    from gpu_workers.queues import queue_for
+
+    assert queue_for(stages) == queue

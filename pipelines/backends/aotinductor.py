@@ -330,7 +330,7 @@ def compile_aotinductor(
         if not package.is_file():
             raise PipelineError("AOTInductor did not write the package")
         try:
-            compiled = torch._inductor.aoti_load_package(str(package))
+            compiled = load_package(package)  # inside inductor_cache_env already
         except Exception as exc:
             raise PipelineError(
                 f"the compiled package does not load: {first_error_line(exc)}"
@@ -385,8 +385,17 @@ def compile_aotinductor(
     )
 
 
-def load_package(path: str | Path) -> Any:
-    """An AOTInductor package loaded for running (``model(*tensors)``)."""
+def load_package(path: str | Path, cache_dir: Path | None = None) -> Any:
+    """An AOTInductor package loaded for running (``model(*tensors)``).
+
+    Loading extracts the package's kernels into Inductor's cache folder; ``cache_dir`` (the
+    platform's ``<jobs>/cache/inductor``) keeps them there rather than in /tmp. torch's loader
+    fixes that folder at the first load of the process, so every load of a worker must go
+    through here with the same folder (the compile stage's check does).
+    """
     import torch
 
-    return torch._inductor.aoti_load_package(str(path))
+    if cache_dir is None:
+        return torch._inductor.aoti_load_package(str(path))
+    with inductor_cache_env(cache_dir):
+        return torch._inductor.aoti_load_package(str(path))

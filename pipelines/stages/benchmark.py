@@ -27,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from pipelines.backends import cache_root_for
 from pipelines.core import (
     Artifact,
     BenchmarkRow,
@@ -209,7 +210,7 @@ class _Runner:
 class _OnnxRunner(_Runner):
     backend = "onnxruntime"
 
-    def __init__(self, artifact: Artifact, device: str) -> None:
+    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
         # onnxruntime applies its default (full) graph optimisations when it loads a model, so
         # every ONNX artifact is measured as it would be served, compiled or not.
         if device == "cuda":
@@ -231,7 +232,7 @@ class _OnnxRunner(_Runner):
 class _TorchRunner(_Runner):
     backend = "torch"
 
-    def __init__(self, artifact: Artifact, device: str) -> None:
+    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
         import torch
 
         self.torch = torch
@@ -255,7 +256,7 @@ class _TorchRunner(_Runner):
 class _AotiRunner(_Runner):
     backend = "aotinductor"
 
-    def __init__(self, artifact: Artifact, device: str) -> None:
+    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
         import torch
 
         from pipelines.backends.aotinductor import load_package
@@ -265,7 +266,8 @@ class _AotiRunner(_Runner):
         self.device = str(artifact.meta.get("device", "cpu"))
         if self.device == "cuda" and not torch.cuda.is_available():
             raise _Skip("compiled for cuda and this worker has no CUDA GPU")
-        self.model = load_package(artifact.path)
+        # Loading extracts the kernels into Inductor's cache: the platform's, not /tmp.
+        self.model = load_package(artifact.path, cache_root / "inductor")
         self.specs = artifact.inputs
         if self.device == "cuda":
             self.backend, self.torch_cuda = "aotinductor-cuda", True
@@ -283,7 +285,7 @@ class _TensorRTRunner(_Runner):
     backend = "tensorrt"
     torch_cuda = True
 
-    def __init__(self, artifact: Artifact, device: str) -> None:
+    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
         from pipelines.backends import _tensorrt_reason
 
         reason = _tensorrt_reason()
@@ -329,7 +331,7 @@ def _call(model: Any, tensors: tuple[Any, ...], cuda_torch: Any) -> Callable[[],
     return run
 
 
-_RUNNERS: dict[str, Callable[[Artifact, str], _Runner]] = {
+_RUNNERS: dict[str, Callable[[Artifact, str, Path], _Runner]] = {
     ModelFormat.ONNX.value: _OnnxRunner,
     ModelFormat.TORCHSCRIPT.value: _TorchRunner,
     ModelFormat.AOTINDUCTOR.value: _AotiRunner,
@@ -414,7 +416,7 @@ class Benchmark:
                 reset_peak_rss()
                 before = rss_mb()
                 try:
-                    runner = _load_runner(artifact, device)
+                    runner = _load_runner(artifact, device, cache_root_for(ctx.workdir))
                 except _Skip as exc:
                     notes.append(f"{artifact.key}: skipped, {exc}")
                 after = rss_mb()
@@ -493,9 +495,9 @@ def _speedups(rows: list[BenchmarkRow]) -> dict[str, float]:
     }
 
 
-def _load_runner(artifact: Artifact, device: str) -> _Runner:
+def _load_runner(artifact: Artifact, device: str, cache_root: Path) -> _Runner:
     try:
-        return _RUNNERS[artifact.format](artifact, device)
+        return _RUNNERS[artifact.format](artifact, device, cache_root)
     except _Skip:
         raise
     except Exception as exc:

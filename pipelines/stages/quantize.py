@@ -791,7 +791,13 @@ def _int8_static(
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 use_external_data_format=external,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": True},
+                # Biases stay float: TensorRT's ONNX parser refuses the int32 DequantizeLinear
+                # nodes ORT writes for quantized biases, and it fuses a float bias itself.
+                extra_options={
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": True,
+                    "QuantizeBias": False,
+                },
             )
     except PipelineError:
         raise

@@ -86,7 +86,7 @@ def _check_against_torchscript(
 ) -> None:
     artifact = compiled.ctx.current_artifact
     device = artifact.meta["device"]  # cuda where this machine has a GPU, else cpu
-    package = load_package(artifact.path)
+    package = load_package(artifact.path, compiled.jobs / "cache" / "inductor")
     scripted = torch.jit.load(str(model.path), map_location=device).eval()
     for batch in batches:
         x = torch.from_numpy(
@@ -153,6 +153,25 @@ def test_it_keeps_inductor_caches_under_the_jobs_cache_folder(aoti_mlp: Compiled
     # The environment is as it was before the compile, so nothing later writes there by accident.
     for name, value in aoti_mlp.env_before.items():
         assert os.environ.get(name) == value
+
+
+def test_it_extracts_a_loaded_package_into_the_platforms_cache_too(
+    aoti_cnn: Compiled, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "default-inductor-cache"  # stands for /tmp/torchinductor_<user>
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(elsewhere))
+
+    package = load_package(aoti_cnn.ctx.current_artifact.path, tmp_path / "cache" / "inductor")
+
+    with torch.inference_mode():
+        x = torch.zeros(2, 1, 8, 8, device=aoti_cnn.ctx.current_artifact.meta["device"])
+        assert tuple(package(x).shape) == (2, 10)
+    # torch's package loader picks its extraction folder once per process, at its first load:
+    # here the compile's own check, inside the jobs cache. Nothing lands in the default folder.
+    assert not elsewhere.exists()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(elsewhere)
+    extracted = [p.name for p in aoti_cnn.jobs.parent.parent.rglob("*.so")]
+    assert extracted
 
 
 def test_it_restores_the_inductor_environment_after_an_error(tmp_path: Path) -> None:
