@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.core import Artifact, ModelFormat, PipelineContext, PipelineError, StageConfigError
+from pipelines.core import (
+    Artifact,
+    DatasetRef,
+    ModelFormat,
+    PipelineContext,
+    PipelineError,
+    StageConfigError,
+)
 
 
 def _json_arg(value: str | None, what: str) -> Any:
@@ -86,6 +93,19 @@ def render_report(ctx: PipelineContext) -> str:
     return "\n".join(parts)
 
 
+def _dataset_arg(text: str) -> tuple[str, DatasetRef]:
+    """``ID=PATH[:TARGET]`` as the id and a DatasetRef (format from the file's extension)."""
+    key, sep, rest = text.partition("=")
+    if not sep or not key or not rest:
+        raise SystemExit(f"--dataset {text!r}: expected ID=PATH[:TARGET], e.g. 1=digits.csv:label")
+    path, _, target = rest.partition(":")
+    fmt = Path(path).suffix.lstrip(".").lower()
+    if fmt not in ("csv", "jsonl", "npz"):
+        raise SystemExit(f"--dataset {text!r}: the file must end in .csv, .jsonl or .npz")
+    resolved = str(Path(path).resolve())
+    return key, DatasetRef(id=key, path=resolved, format=fmt, target=target or None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 a stage failed, 2 a bad pipeline)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
@@ -105,6 +125,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         '"dtype": "float32"}]; read from the file for ONNX',
     )
     run.add_argument("--precision", default="fp32", help="precision of the model file")
+    run.add_argument(
+        "--task",
+        default="other",
+        choices=["classification", "regression", "embedding", "other"],
+        help="the model's task: picks the metric of evaluate, finetune and quantize retention",
+    )
+    run.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="ID=PATH[:TARGET]",
+        help="a dataset the stages name by id (repeatable), e.g. 1=digits.csv:label",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -119,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.workdir,
             precision=args.precision,
             show_progress=not args.no_progress,
+            task=args.task,
+            datasets=dict(_dataset_arg(item) for item in args.dataset),
         )
     except StageConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

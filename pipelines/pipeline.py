@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.core import (
     Artifact,
     Cancelled,
+    DatasetRef,
     ModelFormat,
     PipelineContext,
     PipelineError,
@@ -159,11 +160,15 @@ def run_local(
     *,
     precision: str = Precision.FP32.value,
     show_progress: bool = True,
+    task: str = "other",
+    datasets: dict[str, DatasetRef] | None = None,
 ) -> PipelineContext:
     """Run a pipeline on a local model file with a progress bar; return the final context.
 
     ``inputs`` are the model's input specs (dicts like ``{"name", "shape", "dtype"}`` work); for
     ONNX they may be None and are read from the file. ``stages`` None means the default pipeline.
+    ``task`` picks the metric of evaluate, fine-tune and quantize retention; ``datasets`` maps the
+    ids the stages' ``*dataset_id`` settings name to local files.
     A ``workdir`` that holds an earlier run of the same model resumes it.
     """
     from tqdm import tqdm
@@ -200,7 +205,7 @@ def run_local(
             inputs=specs,
             outputs=outputs,
         )
-        ctx = PipelineContext.start(workdir, source)
+        ctx = PipelineContext.start(workdir, source, task=task, datasets=datasets)
         ctx.save()
     elif Path(ctx.artifacts["input"].path) != model_path:
         raise StageConfigError(
