@@ -336,3 +336,33 @@ def test_it_exits_1_when_a_stage_fails(
     assert code == 1
     assert "stage failed: the model rejected an input of shape [2, 7] float32" in captured.err
     assert "01-export_onnx  failed" in captured.out
+
+
+def test_it_runs_dataset_stages_from_the_command_line(tmp_path, capsys) -> None:
+    from pipelines.__main__ import main
+    from pipelines.demo import build_digits_classifier, write_digits_dataset
+
+    model = tmp_path / "digits.pt"
+    build_digits_classifier(model, epochs=5)
+    data = tmp_path / "digits.csv"
+    write_digits_dataset(data, "csv")
+    stages = [
+        {"name": "export_onnx"},
+        {"name": "evaluate", "settings": {"dataset_id": 7, "split": "test"}},
+    ]
+    code = main([
+        "run", str(model), "--format", "torchscript", "--task", "classification",
+        "--inputs", '[{"name": "input", "shape": ["batch", 64], "dtype": "float32"}]',
+        "--dataset", f"7={data}:label", "--workdir", str(tmp_path / "run"),
+        "--stages", json.dumps(stages), "--no-progress",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "accuracy" in out and "on 180 test rows" in out
+
+
+def test_it_refuses_a_malformed_dataset_argument(tmp_path) -> None:
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit, match="expected ID=PATH"):
+        main(["run", "m.pt", "--format", "torchscript", "--workdir", str(tmp_path), "--dataset", "x"])
