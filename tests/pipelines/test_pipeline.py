@@ -365,4 +365,6 @@ def test_it_refuses_a_malformed_dataset_argument(tmp_path) -> None:
     from pipelines.__main__ import main
 
     with pytest.raises(SystemExit, match="expected ID=PATH"):
-        main(["run", "m.pt", "--format", "torchscript", "--workdir", str(tmp_path), "--dataset", "x"])
+        main(
+            ["run", "m.pt", "--format", "torchscript", "--workdir", str(tmp_path), "--dataset", "x"]
+        )
