@@ -6,14 +6,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from gpu_workers import runner
-from gpu_workers.queues import Queue
 from r1platform.celery import app
 
 
 @app.task(
     bind=True,
     name="r1.run_job",
-    queue=Queue.CPU.value,
     acks_late=True,
     reject_on_worker_lost=True,
     max_retries=None,

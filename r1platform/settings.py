@@ -12,6 +12,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from gpu_workers.queues import Queue
 from r1platform.env import env_bool, env_int, env_list, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -146,6 +147,8 @@ else:
     # Redis re-delivers a message not acknowledged within visibility_timeout: keep it above the
     # longest hard limit, or a long job would be run twice at once.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 600}
+# Each job goes to the queue its stages need (gpu_workers.queues.queue_for); this is the fallback.
+CELERY_TASK_DEFAULT_QUEUE = Queue.CPU.value
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
