@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from r1platform.accounts.scoping import teams_for
+from r1platform.accounts.forms import TeamUploadForm
 from r1platform.datasets.services import SPLIT_KEYS, DatasetRefused, parse_splits
 
 TARGET_HELP = (
@@ -16,11 +16,11 @@ FILE_HELP = (
 )
 
 
-class DatasetUploadForm(forms.Form):
+class DatasetUploadForm(TeamUploadForm):
     """A dataset file and how jobs cut it. The file comes last, so every other field is already
     parsed when the streaming upload handler stops reading an oversized body at the file."""
 
-    team = forms.ModelChoiceField(queryset=None, empty_label=None)
+    missing_file_message = "Choose a dataset file to upload."
     name = forms.CharField(
         max_length=100, help_text="Uploading a name the team already has makes its next version."
     )
@@ -32,19 +32,8 @@ class DatasetUploadForm(forms.Form):
     seed = forms.IntegerField(min_value=0, initial=0)
     file = forms.FileField(required=False, help_text=FILE_HELP)
 
-    def __init__(self, user, *args, refusal: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.refusal = refusal
-        teams = teams_for(user).order_by("name")
-        self.fields["team"].queryset = teams
-        first_two = list(teams[:2])
-        # A member of one team never picks it: the field is hidden and defaults to that team.
-        self.only_team = first_two[0] if len(first_two) == 1 else None
-        if self.only_team is not None:
-            self.fields["team"].widget = forms.HiddenInput()
-            self.fields["team"].initial = self.only_team.pk
-            self.fields["team"].required = False
-        self.fields["name"].widget.attrs.update(autocomplete="off", autofocus=True)
+    def __init__(self, user, *args, **kwargs) -> None:
+        super().__init__(user, *args, **kwargs)
         self.fields["target"].widget.attrs.update(autocomplete="off", placeholder="label")
         for key in SPLIT_KEYS:
             self.fields[key].widget.attrs.update(step="0.01")
@@ -56,22 +45,11 @@ class DatasetUploadForm(forms.Form):
     def split_fields(self) -> list[forms.BoundField]:
         return [self[key] for key in (*SPLIT_KEYS, "seed")]
 
-    def clean_team(self):
-        return self.cleaned_data.get("team") or self.only_team
-
     def clean_name(self) -> str:
         return self.cleaned_data["name"].strip()
 
     def clean_target(self) -> str:
         return self.cleaned_data.get("target", "").strip()
-
-    def clean_file(self):
-        if self.refusal:
-            raise forms.ValidationError(self.refusal)
-        uploaded = self.cleaned_data.get("file")
-        if not uploaded:
-            raise forms.ValidationError("Choose a dataset file to upload.")
-        return uploaded
 
     def clean(self) -> dict:
         cleaned = super().clean()
