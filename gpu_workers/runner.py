@@ -348,8 +348,7 @@ class JobRun:
 
     def _log(self, line: str, write: bool = True) -> None:
         log.info("job %s: %s", self.job.pk, line)
-        stamp = time.strftime("%H:%M:%S", time.gmtime())
-        self.job.log_tail = (self.job.log_tail + f"{stamp} {line}\n")[-8000:]
+        jobs.append_log(self.job, line)
         if write:
             self.job.save(update_fields=["log_tail"])
 

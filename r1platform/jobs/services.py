@@ -142,13 +142,18 @@ def record_progress(
     job.heartbeat_at = timezone.now()
     fields = ["progress", "current_stage", "heartbeat_at"]
     if line:
-        stamp = timezone.now().strftime("%H:%M:%S")
-        job.log_tail = (job.log_tail + f"{stamp} {line}\n")[-LOG_TAIL_CHARS:]
+        append_log(job, line)
         fields.append("log_tail")
     if stage_results is not None:
         job.stage_results = stage_results
         fields.append("stage_results")
     job.save(update_fields=fields)
+
+
+def append_log(job: Job, line: str) -> None:
+    """Add a time-stamped line to the job's log tail (in memory; the caller saves it)."""
+    stamp = timezone.now().strftime("%H:%M:%S")
+    job.log_tail = (job.log_tail + f"{stamp} {line}\n")[-LOG_TAIL_CHARS:]
 
 
 def cancel_requested(job_id: int) -> bool:
