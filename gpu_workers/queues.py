@@ -10,12 +10,37 @@ class Queue(StrEnum):
     GPU = "gpu"
 
 
+# Every worker also consumes one queue per hardware profile it offers: a job that must run on a
+# given profile (a certification) goes there, so only a worker of that profile takes it.
+PROFILE_QUEUE_PREFIX = "profile."
+
 # Stage settings that can only run on an NVIDIA GPU.
 _GPU_BACKENDS = {"tensorrt"}
 
 
+def profile_queue(profile_key: str) -> str:
+    """The queue that reaches the workers of one hardware profile."""
+    return PROFILE_QUEUE_PREFIX + profile_key
+
+
+def profile_of(stages: list[dict]) -> str | None:
+    """The hardware profile a pipeline must run on (its certify stage's), if any."""
+    for stage in stages:
+        profile = stage.get("settings", {}).get("profile")
+        if stage.get("name") == "certify" and profile:
+            return str(profile)
+    return None
+
+
 def queue_for(stages: list[dict]) -> str:
-    """The GPU queue if any stage needs a GPU backend, else the CPU queue."""
+    """A profile's queue if a stage names one, else the GPU queue if a stage needs a GPU, else CPU.
+
+    A pipeline that certifies runs where it certifies: compiling a TensorRT engine on the GPU it
+    will be certified (and served) on is what makes the certificate mean something.
+    """
+    profile = profile_of(stages)
+    if profile is not None:
+        return profile_queue(profile)
     for stage in stages:
         if stage.get("settings", {}).get("backend") in _GPU_BACKENDS:
             return Queue.GPU.value

@@ -154,6 +154,8 @@ class StageResult:
     # Metrics over time, e.g. a training curve: [{"step": 10, "metrics": {"loss": 0.3}}, ...];
     # the worker logs each entry to MLflow at its step.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Structured output beyond numbers, e.g. the certify stage's whole suite report (JSON-safe).
+    details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageResult:
@@ -178,6 +180,10 @@ class PipelineContext:
     datasets: dict[str, DatasetRef] = field(default_factory=dict)
     # Free-form per-stage state that must survive a worker being killed (e.g. a checkpoint path).
     state: dict[str, Any] = field(default_factory=dict)
+    # What the input was made from (its registered lineage, nearest first), for stages that
+    # compare against an ancestor (certify's FP32 reference). Never produced or registered by the
+    # job; the input's ``parent`` names the first of them.
+    ancestors: dict[str, Artifact] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -204,6 +210,20 @@ class PipelineContext:
             raise PipelineError(f"dataset {dataset_id} ({purpose}) was not provided to this job")
         return ref
 
+    def lineage(self, artifact: Artifact) -> list[Artifact]:
+        """``artifact``'s ancestors, nearest first, through this job's artifacts then ``ancestors``."""
+        chain: list[Artifact] = []
+        seen = {artifact.key}
+        key = artifact.parent
+        while key is not None and key not in seen:
+            found = self.artifacts.get(key) or self.ancestors.get(key)
+            if found is None:
+                break
+            seen.add(key)
+            chain.append(found)
+            key = found.parent
+        return chain
+
     @property
     def current_artifact(self) -> Artifact:
         return self.artifacts[self.current]
@@ -228,6 +248,7 @@ class PipelineContext:
             "task": self.task,
             "datasets": {k: asdict(d) for k, d in self.datasets.items()},
             "state": self.state,
+            "ancestors": {k: asdict(a) for k, a in self.ancestors.items()},
         }
         tmp = self.workdir / (CONTEXT_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
@@ -249,6 +270,7 @@ class PipelineContext:
             task=data.get("task", "other"),
             datasets={k: DatasetRef.from_dict(d) for k, d in data.get("datasets", {}).items()},
             state=data.get("state", {}),
+            ancestors={k: Artifact.from_dict(a) for k, a in data.get("ancestors", {}).items()},
         )
 
 

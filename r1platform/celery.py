@@ -11,3 +11,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r1platform.settings")
 app = Celery("r1platform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.imports = ["gpu_workers.tasks"]
+
+# Workers report their hardware profiles and beat (signal handlers; Django is imported lazily).
+import gpu_workers.lifecycle  # noqa: E402,F401

@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "r1platform.registry",
     "r1platform.jobs",
     "r1platform.datasets",
+    "r1platform.workers",
+    "r1platform.certification",
 ]
 
 MIDDLEWARE = [
@@ -165,6 +167,10 @@ R1_HEARTBEAT_SECONDS = env_int("R1_HEARTBEAT_SECONDS", 5, minimum=1)
 R1_HEARTBEAT_STALE = env_int("R1_HEARTBEAT_STALE", 60, minimum=2)
 # A job whose worker died this many times while running it is failed, not tried again (poison).
 R1_MAX_JOB_ATTEMPTS = env_int("R1_MAX_JOB_ATTEMPTS", 3, minimum=1)
+# Each worker reports itself (host, queues, hardware profiles) when it starts and beats this
+# often; one silent for R1_WORKER_LOST_SECONDS is shown as lost and its profiles as unserved.
+R1_WORKER_BEAT_SECONDS = env_int("R1_WORKER_BEAT_SECONDS", 10, minimum=1)
+R1_WORKER_LOST_SECONDS = env_int("R1_WORKER_LOST_SECONDS", 60, minimum=2)
 
 # --- MLflow ---
 _mlflow_db = f"sqlite:///{R1_HOME / 'mlflow' / 'mlflow.db'}"

@@ -22,3 +22,5 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 R1_HEARTBEAT_SECONDS = 1
 R1_HEARTBEAT_STALE = 4
+R1_WORKER_BEAT_SECONDS = 1
+R1_WORKER_LOST_SECONDS = 5

@@ -35,7 +35,7 @@ class Job(models.Model):
     stage_results = models.JSONField(default=list, blank=True)
     log_tail = models.TextField(blank=True)
     error = models.TextField(blank=True)
-    queue = models.CharField(max_length=60)
+    queue = models.CharField(max_length=120)
     idempotency_key = models.CharField(max_length=100)
     cancel_requested = models.BooleanField(default=False)
     attempts = models.PositiveIntegerField(default=0)

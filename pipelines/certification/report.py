@@ -1,0 +1,141 @@
+"""What a certification run produces: each check's verdict with measured values and thresholds.
+
+These pydantic models are the contract between the certify stage (which fills them on a worker)
+and the platform (which stores them, renders the HTML/PDF reports and wraps them into the
+versioned certificate JSON described in ``docs/certification.md``). JSON-safe throughout.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "CHECKS",
+    "LEVEL_CHECKS",
+    "SUITE_VERSION",
+    "CheckId",
+    "CheckResult",
+    "CheckVerdict",
+    "Level",
+    "Measurement",
+    "SuiteReport",
+    "level_at_least",
+]
+
+# Bumped when a check, a default threshold or the meaning of a measurement changes: certificates
+# record it, so a reader knows which rules a verdict was given under.
+SUITE_VERSION = "1.0.0"
+
+
+class Level(StrEnum):
+    BASIC = "basic"  # checks 1-5
+    PERFORMANCE = "performance"  # basic + 6, 7
+    SCENARIO = "scenario"  # performance + 8
+
+
+_LEVEL_ORDER = [Level.BASIC, Level.PERFORMANCE, Level.SCENARIO]
+
+
+def level_at_least(level: str, required: str) -> bool:
+    """Whether a certificate at ``level`` satisfies a requirement of ``required``."""
+    return _LEVEL_ORDER.index(Level(level)) >= _LEVEL_ORDER.index(Level(required))
+
+
+class CheckId(StrEnum):
+    LOADS = "loads"
+    PARITY = "parity"
+    SHAPES = "shapes"
+    FINITE = "finite"
+    DETERMINISM = "determinism"
+    PERFORMANCE = "performance"
+    SERVING = "serving"
+    SCENARIO = "scenario"
+
+
+# Every check in report order, with its title.
+CHECKS: dict[CheckId, str] = {
+    CheckId.LOADS: "Loads and runs on the profile",
+    CheckId.PARITY: "Numerical parity with the FP32 reference",
+    CheckId.SHAPES: "Shape coverage",
+    CheckId.FINITE: "No NaN or Inf",
+    CheckId.DETERMINISM: "Determinism",
+    CheckId.PERFORMANCE: "Performance budget",
+    CheckId.SERVING: "Serving contract",
+    CheckId.SCENARIO: "Scenario",
+}
+
+LEVEL_CHECKS: dict[Level, tuple[CheckId, ...]] = {
+    Level.BASIC: (
+        CheckId.LOADS, CheckId.PARITY, CheckId.SHAPES, CheckId.FINITE, CheckId.DETERMINISM,
+    ),
+    Level.PERFORMANCE: (
+        CheckId.LOADS, CheckId.PARITY, CheckId.SHAPES, CheckId.FINITE, CheckId.DETERMINISM,
+        CheckId.PERFORMANCE, CheckId.SERVING,
+    ),
+    Level.SCENARIO: tuple(CHECKS),
+}  # fmt: skip
+
+
+class CheckVerdict(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    # The check could not apply (e.g. the serving runtime does not exist yet, or the engine is
+    # itself the FP32 reference); it does not fail the suite, and the report says why.
+    NOT_RUN = "not_run"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Measurement(_Model):
+    """One measured value against its threshold: ``value <comparison> threshold`` passes."""
+
+    name: str = Field(description='What was measured, e.g. "output.max_abs_error" or "p99_ms".')
+    value: float | int | bool | str | None = Field(description="The measured value.")
+    threshold: float | int | bool | str | None = Field(
+        None, description="The limit it is judged against (None: recorded, not judged)."
+    )
+    comparison: Literal["<=", ">=", "==", ""] = Field(
+        "", description="How value is compared with threshold; empty when not judged."
+    )
+    unit: str = Field("", description='e.g. "ms", "samples/s", "MiB", "" for a ratio.')
+    passed: bool | None = Field(None, description="The comparison's outcome; None if not judged.")
+
+
+class CheckResult(_Model):
+    id: CheckId
+    title: str
+    verdict: CheckVerdict
+    summary: str = Field(description="One line a reader understands without the measurements.")
+    measurements: list[Measurement] = Field(default_factory=list)
+    # Check-specific data for the report, e.g. parity's error histogram:
+    # {"histograms": {output: {"edges": [...], "counts": [...]}}}.
+    details: dict[str, Any] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class SuiteReport(_Model):
+    """The whole run of the suite on one engine, on one profile, at one level."""
+
+    suite_version: str = SUITE_VERSION
+    level: Level
+    verdict: Literal["passed", "failed"]
+    profile: dict[str, Any] = Field(description="HardwareProfile.to_dict() of where it ran.")
+    engine: dict[str, Any] = Field(
+        description="The certified file: sha256, size_bytes, format, precision, backend."
+    )
+    reference: dict[str, Any] | None = Field(
+        None, description="The FP32 ancestor parity was judged against (sha256, format, ...)."
+    )
+    golden: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Where the golden inputs came from: {"source": "dataset"|"generated", ...}.',
+    )
+    thresholds: dict[str, Any] = Field(description="Every threshold in force (defaults filled).")
+    checks: list[CheckResult]
+    started_at: str = Field(description="ISO 8601, UTC.")
+    finished_at: str = Field(description="ISO 8601, UTC.")
