@@ -6,6 +6,10 @@ ARG TORCH_INDEX=https://pypi.org/simple
 ARG EXTRAS=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 R1_HOME=/var/lib/r1platform
 WORKDIR /app
+# pango: WeasyPrint's certification PDFs; g++: AOTInductor compiles C++ on the worker.
+RUN apt-get update && apt-get install -y --no-install-recommends \
+      libpango-1.0-0 libpangoft2-1.0-0 g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "$TORCH_INDEX" "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY r1platform r1platform

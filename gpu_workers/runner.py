@@ -152,20 +152,16 @@ class JobRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ids = dataset_ids_in(self.job.stages)
         datasets = Dataset.objects.filter(team_id=self.job.team_id, pk__in=ids)
+        ancestors = _lineage(self.version)
+        source_artifact = _artifact("input", self.version, source)
+        source_artifact.parent = next(iter(ancestors), None)
         ctx = PipelineContext.start(
             self.workdir,
-            Artifact(
-                key="input",
-                path=str(source),
-                format=self.version.format,
-                precision=self.version.precision,
-                inputs=[TensorSpec.from_dict(t) for t in self.version.inputs],
-                outputs=[TensorSpec.from_dict(t) for t in self.version.outputs],
-                backend=self.version.backend,
-            ),
+            source_artifact,
             task=self.version.model.task,
             datasets={str(d.pk): dataset_ref(d) for d in datasets},
         )
+        ctx.ancestors = ancestors
         ctx.save()
         return ctx
 
@@ -218,6 +214,8 @@ class JobRun:
         self._sync_metrics(ctx)
         if result.name == "benchmark":
             self._record_benchmarks(ctx)
+        if result.name == "certify" and result.details:
+            self._record_certification(result, ctx)
         for entry in result.history if result.status is StageStatus.SUCCEEDED else []:
             step_metrics = {f"{result.stage_id}.{k}": v for k, v in entry["metrics"].items()}
             tracking.log_metrics(self.job.mlflow_run_id, step_metrics, step=int(entry["step"]))
@@ -238,6 +236,18 @@ class JobRun:
             line=summary,
             stage_results=results,
         )
+
+    def _record_certification(self, result: StageResult, ctx: PipelineContext) -> None:
+        from r1platform.certification import services as certification
+
+        key = str(result.details.get("engine", {}).get("key") or ctx.current)
+        version = self.versions.get(key)
+        if version is None and key in ctx.artifacts:
+            version = self._register(ctx.artifacts[key])
+        if version is None:
+            raise PipelineError(f"certify reported on {key!r}, which this job does not know")
+        cert = certification.record_suite(self.job, version, result.details)
+        self._log(f"certification {cert.pk} of {version}: {cert.status}")
 
     def _sync_metrics(self, ctx: PipelineContext) -> None:
         """Stages such as evaluate add metrics to artifacts already registered: copy them over."""
@@ -339,6 +349,9 @@ class JobRun:
         else:
             self._log("finished", write=False)
         jobs.finish_job(job, status, error)
+        from r1platform.certification import services as certification
+
+        certification.job_ended(job)
         if job.mlflow_run_id:
             try:
                 tracking.finish_run(job.mlflow_run_id, succeeded=status == JobStatus.SUCCEEDED)
@@ -351,6 +364,32 @@ class JobRun:
         jobs.append_log(self.job, line)
         if write:
             self.job.save(update_fields=["log_tail"])
+
+
+def _artifact(key: str, version: ModelVersion, path: Path) -> Artifact:
+    return Artifact(
+        key=key,
+        path=str(path),
+        format=version.format,
+        precision=version.precision,
+        inputs=[TensorSpec.from_dict(t) for t in version.inputs],
+        outputs=[TensorSpec.from_dict(t) for t in version.outputs],
+        backend=version.backend,
+        meta=dict(version.details),
+    )
+
+
+def _lineage(version: ModelVersion) -> dict[str, Artifact]:
+    """The version's registered ancestors as artifacts, nearest first, each naming its parent."""
+    chain: dict[str, Artifact] = {}
+    parent, seen = version.parent, {version.pk}
+    while parent is not None and parent.pk not in seen:
+        seen.add(parent.pk)
+        artifact = _artifact(f"version-{parent.pk}", parent, storage.media_path(parent.file))
+        artifact.parent = f"version-{parent.parent_id}" if parent.parent_id else None
+        chain[artifact.key] = artifact
+        parent = parent.parent
+    return chain
 
 
 def _spec(tensor: TensorSpec) -> dict:

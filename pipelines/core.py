@@ -211,7 +211,7 @@ class PipelineContext:
         return ref
 
     def lineage(self, artifact: Artifact) -> list[Artifact]:
-        """``artifact``'s ancestors, nearest first, through this job's artifacts then ``ancestors``."""
+        """``artifact``'s ancestors, nearest first: this job's artifacts, then ``ancestors``."""
         chain: list[Artifact] = []
         seen = {artifact.key}
         key = artifact.parent

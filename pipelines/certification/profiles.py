@@ -118,9 +118,12 @@ def compatibility_problem(
     if fmt == ModelFormat.AOTINDUCTOR.value:
         device = str(meta.get("device", "cpu"))
         if device != profile.device_kind:
-            return f"this package was compiled for {device}; profile {profile.key} is {profile.device_kind}"
+            return (
+                f"this package was compiled for {device}; profile {profile.key} is "
+                f"{profile.device_kind}"
+            )
     if fmt == ModelFormat.TENSORRT.value:
-        device = meta.get("device") or {}
+        device = meta.get("device") if isinstance(meta.get("device"), dict) else {}
         built_cc = str(device.get("compute_capability") or meta.get("compute_capability") or "")
         hardware_compatible = bool((meta.get("flags") or {}).get("hardware_compatible"))
         if built_cc and built_cc != profile.compute_capability and not hardware_compatible:

@@ -24,8 +24,22 @@ DEMO_MODEL = "digits-mlp"
 DEMO_DATASET = "digits"
 
 
-def demo_pipeline(dataset_id: int) -> list[dict]:
-    """Fine-tune on digits, quantize to static INT8 (Q/DQ) calibrated on it, compile, measure."""
+def demo_pipeline(dataset_id: int, profile: str | None = None) -> list[dict]:
+    """Fine-tune on digits, quantize to static INT8 (Q/DQ) calibrated on it, compile, measure.
+
+    With a hardware ``profile``, the compiled engine is then certified on it at the performance
+    level, with the digits validation split as the golden set.
+    """
+    certify = [
+        {
+            "name": "certify",
+            "settings": {
+                "profile": profile,
+                "level": "performance",
+                "golden_dataset_id": dataset_id,
+            },
+        }
+    ]
     return [
         {"name": "finetune", "settings": {"dataset_id": dataset_id, "epochs": 3}},
         {
@@ -35,7 +49,15 @@ def demo_pipeline(dataset_id: int) -> list[dict]:
         {"name": "compile", "settings": {"backend": "onnxruntime"}},
         {"name": "evaluate", "settings": {"dataset_id": dataset_id}},
         {"name": "benchmark", "settings": {}},
-    ]
+    ] + (certify if profile else [])
+
+
+def demo_profile() -> str | None:
+    """The hardware profile the demo certifies on: a live worker's onnxruntime one, if any."""
+    from r1platform.workers.services import live_profiles
+
+    found = live_profiles().filter(backend="onnxruntime").order_by("-device_kind").first()
+    return found.key if found else None
 
 
 def seed_demo() -> ModelVersion:
@@ -69,7 +91,7 @@ def seed_demo() -> ModelVersion:
     launch_job(
         version=version,
         user=user,
-        stages=demo_pipeline(dataset.pk),
+        stages=demo_pipeline(dataset.pk, demo_profile()),
         idempotency_key="demo-pipeline",
     )
     return version

@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from gpu_workers.queues import queue_for
+from gpu_workers.queues import profile_of, queue_for
 from pipelines.core import PipelineError, StageConfigError
 from pipelines.stages import default_pipeline, validate_pipeline
 from r1platform.jobs.models import FINISHED, LOG_TAIL_CHARS, Job, JobStatus
@@ -48,6 +48,7 @@ def launch_job(
         raise LaunchRefused(str(exc)) from None
     normalized = [p.to_dict() for p in planned]
     check_datasets(version, normalized)
+    check_profile(version, normalized)
     key = (idempotency_key or "").strip() or uuid.uuid4().hex
     if len(key) > 100:
         raise LaunchRefused("idempotency_key is longer than 100 characters")
@@ -90,6 +91,29 @@ def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
             check_compatible(dataset_ref(dataset), input_specs(version))
         except PipelineError as exc:
             raise LaunchRefused(str(exc)) from None
+
+
+def check_profile(version: ModelVersion, stages: list[dict]) -> None:
+    """A pipeline that must run on a hardware profile (it certifies) needs a live worker of it.
+
+    Where the version itself is what gets certified (certify is the first stage), it must also be
+    able to run on that profile: a TensorRT engine on the compute capability it was built for.
+    """
+    from pipelines.certification.profiles import compatibility_problem
+    from r1platform.workers.models import HardwareProfile
+    from r1platform.workers.services import serving_problem
+
+    key = profile_of(stages)
+    if key is None:
+        return
+    problem = serving_problem(key)
+    if problem is not None:
+        raise LaunchRefused(problem)
+    if stages[0]["name"] == "certify":
+        profile = HardwareProfile.objects.get(key=key).as_pipeline()
+        problem = compatibility_problem(profile, version.format, version.details)
+        if problem is not None:
+            raise LaunchRefused(f"{version} cannot be certified on this profile: {problem}")
 
 
 def _same_launch_or_conflict(job: Job, version: ModelVersion, stages: list[dict]) -> Job:

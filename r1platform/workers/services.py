@@ -66,9 +66,7 @@ def live_workers() -> QuerySet[Worker]:
 
 def live_profiles() -> QuerySet[HardwareProfile]:
     """Profiles at least one live worker offers."""
-    return HardwareProfile.objects.filter(
-        workers__in=live_workers()
-    ).distinct()
+    return HardwareProfile.objects.filter(workers__in=live_workers()).distinct()
 
 
 def serving_problem(key: str) -> str | None:

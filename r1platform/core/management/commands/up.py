@@ -8,14 +8,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from gpu_workers.queues import Queue
 from r1platform.core.demo import DEMO_PASSWORD, DEMO_USER, seed_demo
+from r1platform.workers.services import live_workers
 
 READY_TIMEOUT = 60.0
 
@@ -32,18 +35,21 @@ class Command(BaseCommand):
     def handle(self, port: int, mlflow_port: int, host: str, no_demo: bool, **options) -> None:
         self.stdout.write(f"R1_HOME is {settings.R1_HOME}")
         call_command("migrate", interactive=False, verbosity=0)
-        if not no_demo:
-            self.stdout.write("seeding the demo team, user and model (trained here, ~10 s)...")
-            seed_demo()
         # Installed explicitly: a shell starting this in the background leaves SIGINT ignored,
         # and a process manager stops it with SIGTERM. Both end in the same orderly stop.
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
+        launched = timezone.now()
         children = self._start(host, port, mlflow_port)
         try:
             self._wait_ready(f"http://{host}:{port}/accounts/login/", children)
             if "mlflow" in children:
                 self._wait_ready(f"http://{host}:{mlflow_port}/health", children)
+            if not no_demo:
+                # After the worker has reported its hardware profiles: the demo certifies on one.
+                self._wait_worker(children, launched)
+                self.stdout.write("seeding the demo team, user and model (trained here, ~10 s)...")
+                seed_demo()
             self._banner(host, port, mlflow_port, "mlflow" in children)
             self._supervise(children)
         except KeyboardInterrupt:
@@ -92,6 +98,15 @@ class Command(BaseCommand):
             except OSError:
                 time.sleep(0.5)
         raise CommandError(f"nothing answered at {url} within {READY_TIMEOUT:.0f} s")
+
+    def _wait_worker(self, children: dict[str, subprocess.Popen], launched: datetime) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            _check_alive(children)
+            if live_workers().filter(started_at__gte=launched).exists():
+                return
+            time.sleep(0.5)
+        raise CommandError(f"the worker did not report itself within {READY_TIMEOUT:.0f} s")
 
     def _banner(self, host: str, port: int, mlflow_port: int, mlflow: bool) -> None:
         mlflow_url = os.environ.get("MLFLOW_UI_URL") or (
