@@ -1,7 +1,9 @@
 """Command line: ``python -m pipelines run MODEL --format onnx --workdir DIR [--stages JSON]``.
 
 Runs a pipeline on a local file with no server, shows a progress bar, and prints the stage
-results, the artifacts made and the benchmark rows.
+results, the artifacts made, the benchmark rows and any certification's checks.
+``python -m pipelines profiles`` lists the hardware profiles this machine offers (the keys a
+certify stage names).
 """
 
 from __future__ import annotations
@@ -90,7 +92,25 @@ def render_report(ctx: PipelineContext) -> str:
                 ],
             ),
         ]
+    for result in ctx.results.values():
+        report = result.details if result.name == "certify" else {}
+        if report.get("checks"):
+            parts += ["", f"certification ({report['level']}): {report['verdict'].upper()}"]
+            parts.append(
+                format_table(
+                    ["check", "verdict", "summary"],
+                    [(c["id"], c["verdict"], c["summary"]) for c in report["checks"]],
+                )
+            )
     return "\n".join(parts)
+
+
+def _print_profiles() -> int:
+    from pipelines.certification.profiles import detect_profiles
+
+    rows = [(p.key, p.backend_version, p.device_kind, p.label) for p in detect_profiles()]
+    print(format_table(["profile", "version", "device", "description"], rows))
+    return 0
 
 
 def _dataset_arg(text: str) -> tuple[str, DatasetRef]:
@@ -139,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a dataset the stages name by id (repeatable), e.g. 1=digits.csv:label",
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    commands.add_parser("profiles", help="list the hardware profiles this machine offers")
     args = parser.parse_args(argv)
+    if args.command == "profiles":
+        return _print_profiles()
 
     from pipelines.pipeline import run_local
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from pipelines.core import ModelFormat, Precision, Stage, StageConfigError, StageSettings
 from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
+from pipelines.stages.certify import Certify, CertifySettings
 from pipelines.stages.compile import BACKENDS, Compile, CompileSettings
 from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
@@ -27,6 +28,8 @@ __all__ = [
     "REGISTRY",
     "Benchmark",
     "BenchmarkSettings",
+    "Certify",
+    "CertifySettings",
     "Compile",
     "CompileSettings",
     "Evaluate",
@@ -45,7 +48,7 @@ __all__ = [
 
 # Stage name -> class; the names are what users write in a pipeline.
 REGISTRY: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune)
+    cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune, Certify)
 }
 
 # A longer pipeline is almost certainly a generated mistake, and every stage costs worker time.

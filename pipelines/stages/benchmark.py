@@ -5,8 +5,9 @@ p50 agree, and the pipeline's input artifact is always measured too, run eagerly
 torch, ONNX with onnxruntime), as the baseline: ``speedup.<artifact>.b<batch>`` metrics are the
 baseline's p50 over the artifact's at that batch size.
 
-Runners: ONNX with onnxruntime (CPU, or the CUDA provider where the benchmark runs on a GPU and
-onnxruntime has it), TorchScript with torch, AOTInductor packages with
+Models are loaded and called through ``pipelines.engines`` (the same engines certification and
+serving run): ONNX with onnxruntime (CPU, or the CUDA provider where the benchmark runs on a GPU
+and onnxruntime has it), TorchScript with torch, AOTInductor packages with
 ``torch._inductor.aoti_load_package`` (on the device they were compiled for), TensorRT engines with
 the TensorRT runtime (GPU only; skipped with a note elsewhere).
 
@@ -17,14 +18,10 @@ kernel allows), the RSS growth from loading the artifact, and on CUDA the peak t
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from pipelines.backends import cache_root_for
@@ -40,6 +37,14 @@ from pipelines.core import (
     TensorSpec,
     timed_result,
 )
+from pipelines.engines import (
+    ENGINE_FORMATS,
+    Engine,
+    EngineUnavailable,
+    input_specs,
+    load_engine,
+    resolve_device,
+)
 from pipelines.latency import (
     LatencyStats,
     WindowedStats,
@@ -49,16 +54,7 @@ from pipelines.latency import (
     reset_peak_rss,
     rss_mb,
 )
-from pipelines.onnx_io import (
-    CPU_PROVIDERS,
-    cpu_session,
-    describe_inputs,
-    first_error_line,
-    fixed_batch,
-    random_inputs,
-    read_tensor_specs,
-    session_feeds,
-)
+from pipelines.onnx_io import describe_inputs, first_error_line, fixed_batch, random_inputs
 from pipelines.stages._common import coerce_settings, require_format
 
 __all__ = [
@@ -163,198 +159,15 @@ class BenchmarkSettings(StageSettings):
         return list(dict.fromkeys(value))
 
 
-def _cuda_available() -> bool:
-    """Whether torch sees a CUDA GPU; torch is not imported where no NVIDIA driver is loaded."""
-    if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def resolve_device(requested: str) -> str:
-    """ "cpu" or "cuda" for the device setting; PipelineError for cuda without a GPU."""
-    has_cuda = _cuda_available()
-    if requested == "cuda" and not has_cuda:
-        raise PipelineError("device cuda was asked for but this worker has no CUDA GPU")
-    if requested == "auto":
-        return "cuda" if has_cuda else "cpu"
-    return requested
-
-
-class _Runner:
-    """Runs one artifact on prepared inputs; ``context`` wraps the timed loop."""
-
-    backend: str
-    # Whether the runner allocates CUDA memory through torch (its peak is then measurable).
-    torch_cuda: bool = False
-
-    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
-        raise NotImplementedError
-
-    def context(self) -> AbstractContextManager[Any]:
-        return contextlib.nullcontext()
-
-    def batch_problem(self, batch_size: int) -> str | None:
-        """Why this runner cannot take ``batch_size`` (None: it can)."""
-        return None
-
-    def extra_gpu_bytes(self) -> int:
-        """CUDA memory the runner holds outside torch's allocator."""
-        return 0
-
-
-class _OnnxRunner(_Runner):
-    backend = "onnxruntime"
-
-    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
-        # onnxruntime applies its default (full) graph optimisations when it loads a model, so
-        # every ONNX artifact is measured as it would be served, compiled or not.
-        if device == "cuda":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                self.backend = "onnxruntime-cuda"
-                self.session = ort.InferenceSession(
-                    str(artifact.path), providers=["CUDAExecutionProvider", *CPU_PROVIDERS]
-                )
-                return
-        self.session = cpu_session(artifact.path)
-
-    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
-        session, feeds = self.session, session_feeds(self.session, arrays)
-        return lambda: session.run(None, feeds)
-
-
-class _TorchRunner(_Runner):
-    backend = "torch"
-
-    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self.model = torch.jit.load(artifact.path, map_location=device).eval()
-        self.specs = artifact.inputs
-        if device == "cuda":
-            self.backend, self.torch_cuda = "torch-cuda", True
-
-    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
-        # Positional, in declared order: that is how the upload's inputs map to forward().
-        torch, device = self.torch, self.device
-        tensors = tuple(torch.from_numpy(arrays[spec.name]).to(device) for spec in self.specs)
-        return _call(self.model, tensors, torch if device == "cuda" else None)
-
-    def context(self) -> AbstractContextManager[Any]:
-        # No autograd bookkeeping, as when served; entered once around the loop, not per call.
-        return self.torch.inference_mode()
-
-
-class _AotiRunner(_Runner):
-    backend = "aotinductor"
-
-    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
-        import torch
-
-        from pipelines.backends.aotinductor import load_package
-
-        self.torch = torch
-        # A package runs on the device it was compiled for, whatever the benchmark's device.
-        self.device = str(artifact.meta.get("device", "cpu"))
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise _Skip("compiled for cuda and this worker has no CUDA GPU")
-        # Loading extracts the kernels into Inductor's cache: the platform's, not /tmp.
-        self.model = load_package(artifact.path, cache_root / "inductor")
-        self.specs = artifact.inputs
-        if self.device == "cuda":
-            self.backend, self.torch_cuda = "aotinductor-cuda", True
-
-    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
-        torch, device = self.torch, self.device
-        tensors = tuple(torch.from_numpy(arrays[spec.name]).to(device) for spec in self.specs)
-        return _call(self.model, tensors, torch if device == "cuda" else None)
-
-    def context(self) -> AbstractContextManager[Any]:
-        return self.torch.inference_mode()
-
-
-class _TensorRTRunner(_Runner):
-    backend = "tensorrt"
-    torch_cuda = True
-
-    def __init__(self, artifact: Artifact, device: str, cache_root: Path) -> None:
-        from pipelines.backends import _tensorrt_reason
-
-        reason = _tensorrt_reason()
-        if reason is not None:
-            raise _Skip(f"TensorRT engines need a CUDA GPU with TensorRT ({reason})")
-        from pipelines.backends.tensorrt import TensorRTEngine
-
-        flags = artifact.meta.get("flags") or {}
-        self.engine = TensorRTEngine(
-            artifact.path, allow_host_code=bool(flags.get("version_compatible", True))
-        )
-        low_high = artifact.meta.get("batch_range")
-        self.batch_range = tuple(low_high) if low_high else None
-
-    def prepare(self, arrays: dict[str, np.ndarray]) -> Callable[[], object]:
-        run, _ = self.engine.prepare(arrays)
-        return run
-
-    def batch_problem(self, batch_size: int) -> str | None:
-        if self.batch_range and not self.batch_range[0] <= batch_size <= self.batch_range[1]:
-            return f"outside the engine's batch range {self.batch_range[0]}-{self.batch_range[1]}"
-        return None
-
-    def extra_gpu_bytes(self) -> int:
-        return self.engine.device_memory_bytes
-
-
-class _Skip(Exception):
-    """This artifact cannot be measured on this worker; the message says why."""
-
-
-def _call(model: Any, tensors: tuple[Any, ...], cuda_torch: Any) -> Callable[[], object]:
-    """``model(*tensors)``; on CUDA, waits for the GPU so the timing covers the work."""
-    if cuda_torch is None:
-        return lambda: model(*tensors)
-    synchronize = cuda_torch.cuda.synchronize
-
-    def run() -> object:
-        out = model(*tensors)
-        synchronize()
-        return out
-
-    return run
-
-
-_RUNNERS: dict[str, Callable[[Artifact, str, Path], _Runner]] = {
-    ModelFormat.ONNX.value: _OnnxRunner,
-    ModelFormat.TORCHSCRIPT.value: _TorchRunner,
-    ModelFormat.AOTINDUCTOR.value: _AotiRunner,
-    ModelFormat.TENSORRT.value: _TensorRTRunner,
-}
-
-
-def _input_specs(artifact: Artifact) -> list[TensorSpec]:
-    # For ONNX the file is the truth (an upload may declare its inputs loosely).
-    if artifact.format == ModelFormat.ONNX.value:
-        return read_tensor_specs(artifact.path)[0]
-    return artifact.inputs
-
-
 def _targets(ctx: PipelineContext, targets: str, accepts: tuple[str, ...]) -> list[Artifact]:
     """The artifacts to measure, the baseline (the input) first when it can be run."""
     if targets == "current":
         require_format(ctx.current_artifact, Benchmark.name, accepts)
         chosen = [ctx.current_artifact]
     else:
-        chosen = [a for a in ctx.artifacts.values() if a.format in _RUNNERS]
+        chosen = [a for a in ctx.artifacts.values() if a.format in ENGINE_FORMATS]
     baseline = ctx.artifacts.get(BASELINE)
-    if baseline is not None and baseline.format in _RUNNERS:
+    if baseline is not None and baseline.format in ENGINE_FORMATS:
         chosen = [baseline, *[a for a in chosen if a.key != BASELINE]]
     return chosen
 
@@ -395,7 +208,7 @@ class Benchmark:
         done = 0
         for artifact in artifacts:
             present = Path(artifact.path).is_file()
-            specs = _input_specs(artifact) if present else []
+            specs = input_specs(artifact) if present else []
             fixed = fixed_batch(specs)
             runnable = [b for b in s.batch_sizes if fixed is None or b == fixed]
             skipped = [b for b in s.batch_sizes if b not in runnable]
@@ -410,21 +223,23 @@ class Benchmark:
                     f"{artifact.key}: skipped batch size {', '.join(map(str, skipped))} "
                     f"(its batch dim is fixed at {fixed})"
                 )
-            runner: _Runner | None = None
+            runner: Engine | None = None
             model_rss = 0.0
             if runnable:
                 reset_peak_rss()
                 before = rss_mb()
                 try:
-                    runner = _load_runner(artifact, device, cache_root_for(ctx.workdir))
-                except _Skip as exc:
+                    runner = load_engine(artifact, device, cache_root_for(ctx.workdir))
+                except EngineUnavailable as exc:
                     notes.append(f"{artifact.key}: skipped, {exc}")
                 after = rss_mb()
                 if before is not None and after is not None:
                     model_rss = max(after - before, 0.0)
             for batch_size in s.batch_sizes:
                 done += 1
-                problem = runner.batch_problem(batch_size) if runner is not None else None
+                problem = None
+                if runner is not None and batch_size in runnable:
+                    problem = runner.batch_problem(batch_size)
                 if runner is None or batch_size not in runnable or problem is not None:
                     if runner is not None and problem is not None:
                         notes.append(f"{artifact.key}: skipped batch size {batch_size}, {problem}")
@@ -495,20 +310,8 @@ def _speedups(rows: list[BenchmarkRow]) -> dict[str, float]:
     }
 
 
-def _load_runner(artifact: Artifact, device: str, cache_root: Path) -> _Runner:
-    try:
-        return _RUNNERS[artifact.format](artifact, device, cache_root)
-    except _Skip:
-        raise
-    except Exception as exc:
-        raise PipelineError(
-            f"cannot load {artifact.key} ({artifact.format}) to benchmark it: "
-            f"{first_error_line(exc)}"
-        ) from exc
-
-
 def _measure(
-    runner: _Runner,
+    runner: Engine,
     artifact: Artifact,
     specs: list[TensorSpec],
     batch_size: int,

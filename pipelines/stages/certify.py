@@ -8,20 +8,31 @@ model); a check that fails is a verdict, recorded in the report, and the stage s
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.certification.report import Level
+from pipelines.certification.report import (
+    LEVEL_CHECKS,
+    CheckId,
+    CheckVerdict,
+    Level,
+    SuiteReport,
+)
 from pipelines.core import (
     ModelFormat,
     PipelineContext,
+    PipelineError,
     ProgressFn,
     StageResult,
     StageSettings,
+    timed_result,
 )
+from pipelines.stages._common import coerce_settings, require_format
 
-__all__ = ["Certify", "CertifySettings", "OutputTolerance"]
+__all__ = ["Certify", "CertifySettings", "OutputTolerance", "suite_metrics"]
 
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
 DimSize = Annotated[int, Field(ge=1, le=1_000_000)]
@@ -83,7 +94,9 @@ class CertifySettings(StageSettings):
     max_batch: BatchSize = Field(32, description="Highest batch size of a dynamic-batch engine.")
     dynamic_dims: dict[str, list[DimSize]] = Field(
         default_factory=dict,
-        description='Sizes to cover for named dims other than the batch, e.g. {"seq": [1, 64, 128]}.',
+        description=(
+            'Sizes to cover for named dims other than the batch, e.g. {"seq": [1, 64, 128]}.'
+        ),
     )
     input_range: tuple[float, float] | None = Field(
         None,
@@ -162,4 +175,79 @@ class Certify:
     def run(
         self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
     ) -> StageResult:
-        raise NotImplementedError("written by the certification suite work")
+        """Certify the current artifact on the profile; the report goes in ``details``."""
+        from pipelines.certification.profiles import compatibility_problem, detect_profiles
+        from pipelines.certification.suite import run_suite
+
+        started = time.perf_counter()
+        s = coerce_settings(CertifySettings, settings)
+        artifact = ctx.current_artifact
+        require_format(artifact, self.name, self.accepts)
+        offered = detect_profiles()
+        profile = next((p for p in offered if p.key == s.profile), None)
+        if profile is None:
+            keys = ", ".join(p.key for p in offered) or "none"
+            raise PipelineError(f"this worker does not offer profile {s.profile}; it offers {keys}")
+        problem = compatibility_problem(profile, artifact.format, artifact.meta)
+        if problem is not None:
+            raise PipelineError(problem)
+        report = run_suite(artifact, ctx, s, profile, progress)
+        failed = [
+            c.id.value
+            for c in report.checks
+            if c.id in LEVEL_CHECKS[report.level] and c.verdict == CheckVerdict.FAIL
+        ]
+        where = f"{report.level.value} on {profile.key}"
+        message = f"failed: {', '.join(failed)} ({where})" if failed else f"passed {where}"
+        return timed_result(
+            stage_id,
+            self.name,
+            started,
+            metrics=suite_metrics(report),
+            message=message,
+            details=report.model_dump(mode="json"),
+        )
+
+
+# Measurements copied into the stage's metrics (and so MLflow): check -> measurement -> metric.
+_METRICS: dict[CheckId, dict[str, str]] = {
+    CheckId.LOADS: {"load_seconds": "load_seconds"},
+    CheckId.PARITY: {"retention": "parity.retention", "top1_agreement": "parity.top1_agreement"},
+    CheckId.DETERMINISM: {"max_abs_difference": "determinism.max_abs_difference"},
+    CheckId.PERFORMANCE: {
+        "p99_ms": "p99_ms",
+        "p50_ms": "p50_ms",
+        "throughput": "throughput",
+        "peak_memory_mb": "peak_memory_mb",
+    },
+}
+
+
+def suite_metrics(report: SuiteReport) -> dict[str, float]:
+    """``certify.*`` numbers of a report: passed (1/0), checks failed, the key measurements.
+
+    The parity error is the worst ``max_abs_error`` over the outputs; values that are not
+    finite numbers are left out (MLflow and JSON take none).
+    """
+    level_checks = LEVEL_CHECKS[report.level]
+    failed = [c for c in report.checks if c.id in level_checks and c.verdict == CheckVerdict.FAIL]
+    metrics = {
+        "certify.passed": 1.0 if report.verdict == "passed" else 0.0,
+        "certify.checks_failed": float(len(failed)),
+    }
+    for check in report.checks:
+        wanted = _METRICS.get(check.id, {})
+        for m in check.measurements:
+            value = m.value
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                continue
+            if m.name in wanted:
+                metrics[f"certify.{wanted[m.name]}"] = float(value)
+            elif check.id == CheckId.PARITY and m.name.endswith(".max_abs_error"):
+                key = "certify.parity.max_abs_error"
+                metrics[key] = max(metrics.get(key, 0.0), float(value))
+            elif check.id == CheckId.SCENARIO and m.passed is not None:
+                metrics[f"certify.scenario.{m.name}"] = float(value)
+    return metrics

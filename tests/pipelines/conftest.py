@@ -173,3 +173,40 @@ def make_ctx(tmp_path: Path) -> Callable[[ModelFile], PipelineContext]:
         return PipelineContext.start(workdir, model.fresh_artifact())
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_digits(models_dir: Path) -> ModelFile:
+    """The demo digits classifier (trained, ~95% accuracy), TorchScript, input "input" [batch, 64].
+
+    One thread trains a model this small faster than several competing with other processes.
+    """
+    from pipelines.demo import DIGITS_INPUT, build_digits_classifier
+
+    path = models_dir / "digits.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        accuracy = build_digits_classifier(path)
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy > 0.9
+    artifact = Artifact(
+        key="input",
+        path=str(path),
+        format="torchscript",
+        precision="fp32",
+        inputs=list(DIGITS_INPUT),
+        outputs=[],
+    )
+    return ModelFile(path, torch.jit.load(str(path)), artifact)
+
+
+@pytest.fixture(scope="session")
+def digits_labelled_csv(models_dir: Path) -> Path:
+    """scikit-learn's digits as a CSV dataset: p0..p63 in 0..1 and an int "label" column."""
+    from pipelines.demo import write_digits_dataset
+
+    path = models_dir / "digits.csv"
+    write_digits_dataset(path, "csv")
+    return path

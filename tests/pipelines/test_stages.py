@@ -341,7 +341,7 @@ def test_it_describes_every_stage_with_a_settings_schema() -> None:
     schemas = {s["name"]: s for s in stage_schemas()}
 
     assert set(schemas) == {
-        "export_onnx", "quantize", "compile", "benchmark", "evaluate", "finetune"
+        "export_onnx", "quantize", "compile", "benchmark", "evaluate", "finetune", "certify"
     }  # fmt: skip
     assert schemas["export_onnx"]["accepts"] == ["torchscript"]
     assert schemas["export_onnx"]["produces"] == "onnx"

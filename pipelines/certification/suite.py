@@ -1,0 +1,206 @@
+"""The certification suite: the checks an engine passes on one hardware profile.
+
+:func:`run_suite` loads the engine on the profile's device and runs every check of
+``report.CHECKS`` in order; each records what it measured against its threshold as
+:class:`~pipelines.certification.report.Measurement` s and gives a verdict. A check that raises is
+a FAIL whose summary holds the error, and the checks after it still run, except when "loads"
+fails: nothing else can run then, and the rest are NOT_RUN saying so. Checks beyond the requested
+level are NOT_RUN too, so a report always lists all eight. The suite passes when no check of its
+level fails.
+
+1. **loads**: load on ``profile.device_kind`` (timed), run one golden batch; every output there,
+   batch-first, and the engine on the profile's device.
+2. **parity** with the nearest FP32 ancestor that runs here (ONNX or TorchScript, on the CPU):
+   per output the max abs and rel error (recorded), and a statistic of the normalised error
+   ``|a-b| / (atol + rtol*|b|)`` that must be <= 1 (defaults by precision in ``_numerics``:
+   fp32 1e-4/1e-3 elementwise, fp16 1e-2/1e-2 p99, bf16 5e-2/5e-2 p99; ``tolerances`` override).
+   INT8 is judged on the task instead: with labels, retention of the task's primary metric;
+   without, top-1 agreement (classification) or mean row cosine (others), each >= min_retention.
+   An FP32 engine without an FP32 ancestor is the reference itself (NOT_RUN); any other engine
+   without one FAILs (nothing says its numbers are right).
+3. **shapes**: batches {min, (min+opt)//2, opt, (opt+max)//2, max} and each dynamic non-batch dim
+   at its sizes give batch-first outputs of the right batch; a batch outside the range and a
+   wrong-rank input are refused with a PipelineError (``out_of_range_refused``).
+4. **finite**: no NaN/Inf in the golden outputs, nor for inputs all at their low, all at their
+   high and all zeros (ranges: ``_golden.edge_ranges``).
+5. **determinism**: one golden batch run twice differs by at most ``determinism_atol`` (default
+   0, bit-identical, on the CPU; 1e-5 on CUDA).
+6. **performance**: windowed latency at ``serving_batch`` as the benchmark measures it; p99 <=
+   budget, throughput >= target, peak memory <= max_memory_fraction of the device's.
+7. **serving**: NOT_RUN until the serving runtime exists.
+8. **scenario**: the task metric of the engine on the golden set's targets >= scenario_threshold
+   (<= for error metrics), by default the reference's value scaled by min_retention.
+
+Measured values that are not finite (an infinite error) are recorded as the strings "inf",
+"-inf" or "nan", so the report stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.certification import _golden as golden_io
+from pipelines.certification._checks import CHECK_FUNCTIONS
+from pipelines.certification._state import CheckRecord, NotRun, SuiteState, find_reference
+from pipelines.certification.profiles import RUNTIME_FOR_FORMAT, HardwareProfile
+from pipelines.certification.report import (
+    CHECKS,
+    LEVEL_CHECKS,
+    CheckId,
+    CheckResult,
+    CheckVerdict,
+    Level,
+    SuiteReport,
+)
+from pipelines.core import Artifact, Cancelled, PipelineContext, PipelineError, ProgressFn
+from pipelines.engines import input_specs as engine_input_specs
+from pipelines.onnx_io import first_error_line
+
+if TYPE_CHECKING:
+    from pipelines.stages.certify import CertifySettings
+
+__all__ = ["describe_file", "find_reference", "run_suite"]
+
+
+def describe_file(artifact: Artifact) -> dict[str, Any]:
+    """sha256, size and identity of a model file, for the report.
+
+    ``backend`` is the runtime that runs its format (the suite replaces it with the engine's
+    own name, e.g. "onnxruntime-cuda", once loaded); ``compiled_with`` the compile backend that
+    made it, if one did.
+    """
+    from pipelines.backends.tensorrt_build import sha256_file
+
+    return {
+        "key": artifact.key,
+        "sha256": sha256_file(artifact.path),
+        "size_bytes": Path(artifact.path).stat().st_size,
+        "format": artifact.format,
+        "precision": artifact.precision,
+        "backend": RUNTIME_FOR_FORMAT.get(artifact.format, artifact.format),
+        "compiled_with": artifact.backend,
+    }
+
+
+def _run_check(check_id: CheckId, s: SuiteState) -> CheckResult:
+    started = time.perf_counter()
+    c = CheckRecord()
+    try:
+        summary = CHECK_FUNCTIONS[check_id](s, c)
+        verdict = CheckVerdict.FAIL if c.failed else CheckVerdict.PASS
+    except Cancelled:
+        raise
+    except NotRun as exc:
+        summary, verdict = str(exc), CheckVerdict.NOT_RUN
+    except Exception as exc:  # a check that cannot complete fails; the suite goes on
+        summary, verdict = f"failed with an error: {first_error_line(exc)}", CheckVerdict.FAIL
+    return CheckResult(
+        id=check_id,
+        title=CHECKS[check_id],
+        verdict=verdict,
+        summary=summary,
+        measurements=c.measurements,
+        details=c.details,
+        seconds=round(time.perf_counter() - started, 4),
+    )
+
+
+def _not_run(check_id: CheckId, summary: str) -> CheckResult:
+    return CheckResult(
+        id=check_id, title=CHECKS[check_id], verdict=CheckVerdict.NOT_RUN, summary=summary
+    )
+
+
+def _lowest_level(check_id: CheckId) -> Level:
+    return next(level for level in Level if check_id in LEVEL_CHECKS[level])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_suite(
+    engine_artifact: Artifact,
+    ctx: PipelineContext,
+    settings: CertifySettings,
+    profile: HardwareProfile,
+    progress: ProgressFn,
+) -> SuiteReport:
+    """Run every check of ``settings.level`` on ``engine_artifact`` on ``profile``.
+
+    Raises PipelineError only when the suite cannot start: the file's sha256 differs from the
+    one recorded when it was made, the golden dataset does not fit the model, or the scenario
+    level's golden dataset has no target. Failed checks are verdicts in the report.
+    """
+    started_at = _now()
+    level = Level(settings.level)
+    expected_sha = engine_artifact.meta.get("sha256")
+    engine_info = describe_file(engine_artifact)
+    if expected_sha and expected_sha != engine_info["sha256"]:
+        raise PipelineError(
+            f"{engine_artifact.key}'s file does not match the sha256 recorded when it was made "
+            f"({engine_info['sha256'][:12]} != {str(expected_sha)[:12]}); it is not certified"
+        )
+    progress(0.0, "preparing the golden set")
+    specs = engine_input_specs(engine_artifact)
+    if not golden_io.has_batch(specs):
+        raise PipelineError(
+            f"{engine_artifact.key} declares no batch-first inputs; the suite runs models whose "
+            "every input has a batch dim first"
+        )
+    profiles = golden_io.tensorrt_profiles(engine_artifact)
+    dim_sizes = golden_io.dynamic_dims(specs, settings.dynamic_dims, profiles)
+    golden = golden_io.load_golden(ctx, settings, specs, golden_io.middle(dim_sizes))
+    if level == Level.SCENARIO and golden.targets is None:
+        raise PipelineError(
+            f"golden dataset {settings.golden_dataset_id} has no target (a label, target or y "
+            "column, or the target set on the dataset): the scenario level judges the engine's "
+            "outputs against it"
+        )
+    s = SuiteState(
+        artifact=engine_artifact,
+        ctx=ctx,
+        settings=settings,
+        profile=profile,
+        specs=specs,
+        golden=golden,
+        dim_sizes=dim_sizes,
+        thresholds=settings.model_dump(mode="json"),
+        reference=find_reference(ctx, engine_artifact),
+    )
+    checks: list[CheckResult] = []
+    in_level = LEVEL_CHECKS[level]
+    for index, check_id in enumerate(CHECKS):
+        if check_id not in in_level:
+            needs = _lowest_level(check_id).value
+            summary = f"not part of the {level.value} level; it runs from the {needs} level"
+            checks.append(_not_run(check_id, summary))
+            continue
+        if checks and checks[0].verdict == CheckVerdict.FAIL:
+            checks.append(_not_run(check_id, "not run: the engine did not load and run"))
+            continue
+        progress(index / len(CHECKS), CHECKS[check_id])
+        checks.append(_run_check(check_id, s))
+    if s.engine is not None:
+        engine_info["backend"] = s.engine.backend
+        engine_info["device"] = s.engine.device
+    failed = [c for c in checks if c.id in in_level and c.verdict == CheckVerdict.FAIL]
+    progress(1.0, "certification " + ("failed" if failed else "passed"))
+    reference_info = None
+    if s.reference is not None:
+        reference_info = describe_file(s.reference)
+    return SuiteReport(
+        level=level,
+        verdict="failed" if failed else "passed",
+        profile=profile.to_dict(),
+        engine=engine_info,
+        reference=reference_info,
+        golden=golden.record,
+        thresholds=s.thresholds,
+        checks=checks,
+        started_at=started_at,
+        finished_at=_now(),
+    )
