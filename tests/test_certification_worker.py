@@ -99,8 +99,11 @@ def test_a_worker_certifies_int8_and_fp32_engines_on_its_profile(
         checks = {c["id"]: c for c in cert.report["checks"]}
         assert list(checks) == [
             "loads", "parity", "shapes", "finite", "determinism", "performance", "serving",
+            "scenario",
         ]  # fmt: skip
-        assert checks["serving"]["verdict"] == "not_run"
+        # Serving lands with the next issue; scenario is above the performance level.
+        assert checks["serving"]["verdict"] == checks["scenario"]["verdict"] == "not_run"
+        assert {c["verdict"] for c in list(checks.values())[:6]} == {"pass"}
         parity = {m["name"]: m for m in checks["parity"]["measurements"]}
         if precision == "int8":
             # INT8 is judged by task-metric retention against the FP32 ancestor on the labels.

@@ -18,10 +18,14 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.urls.resolvers import RoutePattern
 
 from r1platform.accounts.models import Membership, Team
+from r1platform.certification.models import Certification, CertStatus
+from r1platform.core import storage
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
+from r1platform.workers.models import HardwareProfile
+from tests.certification_data import suite_report
 
 SKIPPED_PREFIXES = ("admin/", "api/")  # covered by Django's admin and tests/test_api.py
 SKIPPED_NAMES = {"login", "logout"}
@@ -121,7 +125,39 @@ def objects_a(team_a, member_a) -> dict[str, object]:
             "columns": [{"name": "x", "dtype": "float64"}, {"name": "label", "dtype": "int64"}]
         },
     )
-    return {"model": model, "version": version, "job": job, "dataset": dataset}
+    profile = HardwareProfile.objects.create(
+        key="onnxruntime-cpu-perm-00000000",
+        backend="onnxruntime",
+        backend_version="1.0.0",
+        device_kind="cpu",
+        device_name="Perm CPU",
+    )
+    snapshot = profile.as_pipeline().to_dict()
+    certification = Certification.objects.create(
+        team=team_a,
+        version=version,
+        profile=profile,
+        level="basic",
+        status=CertStatus.PASSED,
+        job=job,
+        engine_sha256=version.sha256,
+        profile_snapshot=snapshot,
+        suite_version="1.0.0",
+        report=suite_report(profile=snapshot, engine_sha256=version.sha256),
+    )
+    # Stand-ins for the rendered reports: these tests are about who may read them.
+    for kind in ("html", "pdf", "json"):
+        relative = f"certificates/team-{team_a.pk}/cert-{certification.pk}.{kind}"
+        storage.write_atomic(relative, b'{"model": "private"}')
+        setattr(certification, f"report_{kind}", relative)
+    certification.save()
+    return {
+        "model": model,
+        "version": version,
+        "job": job,
+        "dataset": dataset,
+        "certification": certification,
+    }
 
 
 # Which object fills each URL's <pk>, and which query string a page needs.
@@ -131,6 +167,13 @@ OBJECT_FOR = {
     "jobs:job_detail": "job",
     "jobs:job_cancel": "job",
     "datasets:dataset_detail": "dataset",
+    "certification:detail": "certification",
+    "certification:recertify": "certification",
+    "certification:report_html": "certification",
+    "certification:report_pdf": "certification",
+    "certification:report_json": "certification",
+    "certification:certify": "version",
+    "certification:matrix": "model",
 }
 QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
 
@@ -161,6 +204,14 @@ def test_it_finds_every_dashboard_page_in_the_resolver():
         "datasets:dataset_list",
         "datasets:dataset_upload",
         "datasets:dataset_detail",
+        "certification:list",
+        "certification:detail",
+        "certification:recertify",
+        "certification:report_html",
+        "certification:report_pdf",
+        "certification:report_json",
+        "certification:certify",
+        "certification:matrix",
     } <= names
     assert not any(r.route.startswith(SKIPPED_PREFIXES) for r in ROUTES)
 

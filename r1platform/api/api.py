@@ -10,14 +10,19 @@ import json
 from pathlib import Path
 
 from django.db.models import Q
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from ninja import File, Form, NinjaAPI, Status
 from ninja.files import UploadedFile
 
 from pipelines.stages import stage_schemas
+from r1platform.accounts.scoping import get_scoped_or_404
 from r1platform.api import schemas as s
 from r1platform.api.auth import TeamToken, team_id
+from r1platform.certification import services as certification
+from r1platform.certification.models import Certification
+from r1platform.certification.reports import stored_report
 from r1platform.core import tracking
 from r1platform.datasets import services as datasets
 from r1platform.datasets.models import Dataset
@@ -25,11 +30,16 @@ from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion, RegisteredModel
+from r1platform.workers.models import HardwareProfile
+from r1platform.workers.services import live_profiles
 
 api = NinjaAPI(
     title="r1platform API",
     version="1",
-    description="Upload models, launch pipelines, read versions, jobs and benchmarks.",
+    description=(
+        "Upload models, launch pipelines, read versions, jobs and benchmarks; certify versions "
+        "on hardware profiles and read their certificates."
+    ),
     auth=TeamToken(),
     urls_namespace="api",
 )
@@ -269,6 +279,182 @@ def list_stages(request: HttpRequest):
         }
         for st in stage_schemas()
     ]
+
+
+# -- certification ---------------------------------------------------------------------------------
+
+
+def _profile_out(p: HardwareProfile, served: set[int]) -> dict:
+    fields = ("key", "backend", "backend_version", "device_kind", "device_name", "isa")
+    more = ("compute_capability", "driver_version", "cuda_version", "total_memory_mb")
+    return {
+        **{f: getattr(p, f) for f in fields + more},
+        "label": p.label,
+        "first_seen": p.first_seen,
+        "last_seen": p.last_seen,
+        "served": p.pk in served,
+    }
+
+
+def _certification_out(cert: Certification) -> dict:
+    report = cert.report or {}
+    checked = certification.validity(cert)
+    reports = {
+        kind: reverse(f"api:certification_report_{kind}", args=[cert.pk])
+        for kind in certification.REPORT_KINDS
+        if getattr(cert, f"report_{kind}")
+    }
+    return {
+        **{f: getattr(cert, f) for f in ("id", "status", "level", "version_id", "job_id")},
+        **{f: getattr(cert, f) for f in ("golden_dataset_id", "settings", "engine_sha256")},
+        **{f: getattr(cert, f) for f in ("suite_version", "error", "created_at", "finished_at")},
+        "verdict": report.get("verdict"),
+        "model_id": cert.version.model_id,
+        "profile": cert.profile.key,
+        "profile_label": cert.profile.label,
+        "thresholds": report.get("thresholds", {}),
+        "checks": report.get("checks", []),
+        "validity": {"valid": checked.valid, "state": checked.state, "reasons": checked.reasons},
+        "created_by": cert.created_by.get_username() if cert.created_by else None,
+        "reports": reports,
+    }
+
+
+def _get_certification(request: HttpRequest, certification_id: int) -> Certification:
+    qs = Certification.objects.select_related("version__model", "profile", "created_by")
+    return get_scoped_or_404(qs, [team_id(request)], pk=certification_id)
+
+
+@api.get("/profiles", response=list[s.ProfileOut], tags=["certification"])
+def list_profiles(request: HttpRequest, served: bool | None = None):
+    """Every hardware profile a worker has reported, and whether a live worker serves it now."""
+    live = set(live_profiles().values_list("pk", flat=True))
+    found = [p for p in HardwareProfile.objects.all() if served is None or (p.pk in live) == served]
+    return [_profile_out(p, live) for p in found]
+
+
+@api.post(
+    "/certifications",
+    response={200: s.CertificationOut, 201: s.CertificationOut, **Errors},
+    tags=["certification"],
+)
+def create_certification(request: HttpRequest, payload: s.CertificationIn):
+    """Queue the certification suite on a version for one profile; refused with 400 up front.
+
+    The same idempotency_key again returns the first certification (200).
+    """
+    team = team_id(request)
+    version = get_scoped_or_404(ModelVersion.objects.all(), [team], pk=payload.version_id)
+    key = (payload.idempotency_key or "").strip()
+    repeated = bool(key) and Job.objects.filter(team_id=team, idempotency_key=key).exists()
+    try:
+        cert = certification.launch_certification(
+            version=version,
+            profile_key=payload.profile,
+            level=payload.level,
+            user=request.user,
+            thresholds=payload.thresholds,
+            golden_dataset_id=payload.golden_dataset_id,
+            idempotency_key=key or None,
+        )
+    except jobs.IdempotencyConflict as exc:
+        return Status(409, {"detail": str(exc)})
+    except jobs.LaunchRefused as exc:
+        return Status(400, {"detail": str(exc)})
+    return Status(200 if repeated else 201, _certification_out(cert))
+
+
+@api.get("/certifications", response=list[s.CertificationOut], tags=["certification"])
+def list_certifications(
+    request: HttpRequest,
+    version_id: int | None = None,
+    profile: str = "",
+    status: str = "",
+    limit: int = 50,
+    offset: int = 0,
+):
+    limit = max(1, min(limit, 500))
+    found = Certification.objects.filter(team_id=team_id(request)).select_related(
+        "version__model", "profile", "created_by"
+    )
+    if version_id is not None:
+        found = found.filter(version_id=version_id)
+    if profile:
+        found = found.filter(profile__key=profile)
+    if status:
+        found = found.filter(status=status)
+    page = found.order_by("-created_at", "-pk")[offset : offset + limit]
+    return [_certification_out(c) for c in page]
+
+
+@api.get(
+    "/certifications/{certification_id}",
+    response={200: s.CertificationOut, 404: s.ErrorOut},
+    tags=["certification"],
+)
+def get_certification(request: HttpRequest, certification_id: int):
+    """Status, verdict, each check with its measurements, and whether the certificate holds now."""
+    return _certification_out(_get_certification(request, certification_id))
+
+
+def _report(request: HttpRequest, certification_id: int, kind: str):
+    report = stored_report(_get_certification(request, certification_id), kind)
+    if report is None:
+        return Status(404, {"detail": f"certification {certification_id} has no {kind} report yet"})
+    response = HttpResponse(report.data, content_type=report.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{report.filename}"'
+    return response
+
+
+@api.get(
+    "/certifications/{certification_id}/report.html",
+    response={404: s.ErrorOut},
+    tags=["certification"],
+    url_name="certification_report_html",
+)
+def certification_report_html(request: HttpRequest, certification_id: int):
+    """The standalone HTML report (404 until the suite has finished)."""
+    return _report(request, certification_id, "html")
+
+
+@api.get(
+    "/certifications/{certification_id}/report.pdf",
+    response={404: s.ErrorOut},
+    tags=["certification"],
+    url_name="certification_report_pdf",
+)
+def certification_report_pdf(request: HttpRequest, certification_id: int):
+    """The PDF report (404 until the suite has finished)."""
+    return _report(request, certification_id, "pdf")
+
+
+@api.get(
+    "/certifications/{certification_id}/report.json",
+    response={404: s.ErrorOut},
+    tags=["certification"],
+    url_name="certification_report_json",
+)
+def certification_report_json(request: HttpRequest, certification_id: int):
+    """The certificate document (schema: docs/certificate.schema.json); 404 until finished."""
+    return _report(request, certification_id, "json")
+
+
+@api.get(
+    "/versions/{version_id}/certified",
+    response={200: s.CertifiedOut, 404: s.ErrorOut},
+    tags=["certification"],
+)
+def version_certified(request: HttpRequest, version_id: int, profile: str, level: str = "basic"):
+    """Whether the version holds a valid certificate at ``level`` (or above) for ``profile``."""
+    version = get_scoped_or_404(ModelVersion.objects.all(), [team_id(request)], pk=version_id)
+    answer = certification.is_certified(version, level, profile)
+    return {
+        "certified": answer.certified,
+        "certification_id": answer.certification.pk if answer.certification else None,
+        "reason": answer.reason,
+        "level": level,
+        "profile": profile,
+    }
 
 
 __all__ = ["api", "JobStatus"]

@@ -133,3 +133,88 @@ class StageSchemaOut(Schema):
     accepts: list[str]
     produces: str | None
     settings_schema: dict[str, Any]
+
+
+class ProfileOut(Schema):
+    key: str
+    label: str
+    backend: str
+    backend_version: str
+    device_kind: str
+    device_name: str
+    compute_capability: str
+    isa: list[str]
+    driver_version: str
+    cuda_version: str
+    total_memory_mb: float
+    first_seen: datetime
+    last_seen: datetime
+    served: bool = Field(description="A live worker offers this profile now.")
+
+
+class CertificationIn(Schema):
+    version_id: int
+    profile: str = Field(description="The hardware profile's key (GET /profiles).")
+    level: str = Field("basic", description="basic, performance or scenario.")
+    thresholds: dict[str, Any] | None = Field(
+        None, description="Over the defaults; the certify stage's settings schema lists them."
+    )
+    golden_dataset_id: int | None = None
+    idempotency_key: str | None = None
+
+
+class MeasurementOut(Schema):
+    name: str
+    value: float | int | bool | str | None
+    threshold: float | int | bool | str | None
+    comparison: str
+    unit: str
+    passed: bool | None
+
+
+class CheckOut(Schema):
+    id: str
+    title: str
+    verdict: str = Field(description="pass, fail or not_run.")
+    summary: str
+    measurements: list[MeasurementOut]
+    details: dict[str, Any]
+    seconds: float
+
+
+class ValidityOut(Schema):
+    valid: bool
+    state: str = Field(description="valid, invalid, failed, pending or error.")
+    reasons: list[str]
+
+
+class CertificationOut(Schema):
+    id: int
+    status: str = Field(description="pending, passed, failed or error.")
+    verdict: str | None
+    level: str
+    version_id: int
+    model_id: int
+    profile: str
+    profile_label: str
+    job_id: int | None
+    golden_dataset_id: int | None
+    settings: dict[str, Any]
+    thresholds: dict[str, Any]
+    engine_sha256: str
+    suite_version: str
+    checks: list[CheckOut]
+    validity: ValidityOut
+    error: str
+    created_by: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    reports: dict[str, str] = Field(description="kind (html, pdf, json) -> URL, once rendered.")
+
+
+class CertifiedOut(Schema):
+    certified: bool
+    certification_id: int | None
+    reason: str
+    level: str
+    profile: str

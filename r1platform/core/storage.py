@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,44 @@ def sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def sha256_cached(path: Path) -> str:
+    """The file's sha256, hashed again only when its size or modification time changed.
+
+    For pages that show whether stored files still match the hash they were certified with:
+    hashing a multi-GB engine on every view would be far too slow. A rewrite that keeps both the
+    size and the nanosecond mtime is not noticed here; the worker still hashes every file it
+    loads, so such a file is never run.
+    """
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return _sha256_of(real, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=512)
+def _sha256_of(real_path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(real_path))[0]
+
+
+def write_atomic(relative: str, data: bytes) -> Path:
+    """Write ``data`` to a stored file under a fixed name: a temporary name, then a rename.
+
+    A reader sees the old file or the new one, never half of either; writing the same name
+    again (a job delivered twice) replaces it.
+    """
+    final = media_path(relative)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return final
 
 
 def store_upload(temp_path: Path, *, kind: str, team_id: int, suffix: str) -> str:

@@ -100,6 +100,13 @@ def register_model_version(
     return str(mv.version)
 
 
+def set_model_version_tags(model_name: str, version: str, tags: dict[str, str]) -> None:
+    """Tag one registered model version (e.g. with the certificates it holds)."""
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(model_name, version, k, v)
+
+
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     for k, v in tags.items():
         client().set_tag(run_id, k, v)

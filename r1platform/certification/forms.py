@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+import uuid
+
+from django import forms
+
+from pipelines.certification.profiles import compatibility_problem
+from pipelines.certification.report import Level
+from pipelines.stages.certify import CertifySettings
+from r1platform.certification.services import THRESHOLDS
+from r1platform.datasets.models import Dataset
+from r1platform.jobs.forms import dataset_label
+from r1platform.registry.models import ModelVersion
+from r1platform.workers.services import live_profiles
+
+LEVEL_HELP = "basic: checks 1–5 · performance: + budget and serving contract · scenario: + scenario"
+
+
+def certifiable_profiles(version: ModelVersion) -> list:
+    """Live profiles an engine of this version's format (and compile details) can run on."""
+    return [
+        p
+        for p in live_profiles().order_by("backend", "device_kind", "device_name")
+        if compatibility_problem(p.as_pipeline(), version.format, version.details) is None
+    ]
+
+
+def threshold_help() -> list[dict]:
+    """Each threshold the form's JSON may set: name, default and description."""
+    properties = CertifySettings.model_json_schema().get("properties", {})
+    return [
+        {
+            "name": name,
+            "default": json.dumps(properties[name].get("default")),
+            "description": properties[name].get("description", ""),
+        }
+        for name in THRESHOLDS
+        if name in properties
+    ]
+
+
+class CertifyForm(forms.Form):
+    """Where and how hard to certify one version. The service does every deeper check."""
+
+    profile = forms.ChoiceField(help_text="A live worker's hardware profile this format runs on.")
+    level = forms.ChoiceField(
+        choices=[(lv.value, lv.value) for lv in Level], initial=Level.BASIC, help_text=LEVEL_HELP
+    )
+    golden_dataset = forms.TypedChoiceField(
+        coerce=int,
+        empty_value=None,
+        required=False,
+        label="Golden dataset",
+        help_text=(
+            "Its rows are the golden inputs (and with a target, the expected outputs the "
+            "scenario needs). None: seeded random inputs of the declared shapes."
+        ),
+    )
+    thresholds = forms.CharField(
+        required=False,
+        label="Thresholds (JSON)",
+        help_text='Over the defaults, e.g. {"p99_budget_ms": 50, "min_throughput": 200}.',
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "mono"}),
+    )
+    # A fresh key per rendered form: a double click posts the same key, so one certification.
+    idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
+
+    def __init__(self, *args, version: ModelVersion, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.version = version
+        self.profiles = certifiable_profiles(version)
+        self.fields["profile"].choices = [(p.key, p.label) for p in self.profiles]
+        datasets = Dataset.objects.filter(team_id=version.team_id).order_by("name", "-version")
+        self.fields["golden_dataset"].choices = [("", "— none —")] + [
+            (d.pk, dataset_label(d) + ("" if d.target else ", no target")) for d in datasets
+        ]
+        if not self.is_bound:
+            self.initial["idempotency_key"] = uuid.uuid4().hex
+
+    def clean_thresholds(self) -> dict | None:
+        raw = (self.cleaned_data.get("thresholds") or "").strip()
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(
+                f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            ) from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError('thresholds must be a JSON object, like {"key": 1}')
+        return value

@@ -1,0 +1,155 @@
+"""The certification report, from one context: a standalone HTML page (inline CSS, no external
+resource, so it opens anywhere and WeasyPrint renders it), its PDF, and the body of the
+dashboard's certification page. Verdict first, then every check with what it measured against
+its threshold, then where it ran, what ran, what it was compared with, and how it came to be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.template.loader import render_to_string
+
+from pipelines.certification.report import CHECKS, LEVEL_CHECKS, CheckId, Level
+from r1platform.certification.charts import parity_chart_svg
+from r1platform.certification.models import Certification, CertStatus
+from r1platform.certification.services import REPORT_KINDS, certificate_document
+from r1platform.core import storage
+
+# WeasyPrint and fontTools log every rendering step at INFO; the worker's log is for the job.
+for _noisy in ("weasyprint", "fontTools"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+VERDICT_TEXT = {"pass": "pass", "fail": "fail", "not_run": "not run"}
+HEADLINE = {
+    CertStatus.PASSED: "Passed",
+    CertStatus.FAILED: "Failed",
+    CertStatus.PENDING: "Pending",
+    CertStatus.ERROR: "Error",
+}
+COMPARISON = {"<=": "≤", ">=": "≥", "==": "=", "": ""}
+CONTENT_TYPES = {
+    "json": "application/json",
+    "html": "text/html; charset=utf-8",
+    "pdf": "application/pdf",
+}
+
+
+def show(value: Any) -> str:
+    """A measured value or threshold for people: 0.000123 → 1.230e-04, 184712.3 → 184,712,
+    True → yes, None → —."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e9):
+            return f"{value:.3e}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _with_unit(value: Any, unit: str) -> str:
+    text = show(value)
+    return f"{text} {unit}" if unit and text != "—" else text
+
+
+def _measurement(m: dict) -> dict:
+    judged = m.get("threshold") is not None and m.get("comparison")
+    return {
+        "name": m["name"],
+        "value": _with_unit(m.get("value"), m.get("unit", "")),
+        "comparison": COMPARISON.get(m.get("comparison", ""), "") if judged else "",
+        "threshold": _with_unit(m.get("threshold"), m.get("unit", "")) if judged else "",
+        "passed": m.get("passed"),
+        "mark": {True: "✓", False: "✗"}.get(m.get("passed"), ""),
+    }
+
+
+def _check(c: dict) -> dict:
+    return {
+        "id": c["id"],
+        "title": c.get("title") or CHECKS.get(CheckId(c["id"]), c["id"]),
+        "verdict": c["verdict"],
+        "verdict_text": VERDICT_TEXT.get(c["verdict"], c["verdict"]),
+        "summary": c.get("summary", ""),
+        "seconds": c.get("seconds", 0.0),
+        "measurements": [_measurement(m) for m in c.get("measurements", [])],
+    }
+
+
+def _pairs(data: dict | None) -> list[tuple[str, str]]:
+    return [(str(k), show(v)) for k, v in (data or {}).items()]
+
+
+def _histograms(checks: list[dict]) -> Any:
+    parity = next((c for c in checks if c["id"] == CheckId.PARITY), None)
+    return (parity or {}).get("details", {}).get("histograms")
+
+
+def report_context(cert: Certification, *, live: bool = False) -> dict:
+    """Everything the report templates show. ``live``: inside the dashboard, with links."""
+    doc = certificate_document(cert)
+    checks = [_check(c) for c in doc["checks"]]
+    counts = {v: sum(1 for c in checks if c["verdict"] == v) for v in VERDICT_TEXT}
+    expected = LEVEL_CHECKS[Level(doc["level"])]
+    return {
+        "cert": cert,
+        "doc": doc,
+        "live": live,
+        "headline": HEADLINE.get(cert.status, cert.status),
+        "checks": checks,
+        "counts": {VERDICT_TEXT[v]: n for v, n in counts.items() if n},
+        "missing": [CHECKS[c] for c in expected if c.value not in {x["id"] for x in checks}],
+        "chart": parity_chart_svg(_histograms(doc["checks"])),
+        "thresholds": _pairs(doc["thresholds"]),
+        "reference": _pairs(doc["reference"]),
+        "golden": _pairs(doc["golden"]),
+        "engine": _pairs((cert.report or {}).get("engine")),
+        "validity": doc["validity"],
+    }
+
+
+def render_html(cert: Certification) -> str:
+    """The report as one HTML file: inline CSS and SVG, no link to anything outside it."""
+    return render_to_string("certification/report.html", report_context(cert))
+
+
+def render_pdf(cert: Certification) -> bytes:
+    """The HTML report printed to PDF by WeasyPrint."""
+    from weasyprint import HTML  # heavy (pango, cairo): only where a PDF is made
+
+    return HTML(string=render_html(cert)).write_pdf()
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    data: bytes
+    content_type: str
+    filename: str
+
+
+def stored_report(cert: Certification, kind: str) -> StoredReport | None:
+    """A finished certification's rendered report; None until it exists."""
+    if kind not in REPORT_KINDS or cert.status not in (CertStatus.PASSED, CertStatus.FAILED):
+        return None
+    relative = getattr(cert, f"report_{kind}")
+    if not relative:
+        return None
+    path = storage.media_path(relative)
+    if not path.is_file():
+        return None
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", cert.version.model.name).strip("-") or "model"
+    filename = f"certificate-{cert.pk}-{model}-v{cert.version.number}.{kind}"
+    return StoredReport(path.read_bytes(), CONTENT_TYPES[kind], filename)
