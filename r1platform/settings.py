@@ -54,6 +54,8 @@ INSTALLED_APPS = [
     "r1platform.datasets",
     "r1platform.workers",
     "r1platform.certification",
+    "r1platform.deployments",
+    "r1platform.serving",
 ]
 
 MIDDLEWARE = [
