@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection
 
 from gpu_workers import devices
+from pipelines.certification import serving_probe
 from pipelines.core import (
     Artifact,
     Cancelled,
@@ -36,8 +37,12 @@ from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
 from r1platform.registry.models import BenchmarkResult, ModelVersion
+from r1platform.serving.probe import serving_probe as _serving_probe
 
 log = logging.getLogger(__name__)
+
+# The certification suite's serving-contract check serves engines with the platform's runtime.
+serving_probe.register(_serving_probe)
 
 PROGRESS_WRITE_SECONDS = 0.5
 # BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.

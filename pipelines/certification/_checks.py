@@ -20,7 +20,12 @@ from pipelines.engines import load_engine
 from pipelines.onnx_io import first_error_line, random_inputs
 
 CUDA_DETERMINISM_ATOL = 1e-5
-SERVING_NOT_RUN = "the serving runtime lands with the promotion issue; not run"
+SERVING_NOT_RUN = (
+    "no serving runtime on this machine: the check runs on platform workers, which serve the "
+    "engine with the platform's runtime"
+)
+# The runtime runs the same engine on the same batch; only float summation order may differ.
+SERVING_ATOL = 1e-5
 # Metrics where lower is better (errors); every other metric is higher-is-better.
 LOWER_IS_BETTER = frozenset({"mse", "mae", "ref_mse", "ref_mae"})
 
@@ -231,7 +236,45 @@ def check_performance(s: SuiteState, c: CheckRecord) -> str:
 
 
 def check_serving(s: SuiteState, c: CheckRecord) -> str:
-    raise NotRun(SERVING_NOT_RUN)
+    from pipelines.certification.serving_probe import registered
+
+    probe = registered()
+    if probe is None:
+        raise NotRun(SERVING_NOT_RUN)
+    feeds = s.first_batch()
+    size = len(next(iter(feeds.values())))
+    expected = s.loaded.run(feeds)
+    result = probe(s.artifact, s.profile.device_kind, feeds)
+    c.details["runtime"] = result.runtime
+    c.measure("ready", result.ready, True, "==")
+    if not result.ready or result.error:
+        c.problems.append(result.error or "the runtime did not report the model ready")
+        return f"{result.runtime}: {'; '.join(c.problems)}"
+    declared_in = [spec.name for spec in s.specs]
+    missing_in = [n for n in declared_in if n not in result.metadata_inputs]
+    missing_out = [n for n in expected if n not in result.outputs]
+    c.measure("metadata_inputs_match", not missing_in, True, "==")
+    c.measure("outputs_returned", len(expected) - len(missing_out), len(expected), "==")
+    worst = 0.0
+    for name, want in expected.items():
+        got = result.outputs.get(name)
+        if got is None:
+            continue
+        if got.shape != want.shape:
+            c.problems.append(f"output {name} came back {list(got.shape)}, not {list(want.shape)}")
+            continue
+        worst = max(worst, abs_error(got, want).max(initial=0.0))
+    c.measure("max_abs_difference", float(worst), SERVING_ATOL, "<=")
+    if missing_in:
+        c.problems.append(f"its metadata lacks input(s) {', '.join(missing_in)}")
+    if missing_out:
+        c.problems.append(f"it did not return output(s) {', '.join(missing_out)}")
+    if c.problems:
+        return f"{result.runtime}: {'; '.join(c.problems)}"
+    return (
+        f"{result.runtime} loaded it and answered a batch of {size} with the declared inputs and "
+        f"outputs (max difference from the engine {worst:.3g})"
+    )
 
 
 def check_scenario(s: SuiteState, c: CheckRecord) -> str:

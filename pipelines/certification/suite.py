@@ -27,7 +27,10 @@ level fails.
    0, bit-identical, on the CPU; 1e-5 on CUDA).
 6. **performance**: windowed latency at ``serving_batch`` as the benchmark measures it; p99 <=
    budget, throughput >= target, peak memory <= max_memory_fraction of the device's.
-7. **serving**: NOT_RUN until the serving runtime exists.
+7. **serving**: the platform's serving runtime (registered by the worker through
+   ``serving_probe``) loads the engine, lists the declared inputs in its metadata and answers one
+   request with every output, within 1e-5 of the engine run directly; NOT_RUN where no runtime is
+   registered (``python -m pipelines``).
 8. **scenario**: the task metric of the engine on the golden set's targets >= scenario_threshold
    (<= for error metrics), by default the reference's value scaled by min_retention.
 

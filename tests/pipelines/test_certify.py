@@ -333,10 +333,9 @@ def test_it_judges_int8_on_accuracy_retention_and_passes_the_scenario(
     assert scenario["accuracy"].threshold == pytest.approx(reference_accuracy * 0.95)
     assert scenario["accuracy"].passed is True
     assert checks["performance"].verdict == "pass"
+    # No serving runtime registered in a bare pipelines process: the check says so.
     assert checks["serving"].verdict == "not_run"
-    assert checks["serving"].summary == (
-        "the serving runtime lands with the promotion issue; not run"
-    )
+    assert checks["serving"].summary.startswith("no serving runtime on this machine")
 
 
 def test_it_judges_unlabelled_int8_classification_on_top1_agreement(

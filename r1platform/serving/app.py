@@ -1,0 +1,255 @@
+"""The serving process's HTTP app: the Open Inference Protocol (KServe v2, as Triton speaks it).
+
+| route | auth | answer |
+| --- | --- | --- |
+| `GET /v2` | none | server metadata (`extensions`: `binary_tensor_data`) |
+| `GET /v2/health/live` | none | 200 while the process runs |
+| `GET /v2/health/ready` | none | 200 once the first poll has loaded what it could, else 503 |
+| `GET /v2/models/{name}[/versions/{v}]` | token | model metadata; 503 when not ready |
+| `GET /v2/models/{name}[/versions/{v}]/ready` | token | 200, or 503 with the reason |
+| `POST /v2/models/{name}[/versions/{v}]/infer` | token | outputs; 400 bad input, 500 failed |
+| `GET /metrics` | none | Prometheus metrics |
+
+Model names are a team's registered model names: a token sees only its own team's models, and
+another team's model does not exist for it (404). Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from pipelines.core import PipelineError
+from pipelines.engines import EngineInputError
+from r1platform.serving.metrics import ServingMetrics
+from r1platform.serving.protocol import (
+    JSON_LENGTH_HEADER,
+    ProtocolError,
+    check_request,
+    encode_infer_response,
+    error_body,
+    parse_infer_request,
+)
+from r1platform.serving.runtime import ModelRuntime, ServedModel
+from r1platform.serving.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bodies above this are parsed in a thread, so a large request does not stall the others.
+PARSE_IN_THREAD_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    batching: bool = True
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    poll_seconds: float = 1.0
+
+
+class ServingError(Exception):
+    """An answer other than 200, with the protocol's error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str) -> Response:
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    return Response(error_body(message), status, headers, media_type="application/json")
+
+
+def json_response(payload: object) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+class _Api:
+    def __init__(self, runtime: ModelRuntime, metrics: ServingMetrics, options: ServingOptions):
+        self.runtime, self.metrics, self.options = runtime, metrics, options
+        try:
+            self.server_version = package_version("r1platform")
+        except PackageNotFoundError:
+            self.server_version = "unknown"
+
+    # -- health and metadata -----------------------------------------------------------------------
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response(
+            {
+                "name": "r1platform",
+                "version": self.server_version,
+                "extensions": ["binary_tensor_data"],
+            }
+        )
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        if not self.runtime.synced.is_set():
+            return error_response(503, "the models to serve have not been read yet")
+        return Response(status_code=200)
+
+    async def model_metadata(self, request: Request) -> Response:
+        try:
+            served = _ready(self._find(request))
+        except ServingError as exc:
+            return error_response(exc.status, str(exc))
+        return json_response(served.metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            _ready(self._find(request))
+        except ServingError as exc:
+            return error_response(exc.status, str(exc))
+        return Response(status_code=200)
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        started = time.perf_counter()
+        label, version, status = "", "", 500
+        try:
+            served = self._find(request)  # unknown or not ready: answered before the body
+            label, version = served.spec.label, str(served.spec.version)
+            _ready(served)
+            body = await self._body(request)
+            header_length = request.headers.get(JSON_LENGTH_HEADER)
+            if len(body) > PARSE_IN_THREAD_BYTES:
+                parsed = await asyncio.to_thread(parse_infer_request, body, header_length)
+            else:
+                parsed = parse_infer_request(body, header_length)
+            # Looked up again after the awaits: a swap may have happened while the body came in.
+            # From here to submit nothing awaits, so the request joins the engine it was checked
+            # against, and a swap cannot slip in between.
+            served = _ready(self._find(request))
+            label, version = served.spec.label, str(served.spec.version)
+            assert served.engine is not None and served.batcher is not None
+            check_request(parsed, served.inputs, served.output_names)
+            arrays = served.engine.validate(parsed.inputs)
+            outputs = await served.batcher.submit(arrays)
+            content, headers = encode_infer_response(parsed, served.spec.name, version, outputs)
+            status = 200
+            return Response(content, headers=headers)
+        except ServingError as exc:
+            status = exc.status
+            return error_response(status, str(exc))
+        except (ProtocolError, EngineInputError) as exc:
+            status = 400
+            return error_response(status, str(exc))
+        except PipelineError as exc:
+            log.warning("serving: %s failed: %s", label, exc)
+            return error_response(status, str(exc))
+        except Exception as exc:
+            log.exception("serving: %s failed", label)
+            return error_response(status, f"the model failed on this request: {exc}")
+        finally:
+            self.metrics.requests.labels(label, version, str(status)).inc()
+            if label:
+                self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _find(self, request: Request) -> ServedModel:
+        """The caller's model named in the path (ready or not); 401 or 404 otherwise."""
+        team = self._team(request)
+        name = request.path_params["name"]
+        served = self.runtime.lookup(team, name)
+        if served is None:
+            raise ServingError(404, f"model {name!r} is not served here")
+        asked = request.path_params.get("version")
+        serving = str(served.spec.version)
+        if asked is not None and asked != serving:
+            message = f"version {asked} of model {name!r} is not served (version {serving} is)"
+            raise ServingError(404, message)
+        return served
+
+    def _team(self, request: Request) -> int:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServingError(401, "send a team API token: Authorization: Bearer <token>")
+        team = self.runtime.team_for(token.strip())
+        if team is None:
+            raise ServingError(401, "this API token is not known")
+        return team
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.options.max_body_bytes
+        too_large = ServingError(413, f"the request body is over the {limit} byte limit")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _ready(served: ServedModel) -> ServedModel:
+    if not served.ready:
+        raise ServingError(503, f"model {served.spec.name!r} is not ready: {served.error}")
+    return served
+
+
+def build_app(source: ModelSource, options: ServingOptions | None = None) -> Starlette:
+    """The HTTP app for ``source``'s models; its poller starts and stops with the app."""
+    options = options or ServingOptions()
+    metrics = ServingMetrics()
+    runtime = ModelRuntime(
+        source, metrics, batching=options.batching, poll_seconds=options.poll_seconds
+    )
+    api = _Api(runtime, metrics, options)
+    models, versions = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+    # Routes are matched in order: inference, the hot path, first.
+    routes = [
+        Route(models + "/infer", api.infer, methods=["POST"]),
+        Route(versions + "/infer", api.infer, methods=["POST"]),
+        Route(models, api.model_metadata),
+        Route(models + "/ready", api.model_ready),
+        Route(versions, api.model_metadata),
+        Route(versions + "/ready", api.model_ready),
+        Route("/v2", api.server_metadata),
+        Route("/v2/health/live", api.live),
+        Route("/v2/health/ready", api.ready),
+        Route("/metrics", api.metrics_page),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, exc.detail)
+
+    handlers = {HTTPException: http_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    return app

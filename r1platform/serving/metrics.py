@@ -1,0 +1,55 @@
+"""The serving process's Prometheus metrics, in a registry each app owns (tests build several).
+
+Model labels are ``team/name``: model names are unique only within a team. Requests for models
+that are not served are counted under ``model=""``, so a caller cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "r1_serving_requests",
+            "Inference requests answered, by model, version and HTTP status",
+            ["model", "version", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "r1_serving_request_seconds",
+            "Time from reading an inference request to its answer",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "r1_serving_batch_size",
+            "Rows in each batch handed to an engine",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "r1_serving_queue_depth",
+            "Requests waiting for a batch",
+            ["model"],
+            registry=self.registry,
+        )
+        self.load_failures = Counter(
+            "r1_serving_load_failures",
+            "Model versions that failed to load",
+            ["model"],
+            registry=self.registry,
+        )
+        self.models_ready = Gauge(
+            "r1_serving_models_ready", "Models loaded and answering", registry=self.registry
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

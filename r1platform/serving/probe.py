@@ -1,0 +1,109 @@
+"""The certification suite's serving-contract probe: this runtime, on loopback, one request.
+
+Registered with ``pipelines.certification.serving_probe`` by the worker's runner. It serves the
+engine exactly as ``manage.py serve`` would (same app, same loader, batching on), asks for its
+metadata, sends one Open Inference Protocol request of the declared inputs and returns what came
+back, for the check to compare with the engine run directly.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+
+import numpy as np
+
+from pipelines.certification.serving_probe import ProbeResult
+from pipelines.core import Artifact
+from r1platform.serving.app import build_app
+from r1platform.serving.protocol import datatype
+from r1platform.serving.server import serving_in_thread
+from r1platform.serving.source import ModelSpec, StaticModelSource
+
+RUNTIME = "r1platform serving (Open Inference Protocol v2)"
+NAME = "certification-probe"
+READY_TIMEOUT = 120.0
+
+_NUMPY_FOR = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
+    "FP32": "float32", "FP64": "float64",
+}  # fmt: skip
+
+
+def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarray]) -> ProbeResult:
+    token = secrets.token_urlsafe(24)
+    batch = len(next(iter(feeds.values())))
+    spec = ModelSpec(
+        team_id=0,
+        team="certification",
+        name=NAME,
+        version=1,
+        artifact=artifact,
+        device=device,
+        max_batch_size=max(batch, 1),
+    )
+    app = build_app(StaticModelSource([spec], {token: 0}))
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    with serving_in_thread(app) as url:
+        base = f"{url}/v2/models/{NAME}"
+        try:
+            _wait_ready(f"{url}/v2/health/ready", headers)
+            _call(f"{base}/ready", headers)  # 503 with the reason when the engine did not load
+            metadata = _call(base, headers)
+        except RuntimeError as exc:
+            return ProbeResult(RUNTIME, ready=False, error=str(exc))
+        body = {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": datatype(str(array.dtype)),
+                    "data": np.asarray(array).ravel().tolist(),
+                }
+                for name, array in feeds.items()
+            ]
+        }
+        try:
+            answer = _call(f"{base}/infer", headers, json.dumps(body).encode())
+        except RuntimeError as exc:
+            return ProbeResult(RUNTIME, ready=True, error=f"the infer request failed: {exc}")
+    return ProbeResult(
+        RUNTIME,
+        ready=True,
+        metadata_inputs=[t["name"] for t in metadata.get("inputs", [])],
+        metadata_outputs=[t["name"] for t in metadata.get("outputs", [])],
+        outputs={
+            t["name"]: np.asarray(t["data"], dtype=_NUMPY_FOR[t["datatype"]]).reshape(t["shape"])
+            for t in answer.get("outputs", [])
+        },
+    )
+
+
+def _wait_ready(url: str, headers: dict[str, str]) -> None:
+    """Until the server has read and loaded its models (200), or READY_TIMEOUT."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            _call(url, headers)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def _call(url: str, headers: dict[str, str], data: bytes | None = None) -> dict:
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise RuntimeError(f"HTTP {exc.code}: {detail}") from None
+    except OSError as exc:
+        raise RuntimeError(str(exc)) from None

@@ -1,0 +1,285 @@
+"""The models a serving process holds, kept in step with its ``ModelSource`` by a poller thread.
+
+Every ``poll_seconds`` the poller reads the source. A model whose revision (the deployment's
+generation), version or pool settings changed is loaded in the poller thread, beside the one
+serving (a model whose upload declared no outputs is run once on random inputs to see them), then
+swapped in on the event loop in one step: requests that arrive after it go to the new engine,
+those already queued finish on the old one, which is then drained and released. No request is
+refused during a swap.
+
+A model that fails to load (a missing or altered file, one its runtime cannot read) is not
+ready: its endpoints answer 503 with the reason, and the failure is counted. The others are not
+touched. When a new version fails to load, the version already serving keeps serving; the
+failure is logged and counted, and the same revision is not tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
+from pipelines.engines import Engine, load_engine
+from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
+from r1platform.accounts.models import hash_token
+from r1platform.core.storage import sha256_file
+from r1platform.serving.batcher import DynamicBatcher
+from r1platform.serving.metrics import ServingMetrics
+from r1platform.serving.protocol import PLATFORMS, tensor_metadata
+from r1platform.serving.source import ModelSource, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One model of the pool: loaded and batching, or not ready with the reason."""
+
+    spec: ModelSpec
+    engine: Engine | None = None
+    batcher: DynamicBatcher | None = None
+    error: str = ""
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    @property
+    def batchable(self) -> bool:
+        return batchable(self.inputs, self.outputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "name": self.spec.name,
+            "versions": [str(self.spec.version)],
+            "platform": PLATFORMS.get(self.spec.artifact.format, self.spec.artifact.format),
+            "inputs": [tensor_metadata(spec) for spec in self.inputs],
+            "outputs": [tensor_metadata(spec) for spec in self.outputs],
+        }
+
+
+def batchable(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
+    """Whether requests may be stacked along dim 0: every input and output starts with the same
+    named (dynamic) dim. Rows must also not see one another inside the model, which a file does
+    not tell: as with Triton's ``max_batch_size``, that is the model's contract."""
+    firsts = {t.shape[0] if t.shape else None for t in [*inputs, *outputs]}
+    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
+
+
+def tensor_specs(artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A model's inputs and outputs: read from the file for ONNX, as registered otherwise."""
+    if artifact.format == ModelFormat.ONNX.value:
+        return read_tensor_specs(artifact.path)
+    return list(artifact.inputs), list(artifact.outputs)
+
+
+def batch_range(engine_range: tuple[int, int] | None, max_batch_size: int) -> tuple[int, int]:
+    """The batch sizes served: the engine's own (a fixed batch stays fixed) within the pool's."""
+    low, high = engine_range or (1, max_batch_size)
+    if low == high:
+        return low, high
+    return low, max(low, min(high, max_batch_size))
+
+
+def check_file(spec: ModelSpec) -> Path:
+    """The model's file, or PipelineError when it is missing or not the one registered."""
+    path = Path(spec.artifact.path)
+    if not path.is_file():
+        raise PipelineError(f"its file {path} is missing")
+    if spec.sha256 and sha256_file(path)[0] != spec.sha256:
+        raise PipelineError(
+            f"its file {path.name} no longer matches the sha256 it was registered with; "
+            "it is not used"
+        )
+    return path
+
+
+def observed_outputs(engine: Engine) -> list[TensorSpec]:
+    """Outputs an upload did not declare (TorchScript), seen by running the engine on random
+    inputs at its two smallest batch sizes: a dim that follows the batch is the batch dim."""
+    assert engine.batch_range is not None
+    low, high = engine.batch_range
+    try:
+        runs = [
+            engine.run(random_inputs(engine.inputs, n)) for n in sorted({low, min(low + 1, high)})
+        ]
+    except PipelineError as exc:
+        raise PipelineError(f"its outputs are not declared and a trial run failed: {exc}") from exc
+    first = engine.inputs[0].shape[0] if engine.inputs and engine.inputs[0].shape else "batch"
+    specs = []
+    for name, array in runs[0].items():
+        sizes = zip(*(run[name].shape for run in runs), strict=True)
+        shape: list[int | str] = [d[0] if len(set(d)) == 1 else str(first) for d in sizes]
+        specs.append(TensorSpec(name=name, shape=shape, dtype=array.dtype.name))
+    return specs
+
+
+def load_model(spec: ModelSpec) -> ServedModel:
+    """The model's engine, loaded and described; PipelineError when it cannot serve.
+
+    A file whose sha256 is not the registered one is never loaded. The engine's batch range is
+    narrowed to the pool's ``max_batch_size`` (a dynamic batch dim has none of its own).
+    """
+    check_file(spec)
+    engine = load_engine(spec.artifact, spec.device, spec.cache_root)
+    engine.batch_range = batch_range(engine.batch_range, spec.max_batch_size)
+    inputs, outputs = tensor_specs(spec.artifact)
+    if not outputs:
+        outputs = observed_outputs(engine)
+    served = ServedModel(spec=spec, engine=engine, inputs=inputs, outputs=outputs)
+    served.metadata()  # a dtype the protocol cannot carry fails the load, not every request
+    return served
+
+
+class ModelRuntime:
+    """What the HTTP app asks: which models serve, in which state, and whose token is whose."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        metrics: ServingMetrics,
+        *,
+        batching: bool = True,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.source = source
+        self.metrics = metrics
+        self.batching = batching
+        self.poll_seconds = poll_seconds
+        # Read by the event loop, replaced whole by the loop (models) or the poller (tokens).
+        self._models: dict[tuple[int, str], ServedModel] = {}
+        self._token_teams: dict[str, int] = {}
+        self._attempted: dict[tuple[int, str], tuple[object, ...]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self.synced = threading.Event()  # set once the first poll has loaded what it could
+        self._thread: threading.Thread | None = None
+
+    # -- what the event loop reads -----------------------------------------------------------------
+
+    def team_for(self, raw_token: str) -> int | None:
+        return self._token_teams.get(hash_token(raw_token))
+
+    def lookup(self, team_id: int, name: str) -> ServedModel | None:
+        return self._models.get((team_id, name))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._poll, name="serving poller", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop polling, then drain every model (queued requests are answered first)."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        models, self._models = list(self._models.values()), {}
+        await asyncio.gather(*(self._retire(m) for m in models), *self._retiring)
+
+    def _poll(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.sync()
+                    self.synced.set()
+                except Exception:
+                    log.exception("serving: cannot read the models to serve; keeping those loaded")
+                self._stop.wait(self.poll_seconds)
+        finally:
+            self.source.close()
+
+    # -- the poller thread -------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Load what changed, drop what is gone, refresh the tokens. Poller thread only."""
+        specs = {spec.key: spec for spec in self.source.models()}
+        self._token_teams = self.source.token_teams()
+        for key, spec in specs.items():
+            if self._stop.is_set():
+                return
+            if self._attempted.get(key) == spec.loaded_as:
+                continue
+            self._attempted[key] = spec.loaded_as
+            self._on_loop(self._install(self._load(spec)))
+        for key in set(self._models) - set(specs):
+            self._attempted.pop(key, None)
+            self._on_loop(self._remove(key))
+
+    def _load(self, spec: ModelSpec) -> ServedModel:
+        log.info("serving: loading %s v%s (revision %s)", spec.label, spec.version, spec.revision)
+        try:
+            return load_model(spec)
+        except Exception as exc:
+            reason = f"version {spec.version} did not load: {first_error_line(exc)}"
+            log.error("serving: %s %s", spec.label, reason)
+            self.metrics.load_failures.labels(spec.label).inc()
+            return ServedModel(spec=spec, error=reason)
+
+    def _on_loop(self, coroutine: object) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
+
+    # -- the event loop ----------------------------------------------------------------------------
+
+    async def _install(self, served: ServedModel) -> None:
+        key = served.spec.key
+        current = self._models.get(key)
+        if served.engine is None:
+            if current is not None and current.ready:
+                current.error = served.error  # the version serving now goes on serving
+                return
+        else:
+            spec = served.spec
+            assert served.engine.batch_range is not None
+            served.batcher = DynamicBatcher(
+                served.engine,
+                label=spec.label,
+                batching=self.batching and spec.max_queue_delay_ms > 0 and served.batchable,
+                max_rows=served.engine.batch_range[1],
+                max_queue_delay_s=spec.max_queue_delay_ms / 1000,
+                metrics=self.metrics,
+            )
+        self._models = {**self._models, key: served}
+        if current is not None:
+            self._retire_later(current)
+        self._count_ready()
+        log.info(
+            "serving: %s v%s %s",
+            served.spec.label,
+            served.spec.version,
+            "ready" if served.ready else "NOT READY: " + served.error,
+        )
+
+    async def _remove(self, key: tuple[int, str]) -> None:
+        current = self._models.get(key)
+        if current is None:
+            return
+        self._models = {k: m for k, m in self._models.items() if k != key}
+        self._retire_later(current)
+        self._count_ready()
+
+    def _retire_later(self, served: ServedModel) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(served))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, served: ServedModel) -> None:
+        if served.batcher is not None:
+            await served.batcher.drain()
+        # Dropping the last references releases the engine (its session and memory).
+        served.batcher, served.engine = None, None
+
+    def _count_ready(self) -> None:
+        self.metrics.models_ready.set(sum(m.ready for m in self._models.values()))
