@@ -11,6 +11,7 @@ urlpatterns = [
     path("jobs/", include("r1platform.jobs.urls")),
     path("datasets/", include("r1platform.datasets.urls")),
     path("certifications/", include("r1platform.certification.urls")),
+    path("deployments/", include("r1platform.deployments.urls")),
     path("api/v1/", api.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

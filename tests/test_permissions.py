@@ -21,6 +21,7 @@ from r1platform.accounts.models import Membership, Team
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.core import storage
 from r1platform.datasets.models import Dataset
+from r1platform.deployments.models import PromotionRequest, ServingPool
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
@@ -151,12 +152,22 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         storage.write_atomic(relative, b'{"model": "private"}')
         setattr(certification, f"report_{kind}", relative)
     certification.save()
+    pool = ServingPool.objects.create(name="perm-pool", profile=profile)
+    promotion = PromotionRequest.objects.create(
+        team=team_a,
+        model=model,
+        pool=pool,
+        stage="production",
+        version=version,
+        requested_by=member_a,
+    )
     return {
         "model": model,
         "version": version,
         "job": job,
         "dataset": dataset,
         "certification": certification,
+        "promotion": promotion,
     }
 
 
@@ -174,6 +185,12 @@ OBJECT_FOR = {
     "certification:report_json": "certification",
     "certification:certify": "version",
     "certification:matrix": "model",
+    "deployments:model": "model",
+    "deployments:promote": "model",
+    "deployments:rollback": "model",
+    "deployments:audit": "model",
+    "deployments:approve": "promotion",
+    "deployments:reject": "promotion",
 }
 QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
 
@@ -212,6 +229,12 @@ def test_it_finds_every_dashboard_page_in_the_resolver():
         "certification:report_json",
         "certification:certify",
         "certification:matrix",
+        "deployments:model",
+        "deployments:promote",
+        "deployments:rollback",
+        "deployments:audit",
+        "deployments:approve",
+        "deployments:reject",
     } <= names
     assert not any(r.route.startswith(SKIPPED_PREFIXES) for r in ROUTES)
 

@@ -26,6 +26,13 @@ from r1platform.certification.reports import stored_report
 from r1platform.core import tracking
 from r1platform.datasets import services as datasets
 from r1platform.datasets.models import Dataset
+from r1platform.deployments import services as deployments
+from r1platform.deployments.models import (
+    AuditEvent,
+    Deployment,
+    PromotionRequest,
+    ServingPool,
+)
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
@@ -38,7 +45,8 @@ api = NinjaAPI(
     version="1",
     description=(
         "Upload models, launch pipelines, read versions, jobs and benchmarks; certify versions "
-        "on hardware profiles and read their certificates."
+        "on hardware profiles and read their certificates; promote certified versions to "
+        "serving pools, roll them back, approve promotions and read the audit log."
     ),
     auth=TeamToken(),
     urls_namespace="api",
@@ -455,6 +463,255 @@ def version_certified(request: HttpRequest, version_id: int, profile: str, level
         "level": level,
         "profile": profile,
     }
+
+
+# -- promotion -------------------------------------------------------------------------------------
+
+
+def _version_ref(v: ModelVersion | None) -> dict | None:
+    if v is None:
+        return None
+    return {f: getattr(v, f) for f in ("id", "number", "format", "precision", "backend")}
+
+
+def _username(user) -> str | None:
+    return user.get_username() if user else None
+
+
+def _deployment_out(d: Deployment) -> dict:
+    cert = None
+    if d.certification is not None:
+        checked = certification.validity(d.certification)
+        cert = {
+            "id": d.certification.pk,
+            "level": d.certification.level,
+            "valid": checked.valid,
+            "state": checked.state,
+            "reasons": checked.reasons,
+        }
+    return {
+        "pool": d.pool.name,
+        "profile": d.pool.profile.key,
+        "stage": d.stage,
+        "version": _version_ref(d.version),
+        "previous_version": _version_ref(d.previous_version),
+        "certification": cert,
+        "generation": d.generation,
+        "updated_at": d.updated_at,
+        "updated_by": _username(d.updated_by),
+    }
+
+
+def _request_out(r: PromotionRequest) -> dict:
+    return {
+        **{f: getattr(r, f) for f in ("id", "model_id", "stage", "status", "reason")},
+        **{f: getattr(r, f) for f in ("requested_label", "decision_reason")},
+        **{f: getattr(r, f) for f in ("created_at", "decided_at")},
+        "pool": r.pool.name,
+        "version": _version_ref(r.version),
+        "requested_by": _username(r.requested_by),
+        "decided_by": _username(r.decided_by),
+    }
+
+
+def _promotion_out(outcome: deployments.PromotionOutcome) -> dict:
+    deployment = outcome.deployment
+    if deployment is not None:
+        deployment = _deployments().get(pk=deployment.pk)
+    return {
+        "status": outcome.status,
+        "reason": outcome.reason,
+        "deployment": _deployment_out(deployment) if deployment else None,
+        "request": _request_out(outcome.request) if outcome.request else None,
+    }
+
+
+def _refusal(outcome: deployments.PromotionOutcome):
+    return Status(403 if outcome.forbidden else 409, {"detail": outcome.reason})
+
+
+def _deployments():
+    return Deployment.objects.select_related(
+        "pool__profile", "version", "previous_version", "certification__profile",
+        "certification__version", "updated_by",
+    )  # fmt: skip
+
+
+def _actor_label(request: HttpRequest) -> str:
+    token = request.auth  # type: ignore[attr-defined]
+    return f"token {token.name or token.prefix}"
+
+
+def _get_model(request: HttpRequest, model_id: int) -> RegisteredModel:
+    return get_scoped_or_404(
+        RegisteredModel.objects.select_related("team"), [team_id(request)], pk=model_id
+    )
+
+
+def _get_pool(name: str) -> ServingPool | None:
+    return ServingPool.objects.select_related("profile").filter(name=name).first()
+
+
+def _no_pool(name: str):
+    known = ", ".join(ServingPool.objects.values_list("name", flat=True)) or "none"
+    return Status(400, {"detail": f"no serving pool named {name!r}; pools: {known}"})
+
+
+@api.get("/pools", response=list[s.PoolOut], tags=["promotion"])
+def list_pools(request: HttpRequest):
+    """Every serving pool and the hardware profile it serves on."""
+    return [
+        {
+            **{f: getattr(p, f) for f in ("name", "description", "max_queue_delay_ms")},
+            "max_batch_size": p.max_batch_size,
+            "profile": p.profile.key,
+            "profile_label": p.profile.label,
+            "backend": p.profile.backend,
+        }
+        for p in ServingPool.objects.select_related("profile")
+    ]
+
+
+@api.post(
+    "/models/{model_id}/promote",
+    response={201: s.PromotionOut, 202: s.PromotionOut, **Errors},
+    tags=["promotion"],
+)
+def promote(request: HttpRequest, model_id: int, payload: s.PromoteIn):
+    """Serve a certified version in a pool at a stage: 201 when done, 202 when it waits for
+    another member's approval, 409 with the reason when the gate refuses (the refusal is audited).
+    """
+    model = _get_model(request, model_id)
+    version = get_scoped_or_404(
+        ModelVersion.objects.all(), [team_id(request)], pk=payload.version_id
+    )
+    pool = _get_pool(payload.pool)
+    if pool is None:
+        return _no_pool(payload.pool)
+    outcome = deployments.promote(
+        model=model,
+        version=version,
+        pool=pool,
+        stage=payload.stage,
+        actor=request.user,
+        actor_label=_actor_label(request),
+        reason=payload.reason,
+    )
+    if outcome.refused:
+        return _refusal(outcome)
+    return Status(202 if outcome.status == "pending" else 201, _promotion_out(outcome))
+
+
+@api.post(
+    "/models/{model_id}/rollback", response={200: s.PromotionOut, **Errors}, tags=["promotion"]
+)
+def rollback(request: HttpRequest, model_id: int, payload: s.RollbackIn):
+    """Serve the slot's previous version again (through the gate); 409 when there is none or its
+    certificate no longer holds."""
+    model = _get_model(request, model_id)
+    pool = _get_pool(payload.pool)
+    if pool is None:
+        return _no_pool(payload.pool)
+    outcome = deployments.rollback(
+        model=model,
+        pool=pool,
+        stage=payload.stage,
+        actor=request.user,
+        actor_label=_actor_label(request),
+        reason=payload.reason,
+    )
+    if outcome.refused:
+        return _refusal(outcome)
+    return _promotion_out(outcome)
+
+
+@api.get(
+    "/models/{model_id}/deployments",
+    response={200: list[s.DeploymentOut], 404: s.ErrorOut},
+    tags=["promotion"],
+)
+def list_deployments(request: HttpRequest, model_id: int):
+    """What each pool serves for the model at each stage, and whether its certificate holds now."""
+    model = _get_model(request, model_id)
+    return [_deployment_out(d) for d in _deployments().filter(model=model)]
+
+
+@api.get(
+    "/models/{model_id}/promotions",
+    response={200: list[s.PromotionRequestOut], 404: s.ErrorOut},
+    tags=["promotion"],
+)
+def list_promotion_requests(
+    request: HttpRequest, model_id: int, status: str = "", limit: int = 50, offset: int = 0
+):
+    """The model's promotion requests, newest first (``status=pending`` for those waiting)."""
+    limit = max(1, min(limit, 500))
+    model = _get_model(request, model_id)
+    found = model.promotion_requests.select_related("pool", "version", "requested_by", "decided_by")
+    if status:
+        found = found.filter(status=status)
+    return [_request_out(r) for r in found.order_by("-created_at", "-pk")[offset : offset + limit]]
+
+
+def _get_request(request: HttpRequest, request_id: int) -> PromotionRequest:
+    qs = PromotionRequest.objects.select_related("model__team", "pool", "version", "requested_by")
+    return get_scoped_or_404(qs, [team_id(request)], pk=request_id)
+
+
+@api.post(
+    "/promotions/{request_id}/approve",
+    response={200: s.PromotionOut, 403: s.ErrorOut, **Errors},
+    tags=["promotion"],
+)
+def approve_promotion(request: HttpRequest, request_id: int, payload: s.DecisionIn):
+    """Approve another member's request: the gate is asked again and the version served (200);
+    403 for one's own request, 409 when it is no longer pending or the gate refuses."""
+    outcome = deployments.approve(_get_request(request, request_id), request.user, payload.reason)
+    if outcome.refused:
+        return _refusal(outcome)
+    return _promotion_out(outcome)
+
+
+@api.post(
+    "/promotions/{request_id}/reject",
+    response={200: s.PromotionRequestOut, 403: s.ErrorOut, **Errors},
+    tags=["promotion"],
+)
+def reject_promotion(request: HttpRequest, request_id: int, payload: s.DecisionIn):
+    """Turn down another member's request (403 for one's own, 409 when no longer pending)."""
+    outcome = deployments.reject(_get_request(request, request_id), request.user, payload.reason)
+    if outcome.refused:
+        return _refusal(outcome)
+    return _request_out(_get_request(request, request_id))
+
+
+@api.get(
+    "/models/{model_id}/audit",
+    response={200: list[s.AuditEventOut], 404: s.ErrorOut},
+    tags=["promotion"],
+)
+def list_audit_events(
+    request: HttpRequest, model_id: int, action: str = "", limit: int = 100, offset: int = 0
+):
+    """Every promotion, rollback, refusal, request and decision on the model, newest first."""
+    limit = max(1, min(limit, 500))
+    model = _get_model(request, model_id)
+    found = AuditEvent.objects.filter(model=model).select_related(
+        "pool", "version", "previous_version", "actor"
+    )
+    if action:
+        found = found.filter(action=action)
+    return [
+        {
+            **{f: getattr(e, f) for f in ("id", "action", "stage", "actor_label", "reason")},
+            "created_at": e.created_at,
+            "pool": e.pool.name if e.pool else None,
+            "version": _version_ref(e.version),
+            "previous_version": _version_ref(e.previous_version),
+            "actor": _username(e.actor),
+        }
+        for e in found[offset : offset + limit]
+    ]
 
 
 __all__ = ["api", "JobStatus"]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from ninja import Field, Schema
 
@@ -218,3 +218,101 @@ class CertifiedOut(Schema):
     reason: str
     level: str
     profile: str
+
+
+# -- promotion -------------------------------------------------------------------------------------
+
+
+class PoolOut(Schema):
+    name: str
+    description: str
+    profile: str = Field(description="The hardware profile's key: what this pool serves on.")
+    profile_label: str
+    backend: str
+    max_queue_delay_ms: float
+    max_batch_size: int
+
+
+class PromoteIn(Schema):
+    version_id: int
+    pool: str = Field(description="The serving pool's name (GET /pools).")
+    stage: Literal["staging", "production"]
+    reason: str = ""
+
+
+class RollbackIn(Schema):
+    pool: str
+    stage: Literal["staging", "production"] = "production"
+    reason: str = ""
+
+
+class DecisionIn(Schema):
+    reason: str = ""
+
+
+class VersionRefOut(Schema):
+    id: int
+    number: int
+    format: str
+    precision: str
+    backend: str
+
+
+class DeploymentCertOut(Schema):
+    id: int
+    level: str
+    valid: bool
+    state: str = Field(description="valid, invalid, failed, pending or error.")
+    reasons: list[str]
+
+
+class DeploymentOut(Schema):
+    pool: str
+    profile: str
+    stage: str
+    version: VersionRefOut
+    previous_version: VersionRefOut | None
+    certification: DeploymentCertOut | None = Field(
+        description="The certificate the version was promoted on, and whether it holds now."
+    )
+    generation: int = Field(description="Bumped on every change; the serving runtime polls it.")
+    updated_at: datetime
+    updated_by: str | None
+
+
+class PromotionRequestOut(Schema):
+    id: int
+    model_id: int
+    pool: str
+    stage: str
+    version: VersionRefOut
+    status: str = Field(description="pending, approved, rejected, refused or superseded.")
+    reason: str
+    requested_by: str | None
+    requested_label: str
+    decided_by: str | None
+    decision_reason: str
+    created_at: datetime
+    decided_at: datetime | None
+
+
+class PromotionOut(Schema):
+    status: str = Field(description="promoted, rolled_back or pending.")
+    reason: str
+    deployment: DeploymentOut | None
+    request: PromotionRequestOut | None
+
+
+class AuditEventOut(Schema):
+    id: int
+    action: str = Field(
+        description="promoted, rolled_back, refused, requested, approved or rejected."
+    )
+    pool: str | None
+    stage: str
+    version: VersionRefOut | None
+    previous_version: VersionRefOut | None
+    actor: str | None
+    actor_label: str
+    reason: str
+    created_at: datetime

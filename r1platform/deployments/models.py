@@ -132,6 +132,9 @@ class PromotionRequest(models.Model):
     class Meta:
         ordering = ["-created_at"]
 
+    def __str__(self) -> str:
+        return f"request #{self.pk}: {self.version} to {self.stage} on {self.pool} ({self.status})"
+
 
 class Action(models.TextChoices):
     PROMOTED = "promoted"
@@ -168,3 +171,6 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.model} {self.stage} ({self.created_at:%Y-%m-%d %H:%M})"
