@@ -158,7 +158,7 @@ class JobRun:
         ids = dataset_ids_in(self.job.stages)
         datasets = Dataset.objects.filter(team_id=self.job.team_id, pk__in=ids)
         ancestors = _lineage(self.version)
-        source_artifact = _artifact("input", self.version, source)
+        source_artifact = registry.version_artifact(self.version, "input")
         source_artifact.parent = next(iter(ancestors), None)
         ctx = PipelineContext.start(
             self.workdir,
@@ -371,26 +371,13 @@ class JobRun:
             self.job.save(update_fields=["log_tail"])
 
 
-def _artifact(key: str, version: ModelVersion, path: Path) -> Artifact:
-    return Artifact(
-        key=key,
-        path=str(path),
-        format=version.format,
-        precision=version.precision,
-        inputs=[TensorSpec.from_dict(t) for t in version.inputs],
-        outputs=[TensorSpec.from_dict(t) for t in version.outputs],
-        backend=version.backend,
-        meta=dict(version.details),
-    )
-
-
 def _lineage(version: ModelVersion) -> dict[str, Artifact]:
     """The version's registered ancestors as artifacts, nearest first, each naming its parent."""
     chain: dict[str, Artifact] = {}
     parent, seen = version.parent, {version.pk}
     while parent is not None and parent.pk not in seen:
         seen.add(parent.pk)
-        artifact = _artifact(f"version-{parent.pk}", parent, storage.media_path(parent.file))
+        artifact = registry.version_artifact(parent, f"version-{parent.pk}")
         artifact.parent = f"version-{parent.parent_id}" if parent.parent_id else None
         chain[artifact.key] = artifact
         parent = parent.parent

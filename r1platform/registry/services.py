@@ -9,7 +9,7 @@ from pathlib import Path
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from pipelines.core import TensorSpec
+from pipelines.core import Artifact, TensorSpec
 from pipelines.formats import RejectedUpload, inspect_model, parse_input_shapes, sanitize_filename
 from r1platform.accounts.models import Team
 from r1platform.core import storage, tracking
@@ -202,3 +202,17 @@ def mlflow_tags(version: ModelVersion) -> dict[str, str]:
 
 def input_specs(version: ModelVersion) -> list[TensorSpec]:
     return [TensorSpec.from_dict(t) for t in version.inputs]
+
+
+def version_artifact(version: ModelVersion, key: str) -> Artifact:
+    """A stored version as the pipeline artifact a worker or the serving runtime loads."""
+    return Artifact(
+        key=key,
+        path=str(storage.media_path(version.file)),
+        format=version.format,
+        precision=version.precision,
+        inputs=[TensorSpec.from_dict(t) for t in version.inputs],
+        outputs=[TensorSpec.from_dict(t) for t in version.outputs],
+        backend=version.backend,
+        meta=dict(version.details),
+    )

@@ -10,26 +10,10 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from pipelines.backends import cache_root_for
-from pipelines.core import Artifact, TensorSpec
 from r1platform.accounts.models import ApiToken
-from r1platform.core.storage import media_path
 from r1platform.deployments.models import Deployment, Stage
-from r1platform.registry.models import ModelVersion
+from r1platform.registry.services import version_artifact
 from r1platform.serving.source import ModelSpec
-
-
-def version_artifact(version: ModelVersion, key: str) -> Artifact:
-    """A stored version as the artifact an engine loads."""
-    return Artifact(
-        key=key,
-        path=str(media_path(version.file)),
-        format=version.format,
-        precision=version.precision,
-        inputs=[TensorSpec.from_dict(t) for t in version.inputs],
-        outputs=[TensorSpec.from_dict(t) for t in version.outputs],
-        backend=version.backend,
-        meta=dict(version.details),
-    )
 
 
 def model_spec(deployment: Deployment) -> ModelSpec:
