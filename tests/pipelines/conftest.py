@@ -16,8 +16,19 @@ import pytest
 import torch
 from torch import nn
 
+from pipelines.certification import serving_probe
 from pipelines.core import Artifact, PipelineContext, TensorSpec
 from pipelines.onnx_io import read_tensor_specs
+
+
+@pytest.fixture(autouse=True)
+def no_serving_runtime():
+    """pipelines on its own, as ``python -m pipelines`` runs it: no serving runtime registered
+    (importing the platform's worker runner registers one for the whole process)."""
+    before = serving_probe.registered()
+    serving_probe.register(None)
+    yield
+    serving_probe.register(before)
 
 HIDDEN = 256  # big enough that int8 weights dominate the file size, small enough to be instant
 
