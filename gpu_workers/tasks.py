@@ -23,3 +23,11 @@ def run_job(self, job_id: int) -> str:
         # Another worker holds it with a live heartbeat: look again once that would be stale.
         raise self.retry(countdown=settings.R1_HEARTBEAT_STALE)
     return outcome.value
+
+
+@app.task(name="r1.reap", ignore_result=True)
+def reap() -> int:
+    """Recover the stale running jobs of lost workers (scheduled by beat every minute)."""
+    from r1platform.workers.services import reap_lost_workers
+
+    return len(reap_lost_workers())

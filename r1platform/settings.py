@@ -175,6 +175,11 @@ R1_MAX_JOB_ATTEMPTS = env_int("R1_MAX_JOB_ATTEMPTS", 3, minimum=1)
 # often; one silent for R1_WORKER_LOST_SECONDS is shown as lost and its profiles as unserved.
 R1_WORKER_BEAT_SECONDS = env_int("R1_WORKER_BEAT_SECONDS", 10, minimum=1)
 R1_WORKER_LOST_SECONDS = env_int("R1_WORKER_LOST_SECONDS", 60, minimum=2)
+# The beat process runs the reaper: the stale running jobs of lost workers are re-queued. A tick
+# not taken within a minute is dropped (the next one does the same work).
+CELERY_BEAT_SCHEDULE = {
+    "reap-lost-workers": {"task": "r1.reap", "schedule": 60.0, "options": {"expires": 55}},
+}
 
 # --- MLflow ---
 _mlflow_db = f"sqlite:///{R1_HOME / 'mlflow' / 'mlflow.db'}"

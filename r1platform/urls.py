@@ -12,6 +12,7 @@ urlpatterns = [
     path("datasets/", include("r1platform.datasets.urls")),
     path("certifications/", include("r1platform.certification.urls")),
     path("deployments/", include("r1platform.deployments.urls")),
+    path("workers/", include("r1platform.workers.urls")),
     path("api/v1/", api.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

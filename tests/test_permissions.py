@@ -235,6 +235,7 @@ def test_it_finds_every_dashboard_page_in_the_resolver():
         "deployments:audit",
         "deployments:approve",
         "deployments:reject",
+        "workers:worker_list",
     } <= names
     assert not any(r.route.startswith(SKIPPED_PREFIXES) for r in ROUTES)
 

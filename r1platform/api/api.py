@@ -37,8 +37,8 @@ from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion, RegisteredModel
-from r1platform.workers.models import HardwareProfile
-from r1platform.workers.services import live_profiles
+from r1platform.workers.models import HardwareProfile, Worker
+from r1platform.workers.services import live_profiles, worker_state
 
 api = NinjaAPI(
     title="r1platform API",
@@ -715,3 +715,32 @@ def list_audit_events(
 
 
 __all__ = ["api", "JobStatus"]
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+
+@api.get("/workers", response=list[s.WorkerOut], tags=["workers"])
+def list_workers(request: HttpRequest):
+    """Every worker that reported itself, its state, and the team's jobs it runs now."""
+    workers = list(Worker.objects.prefetch_related("profiles"))
+    running = Job.objects.filter(
+        team_id=team_id(request),
+        status=JobStatus.RUNNING,
+        worker_host__in=[w.hostname for w in workers],
+    ).order_by("pk")
+    by_host: dict[str, list[int]] = {}
+    for host, pk in running.values_list("worker_host", "pk"):
+        by_host.setdefault(host, []).append(pk)
+    return [
+        {
+            "hostname": w.hostname,
+            "state": worker_state(w),
+            "queues": w.queues,
+            "profiles": [p.key for p in w.profiles.all()],
+            "started_at": w.started_at,
+            "last_seen": w.last_seen,
+            "current_job_ids": by_host.get(w.hostname, []),
+        }
+        for w in workers
+    ]

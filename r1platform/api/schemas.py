@@ -316,3 +316,17 @@ class AuditEventOut(Schema):
     actor_label: str
     reason: str
     created_at: datetime
+
+
+class WorkerOut(Schema):
+    hostname: str
+    state: Literal["live", "lost", "stopped"] = Field(
+        description="lost: no beat for R1_WORKER_LOST_SECONDS and it did not say it stopped."
+    )
+    queues: list[str]
+    profiles: list[str] = Field(description="The keys of the hardware profiles it offers.")
+    started_at: datetime
+    last_seen: datetime
+    current_job_ids: list[int] = Field(
+        description="The running jobs it holds that belong to the token's team."
+    )

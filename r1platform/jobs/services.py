@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from enum import StrEnum
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -210,3 +211,52 @@ def cancel_job(job: Job) -> Job:
         Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(cancel_requested=True)
     job.refresh_from_db()
     return job
+
+
+class Recovered(StrEnum):
+    """What became of a job whose worker was lost (``recover_from_lost_worker``)."""
+
+    REQUEUED = "requeued"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def recover_from_lost_worker(job_id: int, hostname: str) -> Recovered | None:
+    """Move a job left running by the lost worker ``hostname``; None if it was not left there.
+
+    Only a job still running on ``hostname`` whose heartbeat is older than
+    ``R1_HEARTBEAT_STALE`` moves, and the UPDATE's WHERE clause is the lock: a job a live worker
+    claimed meanwhile (its heartbeat is fresh) or one another reaper moved first is left alone.
+    It goes back to the queue and is enqueued again, unless it has been claimed
+    ``R1_MAX_JOB_ATTEMPTS`` times already (failed as poison) or its cancel was asked (cancelled).
+    """
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.R1_HEARTBEAT_STALE)
+    left = Job.objects.filter(
+        pk=job_id, status=JobStatus.RUNNING, worker_host=hostname, heartbeat_at__lt=stale
+    )
+    job = left.first()
+    if job is None:
+        return None
+    if job.cancel_requested:
+        outcome, line = Recovered.CANCELLED, f"cancelled: worker {hostname} lost"
+        values = {"status": JobStatus.CANCELLED, "finished_at": now}
+    elif job.attempts >= settings.R1_MAX_JOB_ATTEMPTS:
+        error = (
+            f"the worker {hostname} was lost while running this job; its workers were lost or "
+            f"died {job.attempts} times (R1_MAX_JOB_ATTEMPTS={settings.R1_MAX_JOB_ATTEMPTS}), "
+            "so it is not re-queued again"
+        )
+        outcome, line = Recovered.FAILED, f"failed: worker {hostname} lost"
+        values = {"status": JobStatus.FAILED, "error": error, "finished_at": now}
+    else:
+        outcome, line = Recovered.REQUEUED, f"re-queued: worker {hostname} lost"
+        values = {"status": JobStatus.QUEUED}
+    if left.filter(attempts=job.attempts).update(**values) != 1:
+        return None
+    job.refresh_from_db()
+    append_log(job, line)
+    job.save(update_fields=["log_tail"])
+    if outcome is Recovered.REQUEUED:
+        enqueue(job)
+    return outcome

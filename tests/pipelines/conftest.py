@@ -30,6 +30,7 @@ def no_serving_runtime():
     yield
     serving_probe.register(before)
 
+
 HIDDEN = 256  # big enough that int8 weights dominate the file size, small enough to be instant
 
 
