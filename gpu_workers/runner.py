@@ -374,13 +374,10 @@ class JobRun:
 def _lineage(version: ModelVersion) -> dict[str, Artifact]:
     """The version's registered ancestors as artifacts, nearest first, each naming its parent."""
     chain: dict[str, Artifact] = {}
-    parent, seen = version.parent, {version.pk}
-    while parent is not None and parent.pk not in seen:
-        seen.add(parent.pk)
-        artifact = registry.version_artifact(parent, f"version-{parent.pk}")
-        artifact.parent = f"version-{parent.parent_id}" if parent.parent_id else None
+    for ancestor in reversed(registry.lineage(version)[:-1]):
+        artifact = registry.version_artifact(ancestor, f"version-{ancestor.pk}")
+        artifact.parent = f"version-{ancestor.parent_id}" if ancestor.parent_id else None
         chain[artifact.key] = artifact
-        parent = parent.parent
     return chain
 
 

@@ -36,6 +36,7 @@ from r1platform.core import storage, tracking
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import LaunchRefused, launch_job
+from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion
 from r1platform.registry.services import mlflow_name
 from r1platform.workers.models import HardwareProfile
@@ -414,18 +415,6 @@ def is_certified(version: ModelVersion, level: str, profile_key: str) -> CertAns
 # -- the JSON document -----------------------------------------------------------------------------
 
 
-def lineage(version: ModelVersion) -> list[ModelVersion]:
-    """The versions from the upload down to ``version`` (parent links; a loop cannot trap it)."""
-    chain: list[ModelVersion] = []
-    seen: set[int] = set()
-    node: ModelVersion | None = version
-    while node is not None and node.pk not in seen:
-        seen.add(node.pk)
-        chain.append(node)
-        node = node.parent
-    return chain[::-1]
-
-
 def profile_of(cert: Certification) -> dict[str, Any]:
     """The profile as the suite saw it; the profile's current state until the suite ran."""
     return cert.profile_snapshot or cert.profile.as_pipeline().to_dict()
@@ -488,7 +477,7 @@ def certificate_document(cert: Certification) -> dict[str, Any]:
                 job_id=v.job_id,
                 created_at=v.created_at,
             )
-            for v in lineage(version)
+            for v in registry.lineage(version)
         ],
         job_id=cert.job_id,
         launched_by=cert.created_by.get_username() if cert.created_by else None,

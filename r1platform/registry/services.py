@@ -216,3 +216,15 @@ def version_artifact(version: ModelVersion, key: str) -> Artifact:
         backend=version.backend,
         meta=dict(version.details),
     )
+
+
+def lineage(version: ModelVersion) -> list[ModelVersion]:
+    """The versions from the upload down to ``version`` (parent links; a loop cannot trap it)."""
+    chain: list[ModelVersion] = []
+    seen: set[int] = set()
+    node: ModelVersion | None = version
+    while node is not None and node.pk not in seen:
+        seen.add(node.pk)
+        chain.append(node)
+        node = node.parent
+    return chain[::-1]
