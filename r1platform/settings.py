@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "template_partials",
     # Listed so the API docs page serves Swagger UI from ninja's own static files, not a CDN.
     "ninja",
+    "django_celery_beat",
     "r1platform.core",
     "r1platform.accounts",
     "r1platform.registry",
@@ -56,6 +57,9 @@ INSTALLED_APPS = [
     "r1platform.certification",
     "r1platform.deployments",
     "r1platform.serving",
+    "r1platform.schedules",
+    "r1platform.notifications",
+    "r1platform.monitoring",
 ]
 
 MIDDLEWARE = [
@@ -180,6 +184,33 @@ R1_WORKER_LOST_SECONDS = env_int("R1_WORKER_LOST_SECONDS", 60, minimum=2)
 CELERY_BEAT_SCHEDULE = {
     "reap-lost-workers": {"task": "r1.reap", "schedule": 60.0, "options": {"expires": 55}},
 }
+# Schedules are PeriodicTask rows (django-celery-beat), edited from the dashboard and the API.
+# The scheduler sends only while it holds the beat lease, so a second beat started by mistake
+# enqueues nothing (r1platform/schedules/beat.py).
+CELERY_BEAT_SCHEDULER = "r1platform.schedules.beat:LeaderScheduler"
+# Cron expressions of schedules are read in this zone.
+DJANGO_CELERY_BEAT_TZ_AWARE = True
+CELERY_TIMEZONE = "UTC"
+R1_BEAT_LEASE_SECONDS = env_int("R1_BEAT_LEASE_SECONDS", 30, minimum=2)
+
+# --- Notifications: team webhooks (JSON POST, retried with backoff) and email. ---
+EMAIL_BACKEND = env_str("R1_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = env_str("R1_EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("R1_EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("R1_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = env_str("R1_EMAIL_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("R1_EMAIL_TLS", False)
+DEFAULT_FROM_EMAIL = env_str("R1_EMAIL_FROM", "r1platform@localhost")
+R1_WEBHOOK_TIMEOUT_SECONDS = env_int("R1_WEBHOOK_TIMEOUT_SECONDS", 5, minimum=1)
+R1_WEBHOOK_MAX_RETRIES = env_int("R1_WEBHOOK_MAX_RETRIES", 6, minimum=0)
+# Links in notifications point here.
+R1_PUBLIC_URL = env_str("R1_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+
+# --- Metrics: /metrics on the web process. Under gunicorn and Celery's prefork each process
+# writes its samples to PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode) and the
+# web process adds them up; without it, one process's registry is exposed. A bearer token, when
+# set, is required to read it.
+R1_METRICS_TOKEN = env_str("R1_METRICS_TOKEN", "")
 
 # --- MLflow ---
 _mlflow_db = f"sqlite:///{R1_HOME / 'mlflow' / 'mlflow.db'}"
