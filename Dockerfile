@@ -17,7 +17,7 @@ COPY pipelines pipelines
 COPY gpu_workers gpu_workers
 COPY templates templates
 COPY static static
-COPY manage.py ./
+COPY manage.py gunicorn.conf.py ./
 RUN pip install ".${EXTRAS}" && python manage.py collectstatic --noinput
 EXPOSE 8000
-CMD ["gunicorn", "r1platform.wsgi", "--bind", "0.0.0.0:8000", "--workers", "3", "--timeout", "300"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "r1platform.wsgi"]

@@ -14,7 +14,14 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    worker_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +49,13 @@ class _Beat(threading.Thread):
     def run(self) -> None:
         from django.db import connection
 
+        from gpu_workers.nvml import sample_gpus
         from r1platform.workers import services
 
         try:
             while not self.stopped.wait(self.every):
                 try:
-                    services.beat(self.hostname)
+                    services.beat(self.hostname, gpus=[g.as_dict() for g in sample_gpus()])
                 except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the thread
                     log.warning("worker beat failed: %s", exc)
         finally:
@@ -82,3 +90,24 @@ def stopped(sender: Any, **kwargs: Any) -> None:
         services.worker_stopped(sender.hostname if hasattr(sender, "hostname") else str(sender))
     except Exception as exc:  # noqa: BLE001
         log.warning("could not record this worker's stop: %s", exc)
+
+
+# -- prometheus-client's multiprocess mode (r1platform.monitoring) ------------------------------
+
+
+@worker_init.connect
+@beat_init.connect
+def metrics_folder(sender: Any = None, **kwargs: Any) -> None:
+    # Before the pool forks: children write their samples there from their first stage on.
+    from r1platform.monitoring.multiprocess import ensure_folder
+
+    ensure_folder()
+
+
+@worker_process_shutdown.connect
+def metrics_process_dead(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
+    # Sent in the pool child as it exits; a child that is killed outright sends nothing, and only
+    # live-mode gauges (none are written today) would need this.
+    from r1platform.monitoring.multiprocess import process_dead
+
+    process_dead(pid or os.getpid())

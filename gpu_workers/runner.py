@@ -35,6 +35,7 @@ from r1platform.datasets.models import Dataset
 from r1platform.datasets.services import dataset_ids_in, dataset_ref
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
+from r1platform.monitoring import metrics
 from r1platform.registry import services as registry
 from r1platform.registry.models import BenchmarkResult, ModelVersion
 from r1platform.serving.probe import serving_probe as _serving_probe
@@ -229,6 +230,9 @@ class JobRun:
                 self.job.mlflow_run_id,
                 {f"{result.stage_id}.{k}": v for k, v in result.metrics.items()},
             )
+        if not any(r["stage_id"] == result.stage_id for r in self.job.stage_results):
+            # Counted once: a re-delivered job hands over the stages its last attempt finished.
+            metrics.record_stage(result.name, result.status.value, result.seconds)
         results = self._with_result(result, [v.pk for v in produced])
         index = self._stage_index.get(result.stage_id, 0)
         summary = f"{result.name}: {result.status.value} in {result.seconds:.1f}s"
@@ -348,15 +352,23 @@ class JobRun:
             for result in saved.results.values() if saved else []:
                 if result.status is StageStatus.FAILED:
                     job.stage_results = self._with_result(result, [])
+                    metrics.record_stage(result.name, result.status.value, result.seconds)
             job.save(update_fields=["stage_results"])
         if error:
             self._log(f"{status}: {error}", write=False)
         else:
             self._log("finished", write=False)
         jobs.finish_job(job, status, error)
+        metrics.record_job_finished(str(status))
         from r1platform.certification import services as certification
 
         certification.job_ended(job)
+        try:
+            from r1platform.schedules import services as schedules
+
+            schedules.job_ended(job)
+        except Exception:  # noqa: BLE001 - the job's own outcome is already recorded
+            log.exception("job %s: could not hand its end to its schedule run", job.pk)
         if job.mlflow_run_id:
             try:
                 tracking.finish_run(job.mlflow_run_id, succeeded=status == JobStatus.SUCCEEDED)

@@ -179,6 +179,9 @@ R1_MAX_JOB_ATTEMPTS = env_int("R1_MAX_JOB_ATTEMPTS", 3, minimum=1)
 # often; one silent for R1_WORKER_LOST_SECONDS is shown as lost and its profiles as unserved.
 R1_WORKER_BEAT_SECONDS = env_int("R1_WORKER_BEAT_SECONDS", 10, minimum=1)
 R1_WORKER_LOST_SECONDS = env_int("R1_WORKER_LOST_SECONDS", 60, minimum=2)
+# A serving process writes each model's traffic, errors and latency (a ServingWindow row) this
+# often, for the model page's charts.
+R1_SERVING_STATS_SECONDS = env_int("R1_SERVING_STATS_SECONDS", 60, minimum=1)
 # The beat process runs the reaper: the stale running jobs of lost workers are re-queued. A tick
 # not taken within a minute is dropped (the next one does the same work).
 CELERY_BEAT_SCHEDULE = {
@@ -203,6 +206,9 @@ EMAIL_USE_TLS = env_bool("R1_EMAIL_TLS", False)
 DEFAULT_FROM_EMAIL = env_str("R1_EMAIL_FROM", "r1platform@localhost")
 R1_WEBHOOK_TIMEOUT_SECONDS = env_int("R1_WEBHOOK_TIMEOUT_SECONDS", 5, minimum=1)
 R1_WEBHOOK_MAX_RETRIES = env_int("R1_WEBHOOK_MAX_RETRIES", 6, minimum=0)
+# Retry n waits up to BACKOFF × 2^n seconds (full jitter, at most 10 minutes): with the defaults
+# a receiver has up to about ten minutes (10 + 20 + ... + 320 s) to come back.
+R1_WEBHOOK_BACKOFF_SECONDS = env_int("R1_WEBHOOK_BACKOFF_SECONDS", 10, minimum=1)
 # Links in notifications point here.
 R1_PUBLIC_URL = env_str("R1_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 
@@ -235,6 +241,8 @@ if env_bool("R1_PRODUCTION", False):
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_SSL_REDIRECT = env_bool("R1_SSL_REDIRECT", True)
+    # Prometheus scrapes /metrics over the internal network in plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
     SECURE_HSTS_SECONDS = env_int("R1_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True

@@ -25,11 +25,14 @@ from r1platform.deployments.models import PromotionRequest, ServingPool
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
+from r1platform.schedules.models import PipelineTemplate, Schedule
 from r1platform.workers.models import HardwareProfile
 from tests.certification_data import suite_report
 
 SKIPPED_PREFIXES = ("admin/", "api/")  # covered by Django's admin and tests/test_api.py
-SKIPPED_NAMES = {"login", "logout"}
+# /metrics is for Prometheus, not a dashboard page: no login, an optional bearer token of its
+# own (tests/test_metrics.py checks that rule).
+SKIPPED_NAMES = {"login", "logout", "metrics"}
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,19 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         setattr(certification, f"report_{kind}", relative)
     certification.save()
     pool = ServingPool.objects.create(name="perm-pool", profile=profile)
+    template = PipelineTemplate.objects.create(
+        team=team_a, name="private", stages=[{"name": "benchmark", "settings": {}}]
+    )
+    # Made directly, with no beat entry: these tests are about who may see and change it.
+    schedule = Schedule.objects.create(
+        team=team_a,
+        name="private retraining",
+        model=model,
+        template=template,
+        dataset_name="private",
+        pool=pool,
+        cron="0 3 * * *",
+    )
     promotion = PromotionRequest.objects.create(
         team=team_a,
         model=model,
@@ -168,6 +184,9 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         "dataset": dataset,
         "certification": certification,
         "promotion": promotion,
+        "template": template,
+        "schedule": schedule,
+        "team": team_a,
     }
 
 
@@ -191,6 +210,15 @@ OBJECT_FOR = {
     "deployments:audit": "model",
     "deployments:approve": "promotion",
     "deployments:reject": "promotion",
+    "notifications:save": "team",
+    "notifications:send_test": "team",
+    "schedules:schedule_detail": "schedule",
+    "schedules:schedule_edit": "schedule",
+    "schedules:schedule_toggle": "schedule",
+    "schedules:schedule_run": "schedule",
+    "schedules:schedule_delete": "schedule",
+    "schedules:template_edit": "template",
+    "schedules:template_delete": "template",
 }
 QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
 

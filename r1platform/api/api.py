@@ -20,6 +20,8 @@ from pipelines.stages import stage_schemas
 from r1platform.accounts.scoping import get_scoped_or_404
 from r1platform.api import schemas as s
 from r1platform.api.auth import TeamToken, team_id
+from r1platform.api.notifications import router as notifications_router
+from r1platform.api.schedules import router as schedules_router
 from r1platform.certification import services as certification
 from r1platform.certification.models import Certification
 from r1platform.certification.reports import stored_report
@@ -51,6 +53,8 @@ api = NinjaAPI(
     auth=TeamToken(),
     urls_namespace="api",
 )
+api.add_router("", schedules_router)
+api.add_router("", notifications_router)
 
 Errors = {400: s.ErrorOut, 404: s.ErrorOut, 409: s.ErrorOut, 413: s.ErrorOut}
 

@@ -1,3 +1,9 @@
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from r1platform.monitoring import views
+
+urlpatterns = [
+    path("metrics", views.metrics, name="metrics"),
+]

@@ -4,12 +4,17 @@
 latency (p50, with p99 as a lighter dashed line) and throughput against batch size. Batch sizes
 are spaced by their index, which is log2 spacing for the usual 1, 2, 4, 8... sweeps. Every piece
 of text is escaped, so the markup is safe to put in a page as it is.
+
+:func:`version_history_svg` draws the same two charts against version number (one line per batch
+size), and :func:`serving_chart_svg` a pool's traffic, errors and latency against time, with the
+version changes marked.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from datetime import datetime
 from html import escape
 from typing import Any
 
@@ -97,8 +102,15 @@ def _panel(
     batches: list[int],
     lines: list[dict],
     unit: str,
+    x_label: str = "batch size",
+    x_name: str = "batch",
 ) -> list[str]:
-    """One chart: frame, grid, ticks, labels and its lines. ``lines`` carry their points."""
+    """One chart: frame, grid, ticks, labels and its lines. ``lines`` carry their points.
+
+    The x axis is categorical (``batches``, evenly spaced): batch sizes by default, or version
+    numbers with ``x_name="version"`` (ticks then read v1, v2...). Points carry
+    ``data-<x_name>``."""
+    tick_prefix = "v" if x_name == "version" else ""
     plot_w = PANEL_W - MARGIN_LEFT - MARGIN_RIGHT
     plot_h = PANEL_H - MARGIN_TOP - MARGIN_BOTTOM
     left, top = x0 + MARGIN_LEFT, MARGIN_TOP
@@ -146,11 +158,11 @@ def _panel(
         )
         out.append(
             f'<text class="chart-tick chart-xtick" x="{x:.1f}" y="{bottom + 16:.1f}" '
-            f'text-anchor="middle">{batch}</text>'
+            f'text-anchor="middle">{tick_prefix}{batch}</text>'
         )
     out.append(
         f'<text class="chart-label" x="{left + plot_w / 2:.1f}" y="{PANEL_H - 6:.1f}" '
-        f'text-anchor="middle">batch size</text>'
+        f'text-anchor="middle">{escape(x_label)}</text>'
     )
     mid = top + plot_h / 2
     out.append(
@@ -174,11 +186,12 @@ def _panel(
         fill_opacity = ' fill-opacity="0.45"' if line["light"] else ""
         radius = 2.5 if line["light"] else 3.5
         for x, y, batch, value in coords:
-            tooltip = f"{line['name']} · batch {batch}: {_fmt(value)} {unit}"
+            tooltip = f"{line['name']} · {x_name} {tick_prefix}{batch}: {_fmt(value)} {unit}"
             out.append(
                 f'<circle class="chart-point" data-series="{escape(line["series"])}" '
-                f'data-batch="{batch}" cx="{x:.1f}" cy="{y:.1f}" r="{radius}" '
-                f'fill="{color}"{fill_opacity}><title>{escape(tooltip)}</title></circle>'
+                f'data-{x_name}="{batch}" data-value="{_fmt(value)}" cx="{x:.1f}" '
+                f'cy="{y:.1f}" r="{radius}" fill="{color}"{fill_opacity}>'
+                f"<title>{escape(tooltip)}</title></circle>"
             )
     out.append("</g>")
     return out
@@ -257,5 +270,263 @@ def latency_chart_svg(rows: Iterable[Any]) -> str:
         f'<text x="{x}" y="{y + 1}" class="chart-note">solid: p50 · dashed, lighter: p99</text>'
     )
     out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+# --- benchmark history: one model's versions side by side ---------------------------------------
+
+
+def version_history_svg(rows: Iterable[Any]) -> str:
+    """p50 latency and throughput against version number, one line per batch size; "" if none.
+
+    ``rows`` have ``version`` (the number), batch_size, device, p50_ms and throughput: one row per
+    (version, batch size, device). A device other than the first adds its name to the series.
+    Points are <circle>s with ``data-series`` (``b<batch>`` and ``@device`` when several),
+    ``data-version`` and ``data-value``.
+    """
+    rows = [r for r in rows if _get(r, "version") is not None and _get(r, "batch_size")]
+    if not rows:
+        return ""
+    versions = sorted({int(_get(r, "version")) for r in rows})
+    devices = sorted({str(_get(r, "device") or "") for r in rows})
+    keys = sorted({(int(_get(r, "batch_size")), str(_get(r, "device") or "")) for r in rows})
+    latency: list[dict] = []
+    throughput: list[dict] = []
+    legend: list[tuple[str, str]] = []
+    for i, (batch, device) in enumerate(keys):
+        color = PALETTE[i % len(PALETTE)]
+        name = f"batch {batch}" + (f" @ {device}" if len(devices) > 1 else "")
+        series = f"b{batch}" + (f"@{device}" if len(devices) > 1 else "")
+        mine = sorted(
+            (int(_get(r, "version")), r)
+            for r in rows
+            if int(_get(r, "batch_size")) == batch and str(_get(r, "device") or "") == device
+        )
+        for target, key in ((latency, "p50_ms"), (throughput, "throughput")):
+            points = [(v, n) for v, r in mine if (n := _number(_get(r, key))) is not None]
+            target.append(
+                {"series": series, "name": name, "color": color, "light": False, "points": points}
+            )
+        legend.append((color, name))
+
+    width = 2 * PANEL_W + GAP
+    height = PANEL_H + 18
+    common = {"batches": versions, "x_label": "version", "x_name": "version"}
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="bench-chart" role="img" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'preserveAspectRatio="xMinYMin meet" data-testid="history-chart">',
+        "<title>p50 latency and throughput of each version, by batch size</title>",
+    ]
+    out += _panel(x0=0, title="p50 latency", y_label="ms", lines=latency, unit="ms", **common)
+    out += _panel(
+        x0=PANEL_W + GAP,
+        title="Throughput",
+        y_label="samples/s",
+        lines=throughput,
+        unit="samples/s",
+        **common,
+    )
+    out += _legend(legend, PANEL_H + 10)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _legend(items: list[tuple[str, str]], y: float, note: str = "") -> list[str]:
+    x = MARGIN_LEFT
+    out = ['<g class="chart-legend">']
+    for color, label in items:
+        out.append(
+            f'<rect x="{x}" y="{y - 8}" width="10" height="10" rx="2" fill="{escape(color)}"/>'
+        )
+        out.append(f'<text x="{x + 14}" y="{y + 1}">{escape(label)}</text>')
+        x += 24 + 7 * len(label)
+    if note:
+        out.append(f'<text x="{x}" y="{y + 1}" class="chart-note">{escape(note)}</text>')
+    out.append("</g>")
+    return out
+
+
+# --- serving history: traffic, errors and latency over time ------------------------------------
+
+# Tick spacings a time axis picks from (seconds): the first that leaves at most 6 ticks.
+TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200)
+MAX_POINT_MARKS = 90  # more points than this are drawn as lines only
+
+
+def _time_panel(
+    *,
+    x0: float,
+    title: str,
+    y_label: str,
+    start: datetime,
+    end: datetime,
+    lines: list[dict],
+    markers: list[tuple[datetime, str]],
+    unit: str,
+) -> list[str]:
+    """One chart against time: ``lines`` carry (time, value or None) points, None breaking the
+    line (the process was not serving); ``markers`` are labelled vertical lines (a new version).
+    """
+    plot_w = PANEL_W - MARGIN_LEFT - MARGIN_RIGHT
+    plot_h = PANEL_H - MARGIN_TOP - MARGIN_BOTTOM
+    left, top = x0 + MARGIN_LEFT, MARGIN_TOP
+    bottom = top + plot_h
+    span = max((end - start).total_seconds(), 1e-9)
+    highest = max((v for line in lines for _, v in line["points"] if v is not None), default=0.0)
+    y_max = _nice_max(highest)
+
+    def x_at(t: datetime) -> float:
+        return left + min(max((t - start).total_seconds() / span, 0.0), 1.0) * plot_w
+
+    def y_at(value: float) -> float:
+        return bottom - (value / y_max) * plot_h
+
+    out = [f'<g class="chart-panel" data-chart="{escape(title.lower())}">']
+    out.append(
+        f'<text class="chart-title" x="{left:.1f}" y="{top - 12:.1f}">{escape(title)}</text>'
+    )
+    for i in range(Y_TICKS + 1):
+        value = y_max * i / Y_TICKS
+        y = y_at(value)
+        out.append(
+            f'<line class="chart-grid" x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" '
+            f'y2="{y:.1f}"/>'
+        )
+        out.append(
+            f'<text class="chart-tick" x="{left - 6:.1f}" y="{y + 3.5:.1f}" '
+            f'text-anchor="end">{escape(_fmt(value))}</text>'
+        )
+    out.append(
+        f'<line class="chart-axis" x1="{left:.1f}" y1="{bottom:.1f}" x2="{left + plot_w:.1f}" '
+        f'y2="{bottom:.1f}"/>'
+    )
+    out.append(
+        f'<line class="chart-axis" x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" '
+        f'y2="{bottom:.1f}"/>'
+    )
+    step = next((s for s in TIME_STEPS if span / s <= 6), TIME_STEPS[-1])
+    pattern = "%H:%M" if step >= 60 else "%H:%M:%S"
+    tick = math.ceil(start.timestamp() / step) * step
+    while tick <= end.timestamp():
+        at = datetime.fromtimestamp(tick, start.tzinfo)
+        x = x_at(at)
+        out.append(
+            f'<line class="chart-axis" x1="{x:.1f}" y1="{bottom:.1f}" x2="{x:.1f}" '
+            f'y2="{bottom + 4:.1f}"/>'
+        )
+        out.append(
+            f'<text class="chart-tick chart-xtick" x="{x:.1f}" y="{bottom + 16:.1f}" '
+            f'text-anchor="middle">{at.strftime(pattern)}</text>'
+        )
+        tick += step
+    zone = start.tzname() or ""
+    out.append(
+        f'<text class="chart-label" x="{left + plot_w / 2:.1f}" y="{PANEL_H - 6:.1f}" '
+        f'text-anchor="middle">time{escape(f" ({zone})" if zone else "")}</text>'
+    )
+    mid = top + plot_h / 2
+    out.append(
+        f'<text class="chart-label" x="{x0 + 14:.1f}" y="{mid:.1f}" text-anchor="middle" '
+        f'transform="rotate(-90 {x0 + 14:.1f} {mid:.1f})">{escape(y_label)}</text>'
+    )
+    for at, label in markers:
+        x = x_at(at)
+        out.append(
+            f'<line class="chart-marker" data-marker="{escape(label)}" x1="{x:.1f}" '
+            f'y1="{top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" stroke="#868e96" '
+            f'stroke-dasharray="2 3"/>'
+        )
+        out.append(
+            f'<text class="chart-tick" x="{x + 3:.1f}" y="{top + 9:.1f}">{escape(label)}</text>'
+        )
+    for line in lines:
+        color = escape(line["color"])
+        dash = ' stroke-dasharray="4 3"' if line["light"] else ""
+        segments: list[list[tuple[float, float]]] = [[]]
+        for at, value in line["points"]:
+            if value is None:
+                segments.append([])
+            else:
+                segments[-1].append((x_at(at), y_at(value)))
+        for segment in segments:
+            if len(segment) > 1:
+                path = " ".join(f"{x:.1f},{y:.1f}" for x, y in segment)
+                out.append(
+                    f'<polyline class="chart-line" data-series="{escape(line["series"])}" '
+                    f'fill="none" stroke="{color}" stroke-width="1.6"{dash} points="{path}"/>'
+                )
+        marked = [(t, v) for t, v in line["points"] if v is not None]
+        if len(marked) > MAX_POINT_MARKS:
+            continue
+        for at, value in marked:
+            tooltip = f"{line['name']} · {at.strftime('%H:%M:%S')}: {_fmt(value)} {unit}"
+            out.append(
+                f'<circle class="chart-point" data-series="{escape(line["series"])}" '
+                f'data-time="{at.isoformat()}" data-value="{_fmt(value)}" '
+                f'cx="{x_at(at):.1f}" cy="{y_at(value):.1f}" r="2.5" fill="{color}">'
+                f"<title>{escape(tooltip)}</title></circle>"
+            )
+    out.append("</g>")
+    return out
+
+
+def serving_chart_svg(
+    points: list[dict], markers: list[tuple[datetime, str]], start: datetime, end: datetime
+) -> str:
+    """Traffic, errors and latency of one pool against time, as one SVG document; "" if none.
+
+    ``points`` are dicts with ``at`` (a datetime) and the per-minute rates ``requests``,
+    ``errors_4xx`` and ``errors_5xx`` and ``p50_ms``/``p99_ms`` (None when nothing was answered);
+    a dict whose ``at`` is None is a gap. Series: ``requests``, ``4xx``, ``5xx``, ``p50``, ``p99``.
+    """
+    if not any(p["at"] is not None for p in points):
+        return ""
+
+    def line(series: str, key: str, color: str, light: bool = False) -> dict:
+        values = [(p["at"], p[key] if p["at"] is not None else None) for p in points]
+        return {"series": series, "name": series, "color": color, "light": light, "points": values}
+
+    blue, red, orange = PALETTE[0], "#c92a2a", PALETTE[2]
+    panels = (
+        ("Traffic", "requests/min", [line("requests", "requests", blue)], "req/min"),
+        (
+            "Errors",
+            "answers/min",
+            [line("5xx", "errors_5xx", red), line("4xx", "errors_4xx", orange, True)],
+            "/min",
+        ),
+        (
+            "Latency",
+            "ms",
+            [line("p50", "p50_ms", blue), line("p99", "p99_ms", blue, True)],
+            "ms",
+        ),
+    )
+    width = 3 * PANEL_W + 2 * GAP
+    height = PANEL_H + 18
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="bench-chart serving-chart" role="img" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'preserveAspectRatio="xMinYMin meet" data-testid="serving-chart">',
+        "<title>Requests per minute, errors per minute and latency over time</title>",
+    ]
+    for i, (title, y_label, lines, unit) in enumerate(panels):
+        out += _time_panel(
+            x0=i * (PANEL_W + GAP),
+            title=title,
+            y_label=y_label,
+            start=start,
+            end=end,
+            lines=lines,
+            markers=markers,
+            unit=unit,
+        )
+    out += _legend(
+        [(blue, "requests, p50"), (red, "5xx")],
+        PANEL_H + 10,
+        "lighter dashed: 4xx, p99 · dotted lines: version changes",
+    )
     out.append("</svg>")
     return "\n".join(out)

@@ -15,8 +15,10 @@ from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.registry.charts import latency_chart_svg
 from r1platform.registry.forms import UploadForm
+from r1platform.registry.history import benchmark_history
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
+from r1platform.serving.history import serving_history
 
 PAGE_SIZE = 25
 RECENT_JOBS = 10
@@ -126,8 +128,13 @@ def model_upload(request):
 
 
 @login_required
+@vary_on_headers("HX-Request", "HX-Target")
 def model_detail(request, pk: int):
     model = _get_model_for_user(request, pk)
+    if request.htmx and request.htmx.target == "serving-section":
+        # The serving section refreshing itself: only its own query.
+        context = {"model": model, "serving": serving_history(model)}
+        return render(request, "registry/model_detail.html#serving-section", context)
     versions = list(
         model.versions.select_related("job")
         .defer("inputs", "outputs", "details", "metrics")
@@ -148,6 +155,8 @@ def model_detail(request, pk: int):
         "versions": versions,
         "lineage": _lineage(versions),
         "jobs": jobs,
+        "serving": serving_history(model),
+        "history": benchmark_history(model),
     }
     return render(request, "registry/model_detail.html", context)
 

@@ -155,3 +155,20 @@ class ScheduleRun(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.pk} of {self.schedule}: {self.decision}"
+
+
+class BeatLease(models.Model):
+    """Who may send scheduled tasks: the one beat process whose lease has not expired.
+
+    ``schedules.beat.LeaderScheduler`` takes the row with a conditional UPDATE (free when expired,
+    or already its own) and renews it on every tick; a second beat started by mistake finds it
+    held and sends nothing until the first stops renewing.
+    """
+
+    name = models.CharField(max_length=40, primary_key=True)
+    holder = models.CharField(max_length=200, blank=True)
+    expires_at = models.DateTimeField()
+    acquired_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"beat lease {self.name}: {self.holder or 'free'} until {self.expires_at}"

@@ -12,6 +12,9 @@
 
 Model names are a team's registered model names: a token sees only its own team's models, and
 another team's model does not exist for it (404). Errors are ``{"error": "..."}``.
+
+Every answer of a served model is also counted in the serving history (``serving.stats``), which
+a thread writes to the database per window for the model page's charts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 import orjson
+from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,7 +49,8 @@ from r1platform.serving.protocol import (
     parse_infer_request,
 )
 from r1platform.serving.runtime import ModelRuntime, ServedModel
-from r1platform.serving.source import ModelSource
+from r1platform.serving.source import ModelSource, ModelSpec
+from r1platform.serving.stats import ServingStats, WindowFlusher
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ class ServingOptions:
     batching: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     poll_seconds: float = 1.0
+    # How often the serving history is written (None: R1_SERVING_STATS_SECONDS).
+    stats_seconds: float | None = None
 
 
 class ServingError(Exception):
@@ -81,6 +88,7 @@ def json_response(payload: object) -> Response:
 class _Api:
     def __init__(self, runtime: ModelRuntime, metrics: ServingMetrics, options: ServingOptions):
         self.runtime, self.metrics, self.options = runtime, metrics, options
+        self.stats = runtime.stats
         try:
             self.server_version = package_version("r1platform")
         except PackageNotFoundError:
@@ -127,9 +135,11 @@ class _Api:
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()
         label, version, status = "", "", 500
+        spec: ModelSpec | None = None
         try:
             served = self._find(request)  # unknown or not ready: answered before the body
-            label, version = served.spec.label, str(served.spec.version)
+            spec = served.spec
+            label, version = spec.label, str(spec.version)
             _ready(served)
             body = await self._body(request)
             header_length = request.headers.get(JSON_LENGTH_HEADER)
@@ -141,7 +151,8 @@ class _Api:
             # From here to submit nothing awaits, so the request joins the engine it was checked
             # against, and a swap cannot slip in between.
             served = _ready(self._find(request))
-            label, version = served.spec.label, str(served.spec.version)
+            spec = served.spec
+            label, version = spec.label, str(spec.version)
             assert served.engine is not None and served.batcher is not None
             check_request(parsed, served.inputs, served.output_names)
             arrays = served.engine.validate(parsed.inputs)
@@ -163,8 +174,10 @@ class _Api:
             return error_response(status, f"the model failed on this request: {exc}")
         finally:
             self.metrics.requests.labels(label, version, str(status)).inc()
-            if label:
-                self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            if spec is not None:
+                elapsed = time.perf_counter() - started
+                self.metrics.latency.labels(label).observe(elapsed)
+                self.stats.observe(spec, status, elapsed)
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -217,9 +230,12 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     """The HTTP app for ``source``'s models; its poller starts and stops with the app."""
     options = options or ServingOptions()
     metrics = ServingMetrics()
+    stats = ServingStats()
     runtime = ModelRuntime(
-        source, metrics, batching=options.batching, poll_seconds=options.poll_seconds
+        source, metrics, batching=options.batching, poll_seconds=options.poll_seconds, stats=stats
     )
+    stats_seconds = options.stats_seconds or settings.R1_SERVING_STATS_SECONDS
+    flusher = WindowFlusher(stats, source, stats_seconds, live=runtime.ready_specs)
     api = _Api(runtime, metrics, options)
     models, versions = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     # Routes are matched in order: inference, the hot path, first.
@@ -239,10 +255,13 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime.start(asyncio.get_running_loop())
+        flusher.start()
         try:
             yield
         finally:
             await runtime.stop()
+            # After the drain, so the last window holds the answers the drain gave.
+            await asyncio.to_thread(flusher.stop)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -252,4 +271,5 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.stats_flusher = flusher
     return app

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class DynamicBatcher:
         max_rows: int,
         max_queue_delay_s: float,
         metrics: ServingMetrics,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self._batching = batching and max_rows > 1
@@ -61,6 +63,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine {label}")
         self._batch_size = metrics.batch_size.labels(label)
         self._depth = metrics.queue_depth.labels(label)
+        self._on_batch = on_batch  # the serving history's batch count (rows per engine run)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[Outputs]:
@@ -159,7 +162,10 @@ class DynamicBatcher:
 
     def _call(self, feeds: dict[str, np.ndarray]) -> Outputs:
         batched = [a for a in feeds.values() if a.ndim]
-        self._batch_size.observe(batched[0].shape[0] if batched else 1)
+        rows = batched[0].shape[0] if batched else 1
+        self._batch_size.observe(rows)
+        if self._on_batch is not None:
+            self._on_batch(rows)
         return self.engine.run(feeds)
 
 

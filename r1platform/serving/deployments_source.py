@@ -1,19 +1,31 @@
 """The ``ModelSource`` of `manage.py serve`: one pool's deployments at one stage, and the tokens.
 
 Read by the serving process's poller thread once a second: two small queries, the deployments
-(with their versions and pool) and every API token's hash and team.
+(with their versions and pool) and every API token's hash and team. The stats thread writes the
+serving history here too (``record_windows``), on its own connection.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from datetime import UTC, datetime, timedelta
+
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.utils import timezone
 
 from pipelines.backends import cache_root_for
 from r1platform.accounts.models import ApiToken
-from r1platform.deployments.models import Deployment, Stage
+from r1platform.deployments.models import Deployment, ServingPool, Stage
 from r1platform.registry.services import version_artifact
+from r1platform.serving.models import ServingWindow
 from r1platform.serving.source import ModelSpec
+from r1platform.serving.stats import Window
+
+# Serving history older than this is deleted by the process that wrote it.
+KEEP_DAYS = 30
+PRUNE_EVERY_SECONDS = 3600
 
 
 def model_spec(deployment: Deployment) -> ModelSpec:
@@ -32,6 +44,28 @@ def model_spec(deployment: Deployment) -> ModelSpec:
         max_batch_size=pool.max_batch_size,
         max_queue_delay_ms=pool.max_queue_delay_ms,
         cache_root=cache_root_for(settings.R1_WORK_DIR / "serving"),
+        model_id=deployment.model_id,
+        version_id=version.pk,
+    )
+
+
+def window_row(window: Window, pool_id: int, stage: str) -> ServingWindow:
+    return ServingWindow(
+        pool_id=pool_id,
+        stage=stage,
+        model_id=window.spec.model_id,
+        version_id=window.spec.version_id,
+        started_at=datetime.fromtimestamp(window.started, UTC),
+        seconds=window.seconds,
+        requests=window.requests,
+        errors_4xx=window.errors_4xx,
+        errors_5xx=window.errors_5xx,
+        p50_ms=window.quantile_ms(0.50),
+        p95_ms=window.quantile_ms(0.95),
+        p99_ms=window.quantile_ms(0.99),
+        batches=window.batches,
+        batch_rows=window.batch_rows,
+        latency_histogram={str(k): v for k, v in sorted(window.latency.items())},
     )
 
 
@@ -44,6 +78,8 @@ def pool_deployments(pool: str, stage: str = Stage.PRODUCTION):  # -> QuerySet[D
 class DeploymentSource:
     def __init__(self, pool: str, stage: str = Stage.PRODUCTION) -> None:
         self.pool, self.stage = pool, stage
+        self._pool_id: int | None = None
+        self._pruned_at = -math.inf
 
     def models(self) -> list[ModelSpec]:
         # The poller thread lives for the whole process: drop a connection the server closed.
@@ -52,6 +88,20 @@ class DeploymentSource:
 
     def token_teams(self) -> dict[str, int]:
         return dict(ApiToken.objects.values_list("token_hash", "team_id"))
+
+    def record_windows(self, windows: list[Window]) -> None:
+        """One ``ServingWindow`` row per model version; rows past ``KEEP_DAYS`` go, hourly."""
+        # The stats thread lives for the whole process: drop a connection the server closed.
+        close_old_connections()
+        if self._pool_id is None:
+            self._pool_id = ServingPool.objects.values_list("pk", flat=True).get(name=self.pool)
+        rows = [window_row(w, self._pool_id, self.stage) for w in windows if w.spec.version_id]
+        ServingWindow.objects.bulk_create(rows)
+        now = time.monotonic()
+        if now - self._pruned_at > PRUNE_EVERY_SECONDS:
+            cutoff = timezone.now() - timedelta(days=KEEP_DAYS)
+            ServingWindow.objects.filter(pool_id=self._pool_id, started_at__lt=cutoff).delete()
+            self._pruned_at = now
 
     def close(self) -> None:
         connection.close()

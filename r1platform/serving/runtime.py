@@ -16,6 +16,7 @@ failure is logged and counted, and the same revision is not tried again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from r1platform.serving.batcher import DynamicBatcher
 from r1platform.serving.metrics import ServingMetrics
 from r1platform.serving.protocol import PLATFORMS, tensor_metadata
 from r1platform.serving.source import ModelSource, ModelSpec
+from r1platform.serving.stats import ServingStats
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +152,11 @@ class ModelRuntime:
         *,
         batching: bool = True,
         poll_seconds: float = 1.0,
+        stats: ServingStats | None = None,
     ) -> None:
         self.source = source
         self.metrics = metrics
+        self.stats = stats or ServingStats()
         self.batching = batching
         self.poll_seconds = poll_seconds
         # Read by the event loop, replaced whole by the loop (models) or the poller (tokens).
@@ -172,6 +176,10 @@ class ModelRuntime:
 
     def lookup(self, team_id: int, name: str) -> ServedModel | None:
         return self._models.get((team_id, name))
+
+    def ready_specs(self) -> list[ModelSpec]:
+        """The models answering now (read from the stats thread: the dict is replaced whole)."""
+        return [m.spec for m in self._models.values() if m.ready]
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -250,6 +258,7 @@ class ModelRuntime:
                 max_rows=served.engine.batch_range[1],
                 max_queue_delay_s=spec.max_queue_delay_ms / 1000,
                 metrics=self.metrics,
+                on_batch=functools.partial(self.stats.observe_batch, spec),
             )
         self._models = {**self._models, key: served}
         if current is not None:

@@ -12,10 +12,13 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipelines.core import Artifact
 from r1platform.accounts.models import hash_token
+
+if TYPE_CHECKING:
+    from r1platform.serving.stats import Window
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ModelSpec:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     cache_root: Path | None = None
+    # The registry rows served, for the serving history (0 when not from the registry).
+    model_id: int = 0
+    version_id: int = 0
 
     @property
     def key(self) -> tuple[int, str]:
@@ -70,8 +76,12 @@ class ModelSource(Protocol):
         """The team of every API token that may call, keyed by the token's sha256."""
         ...
 
+    def record_windows(self, windows: list[Window]) -> None:
+        """Keep the serving history's closed windows (``serving.stats``); from its own thread."""
+        ...
+
     def close(self) -> None:
-        """Release what the poller thread held (a database connection)."""
+        """Release what the calling thread held (a database connection)."""
         ...
 
 
@@ -93,6 +103,9 @@ class StaticModelSource:
 
     def token_teams(self) -> dict[str, int]:
         return dict(self._tokens)
+
+    def record_windows(self, windows: list[Window]) -> None:
+        pass  # no database: a static list keeps no serving history
 
     def close(self) -> None:
         pass

@@ -71,6 +71,9 @@ class Worker(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(default=timezone.now, db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    # The GPUs' last sample, taken at the last beat (``gpu_workers.nvml.GpuSample.as_dict``
+    # each); empty on a worker without a GPU. /metrics and the workers page read it.
+    gpus = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["hostname"]

@@ -50,10 +50,17 @@ def report_worker(
     return worker
 
 
-def beat(hostname: str) -> None:
-    """A worker is alive: its last beat, and its profiles', is now."""
+def beat(hostname: str, gpus: Iterable[dict] | None = None) -> None:
+    """A worker is alive: its last beat, and its profiles', is now.
+
+    ``gpus`` is the worker's GPU sample (``gpu_workers.nvml``), stored as its last; None leaves
+    the stored sample as it is.
+    """
     now = timezone.now()
-    Worker.objects.filter(hostname=hostname).update(last_seen=now, stopped_at=None)
+    values: dict[str, object] = {"last_seen": now, "stopped_at": None}
+    if gpus is not None:
+        values["gpus"] = list(gpus)
+    Worker.objects.filter(hostname=hostname).update(**values)
     HardwareProfile.objects.filter(workers__hostname=hostname).update(last_seen=now)
 
 

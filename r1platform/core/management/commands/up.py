@@ -18,13 +18,18 @@ from django.utils import timezone
 
 from gpu_workers.queues import Queue
 from r1platform.core.demo import DEMO_PASSWORD, DEMO_USER, seed_demo
+from r1platform.monitoring.multiprocess import ENV as METRICS_ENV
+from r1platform.monitoring.multiprocess import wipe as wipe_metrics
 from r1platform.workers.services import live_workers
 
 READY_TIMEOUT = 60.0
 
 
 class Command(BaseCommand):
-    help = "Start the dashboard, a Celery worker and MLflow's UI together; Ctrl-C stops them all."
+    help = (
+        "Start the dashboard, a Celery worker, beat and MLflow's UI together; "
+        "Ctrl-C stops them all."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=8000, help="dashboard port (8000)")
@@ -61,6 +66,12 @@ class Command(BaseCommand):
         py = sys.executable
         root = Path(settings.BASE_DIR)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # One machine, one PID namespace: web, worker and beat share one metrics folder, wiped
+        # here as prometheus-client requires (an earlier run's files would add to this one's).
+        metrics_dir = Path(settings.R1_HOME) / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        wipe_metrics(metrics_dir, recursive=True)
+        env[METRICS_ENV] = str(metrics_dir)
         queues = [Queue.CPU.value]
         if _has_cuda():
             queues.append(Queue.GPU.value)
@@ -68,7 +79,12 @@ class Command(BaseCommand):
             "web": [py, "manage.py", "runserver", f"{host}:{port}", "--noreload"],
             "worker": [
                 py, "-m", "celery", "-A", "r1platform", "worker", "-Q", ",".join(queues),
-                "-c", "1", "-n", "worker@%h", "--loglevel", "INFO",
+                "-c", "2", "-n", "worker@%h", "--loglevel", "INFO",
+            ],
+            # Exactly one beat: the reaper every minute and every schedule's ticks.
+            "beat": [
+                py, "-m", "celery", "-A", "r1platform", "beat", "--loglevel", "INFO",
+                "-s", str(Path(settings.R1_HOME) / "celerybeat-schedule"),
             ],
         }  # fmt: skip
         uri = settings.MLFLOW_TRACKING_URI

@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import os
+
+# One process with its own registry, scraped on its own port: prometheus-client's multiprocess
+# mode (chosen when it is first imported, below) stays off even where the platform's web and
+# workers run with it (r1platform.monitoring), or every ServingMetrics would share one file.
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 

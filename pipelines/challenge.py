@@ -1,0 +1,121 @@
+"""Champion/challenger: score two models on the same rows of a dataset with the task's metric.
+
+A scheduled retraining run asks this once its challenger is certified: both models run over the
+same evaluation split (the dataset's seeded permutation, so the rows are the ones every stage
+sees), and the task's primary metric (``pipelines.metrics.primary_metric``) is computed for each.
+Deciding what the numbers mean (the margin, the promotion) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.core import Artifact, DatasetRef, PipelineError
+
+__all__ = ["Challenge", "challenge", "score"]
+
+_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Both scores on one split; ``margin_won`` applies the direction of the metric."""
+
+    metric: str
+    higher_is_better: bool
+    champion: float
+    challenger: float
+    split: str
+    rows: int
+
+    def improvement(self) -> float:
+        """How much better the challenger is, in the metric's units (negative: worse)."""
+        delta = self.challenger - self.champion
+        return delta if self.higher_is_better else -delta
+
+    def margin_won(self, margin: float) -> bool:
+        """Whether the challenger beats the champion by at least ``margin``."""
+        # A rounding hair under the margin (0.96 - 0.95 is 0.00999...) still counts as reaching it.
+        return self.improvement() >= margin - 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _outputs(artifact: Artifact, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The model's first output for every row: ``predict`` where it runs the format, else the
+    engine (TensorRT, AOTInductor) in batches it accepts, so the engine that serves is scored."""
+    from pipelines.metrics import PREDICT_FORMATS, predict
+
+    if artifact.format in PREDICT_FORMATS:
+        return predict(artifact, inputs, _BATCH)
+    from pipelines.engines import load_engine
+
+    engine = load_engine(artifact, "auto")
+    low, high = engine.batch_range or (1, _BATCH)
+    step = max(low, min(high, _BATCH))
+    rows = len(next(iter(inputs.values()))) if inputs else 0
+    parts: list[np.ndarray] = []
+    for start in range(0, rows, step):
+        chunk = {name: array[start : start + step] for name, array in inputs.items()}
+        real = len(next(iter(chunk.values())))
+        if real < low:  # a fixed-batch engine: pad with the last row, drop the extra outputs
+            chunk = {
+                n: np.concatenate([a, np.repeat(a[-1:], low - real, 0)]) for n, a in chunk.items()
+            }
+        out = engine.run(chunk)
+        first = out[engine.output_names[0]] if engine.output_names else next(iter(out.values()))
+        parts.append(np.asarray(first)[:real])
+    if not parts:
+        return np.empty((0,), dtype=np.float32)
+    return np.concatenate(parts, axis=0)
+
+
+def score(
+    artifact: Artifact, dataset: DatasetRef, split: str, task: str
+) -> tuple[str, bool, float, int]:
+    """(metric, higher_is_better, value, rows) of one model on a split of a dataset.
+
+    The dataset needs a target column: without expected outputs there is nothing to tell a better
+    model from a worse one. Raises PipelineError with the reason otherwise.
+    """
+    from pipelines.datasets import load_split
+    from pipelines.engines import input_specs
+    from pipelines.metrics import primary_metric, task_metrics
+
+    metric, higher_is_better = primary_metric(task)
+    # An empty split is refused here: load_split cannot cut a split of no rows.
+    fraction = 1.0 if split == "all" else float((dataset.splits or {}).get(split, 0.0) or 0.0)
+    data = load_split(dataset, split, input_specs(artifact)) if fraction > 0 else None
+    if data is None or data.rows == 0:
+        raise PipelineError(
+            f"the {split} split of dataset {dataset.id} has no rows; pick another split or give "
+            "it a larger fraction"
+        )
+    if data.targets is None:
+        raise PipelineError(
+            f"dataset {dataset.id} has no target column, so {metric} cannot be computed on it"
+        )
+    metrics = task_metrics(task, _outputs(artifact, data.inputs), data.targets, top_k=(1,))
+    value = metrics.get(metric)
+    if value is None or not math.isfinite(value):
+        raise PipelineError(f"{artifact.key} gives no finite {metric} on dataset {dataset.id}")
+    return metric, higher_is_better, float(value), data.rows
+
+
+def challenge(
+    champion: Artifact, challenger: Artifact, dataset: DatasetRef, split: str, task: str
+) -> Challenge:
+    """Score ``champion`` and ``challenger`` on the same ``split`` of ``dataset`` for ``task``.
+
+    Each model reads the split mapped onto its own inputs (an INT8 model and its FP32 parent may
+    name them differently), so both see the same rows. PipelineError when either cannot run.
+    """
+    metric, higher, champion_value, rows = score(champion, dataset, split, task)
+    _, _, challenger_value, _ = score(challenger, dataset, split, task)
+    return Challenge(metric, higher, champion_value, challenger_value, split, rows)

@@ -1,0 +1,127 @@
+"""A model's benchmark history: each version's numbers, and what got faster or slower.
+
+Each version is represented by the rows of its newest benchmarking job (as on the version
+page). A version is compared with its parent in the lineage at the same batch size on the same
+device (hardware): the backend may differ, since a version is often another format of its
+parent (TorchScript exported to ONNX). Where one version has several rows for a batch size and
+device, the fastest stands for it. Speedup is the parent's p50 over the version's: above 1 is
+faster. Within ``SAME_WITHIN`` of 1 it is the same, given that benchmark windows agree only
+within 10%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1platform.registry.charts import version_history_svg
+from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
+
+SAME_WITHIN = 0.05
+
+Key = tuple[int, str]  # batch size, device
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One version against its parent at one batch size and device."""
+
+    version: ModelVersion
+    parent: ModelVersion
+    batch_size: int
+    device: str
+    backend: str
+    parent_backend: str
+    p50_ms: float
+    parent_p50_ms: float
+    throughput: float
+    parent_throughput: float
+
+    @property
+    def speedup(self) -> float:
+        return self.parent_p50_ms / self.p50_ms
+
+    @property
+    def throughput_ratio(self) -> float | None:
+        return self.throughput / self.parent_throughput if self.parent_throughput > 0 else None
+
+    @property
+    def verdict(self) -> str:
+        if self.speedup > 1 + SAME_WITHIN:
+            return "faster"
+        if self.speedup < 1 / (1 + SAME_WITHIN):
+            return "slower"
+        return "same"
+
+
+@dataclass
+class BenchmarkHistory:
+    rows: list[BenchmarkResult]  # per version, batch size and device: the fastest row
+    comparisons: list[Comparison]
+    chart: str  # markup from version_history_svg, which escapes all its text
+
+
+def newest_rows(rows: list[BenchmarkResult]) -> dict[int, dict[Key, BenchmarkResult]]:
+    """Per version id, its newest job's fastest row at each (batch size, device)."""
+    newest_job: dict[int, tuple] = {}
+    for r in rows:
+        mark = (r.job.created_at, r.job_id)
+        if r.version_id not in newest_job or mark > newest_job[r.version_id]:
+            newest_job[r.version_id] = mark
+    kept: dict[int, dict[Key, BenchmarkResult]] = {}
+    for r in rows:
+        if r.job_id != newest_job[r.version_id][1] or r.p50_ms <= 0:
+            continue
+        by_key = kept.setdefault(r.version_id, {})
+        key = (r.batch_size, r.device)
+        if key not in by_key or r.p50_ms < by_key[key].p50_ms:
+            by_key[key] = r
+    return kept
+
+
+def benchmark_history(model: RegisteredModel) -> BenchmarkHistory:
+    """The model's versions' benchmark numbers side by side, each against its parent."""
+    rows = list(
+        BenchmarkResult.objects.filter(version__model=model).select_related("job", "version")
+    )
+    kept = newest_rows(rows)
+    versions = {r.version_id: r.version for r in rows}
+    comparisons: list[Comparison] = []
+    for version_id, by_key in kept.items():
+        version = versions[version_id]
+        parent_rows = kept.get(version.parent_id or 0, {})
+        for key, row in by_key.items():
+            base = parent_rows.get(key)
+            if base is None:
+                continue
+            comparisons.append(
+                Comparison(
+                    version=version,
+                    parent=versions[base.version_id],
+                    batch_size=row.batch_size,
+                    device=row.device,
+                    backend=row.backend,
+                    parent_backend=base.backend,
+                    p50_ms=row.p50_ms,
+                    parent_p50_ms=base.p50_ms,
+                    throughput=row.throughput,
+                    parent_throughput=base.throughput,
+                )
+            )
+    comparisons.sort(key=lambda c: (-c.version.number, c.batch_size, c.device))
+    flat = sorted(
+        (r for by_key in kept.values() for r in by_key.values()),
+        key=lambda r: (r.version.number, r.batch_size, r.device),
+    )
+    chart_rows = [
+        {
+            "version": r.version.number,
+            "batch_size": r.batch_size,
+            "device": r.device,
+            "p50_ms": r.p50_ms,
+            "throughput": r.throughput,
+        }
+        for r in flat
+    ]
+    return BenchmarkHistory(
+        rows=flat, comparisons=comparisons, chart=version_history_svg(chart_rows)
+    )

@@ -1,0 +1,203 @@
+"""The model page's charts: the production serving history per pool, and the benchmark history
+across versions with what got faster or slower against each version's parent."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from r1platform.deployments.models import ServingPool
+from r1platform.jobs.models import JobStatus
+from r1platform.registry.history import benchmark_history
+from r1platform.registry.models import BenchmarkResult, ModelVersion
+from r1platform.serving.history import serving_history
+from r1platform.serving.models import ServingWindow
+from r1platform.serving.stats import latency_bucket
+from r1platform.workers.models import HardwareProfile
+from tests import test_dashboard as dashboard
+from tests.test_dashboard import make_job, make_model, make_version
+
+# Fixtures of the dashboard tests, registered here by name.
+team_a = dashboard.team_a
+alice = dashboard.alice
+alice_client = dashboard.alice_client
+
+CPU = "cpu: Test Xeon"
+
+
+@pytest.fixture
+def pool(db) -> ServingPool:
+    profile = HardwareProfile.objects.create(
+        key="onnxruntime-cpu-charts",
+        backend="onnxruntime",
+        backend_version="1.0",
+        device_kind="cpu",
+        device_name="Test Xeon",
+    )
+    return ServingPool.objects.create(name="cpu-charts", profile=profile)
+
+
+def window(pool, version: ModelVersion, minutes_ago: float, requests: int, **kw) -> ServingWindow:
+    """A one-minute window of ``requests`` answered in ``latency_ms`` each."""
+    latency_ms = kw.pop("latency_ms", 4.0)
+    return ServingWindow.objects.create(
+        pool=pool,
+        stage=kw.pop("stage", "production"),
+        model=version.model,
+        version=version,
+        started_at=timezone.now() - timedelta(minutes=minutes_ago),
+        seconds=60.0,
+        requests=requests,
+        latency_histogram={str(latency_bucket(latency_ms)): requests} if requests else {},
+        p50_ms=latency_ms if requests else None,
+        p99_ms=latency_ms if requests else None,
+        **kw,
+    )
+
+
+def bench(version: ModelVersion, job, batch: int, p50: float, device: str = CPU, **kw):
+    return BenchmarkResult.objects.create(
+        version=version,
+        job=job,
+        backend=kw.pop("backend", "onnxruntime"),
+        device=device,
+        batch_size=batch,
+        p50_ms=p50,
+        p95_ms=p50 * 1.2,
+        p99_ms=p50 * 1.5,
+        throughput=kw.pop("throughput", batch * 1000 / p50),
+        iterations=100,
+    )
+
+
+@pytest.fixture
+def lineage(team_a):
+    """v1 (FP32) with two children: v2 (2x faster at batch 1, slower at 8), v3 (the same)."""
+    model = make_model(team_a, "charted")
+    v1 = make_version(model)
+    v2 = make_version(model, parent=v1, precision="int8")
+    v3 = make_version(model, parent=v1, precision="fp16")
+    job1 = make_job(v1, status=JobStatus.SUCCEEDED)
+    bench(v1, job1, 1, 2.0)
+    bench(v1, job1, 8, 10.0)
+    stale = make_job(v2, status=JobStatus.SUCCEEDED)
+    bench(v2, stale, 1, 50.0)  # an older job's row: the newest job stands for v2
+    job2 = make_job(v2, status=JobStatus.SUCCEEDED)
+    bench(v2, job2, 1, 1.0)
+    bench(v2, job2, 8, 12.5)
+    bench(v2, job2, 1, 0.2, device="cuda: Test GPU", backend="onnxruntime-cuda")  # no pair
+    job3 = make_job(v3, status=JobStatus.SUCCEEDED)
+    bench(v3, job3, 1, 1.96)
+    return model, v1, v2, v3
+
+
+def test_the_faster_slower_table_compares_each_version_with_its_parent(lineage):
+    model, v1, v2, v3 = lineage
+
+    history = benchmark_history(model)
+
+    found = {
+        (c.version.number, c.parent.number, c.batch_size): (round(c.speedup, 3), c.verdict)
+        for c in history.comparisons
+    }
+    assert found == {
+        (2, 1, 1): (2.0, "faster"),
+        (2, 1, 8): (0.8, "slower"),
+        (3, 1, 1): (round(2.0 / 1.96, 3), "same"),
+    }
+    assert len(history.rows) == 6  # v1 x2, v2 x3 (cpu 1, cpu 8, cuda 1), v3 x1
+
+
+def test_the_model_page_charts_serving_and_benchmark_history(alice_client, lineage, pool):
+    model, v1, v2, _ = lineage
+    window(pool, v1, 30, 120, errors_5xx=6, errors_4xx=3, batches=60, batch_rows=120)
+    window(pool, v1, 29, 90, latency_ms=8.0)
+    window(pool, v1, 28, 30)  # the flush that saw the swap: the old version draining...
+    window(pool, v2, 28, 60, latency_ms=2.0)  # ...and the new one, at the same start
+    window(pool, v2, 27, 0)  # served, idle
+    window(pool, v2, 26, 500, stage="staging")  # another process's history: not shown
+
+    response = alice_client.get(model.get_absolute_url())
+
+    assert response.status_code == 200
+    body = response.content.decode()
+    serving = body[body.index('id="serving-section"') : body.index('id="benchmark-history"')]
+    assert 'data-testid="serving-chart"' in serving
+    assert 'data-pool="cpu-charts"' in serving
+    assert 'data-testid="serving-requests">300<' in serving
+    assert "6 5xx · 3 4xx" in serving
+    assert "serving v2" in serving
+    # One point per one-minute window, per minute: 120, 90, then both versions' 90.
+    rates = re.findall(r'data-series="requests" data-time="[^"]+" data-value="([^"]+)"', serving)
+    assert rates == ["120", "90", "90", "0"]
+    errors = re.findall(r'data-series="5xx" data-time="[^"]+" data-value="([^"]+)"', serving)
+    assert errors == ["6", "0", "0", "0"]
+    p99 = re.findall(r'data-series="p99" data-time="[^"]+" data-value="([^"]+)"', serving)
+    assert len(p99) == 3 and 7.0 < float(p99[1]) < 9.0  # the 8 ms window, to its bucket
+    assert re.findall(r'data-marker="(v\d+)"', serving) == ["v1", "v2"] * 3  # in each panel
+
+    history = body[body.index('id="benchmark-history"') :]
+    assert 'data-testid="history-chart"' in history
+    points = re.findall(
+        r'data-series="b1@cpu: Test Xeon" data-version="(\d+)" data-value="([^"]+)"',
+        history.split("Throughput")[0],
+    )
+    assert points == [("1", "2"), ("2", "1"), ("3", "1.96")]
+    rows = re.findall(r'data-version="(\d)" data-batch="(\d+)" data-verdict="(\w+)"', history)
+    assert rows == [("3", "1", "same"), ("2", "1", "faster"), ("2", "8", "slower")]
+    assert '<span class="speedup-up">2.00×</span>' in history
+    assert '<span class="speedup-down">0.80×</span>' in history
+
+
+def test_the_model_page_says_when_nothing_was_recorded(alice_client, team_a, pool):
+    model = make_model(team_a, "quiet")
+    version = make_version(model)
+    window(pool, version, 60 * 30, 100)  # a month ago: outside the last day
+
+    body = alice_client.get(model.get_absolute_url()).content.decode()
+
+    assert 'data-testid="serving-empty"' in body
+    assert "No traffic has been recorded yet" in body
+    assert 'data-testid="history-empty"' in body
+    assert "<svg" not in body
+
+
+def test_the_serving_section_refreshes_alone_over_htmx(alice_client, lineage, pool):
+    model, v1, _, _ = lineage
+    window(pool, v1, 5, 42)
+    headers = {"HX-Request": "true", "HX-Target": "serving-section"}
+
+    response = alice_client.get(model.get_absolute_url(), headers=headers)
+
+    body = response.content.decode()
+    assert body.lstrip().startswith('<section class="card" id="serving-section"')
+    assert 'hx-trigger="every 30s"' in body
+    assert 'data-testid="serving-requests">42<' in body
+    assert "Benchmark history" not in body and "Versions" not in body
+
+
+@pytest.mark.parametrize("htmx", [False, True])
+def test_another_teams_model_page_is_404(client, lineage, pool, outsider, htmx):
+    model, v1, _, _ = lineage
+    window(pool, v1, 5, 42)
+    client.force_login(outsider)
+    headers = {"HX-Request": "true", "HX-Target": "serving-section"} if htmx else {}
+
+    assert client.get(model.get_absolute_url(), headers=headers).status_code == 404
+
+
+def test_a_gap_in_the_windows_breaks_the_lines(team_a, pool):
+    model = make_model(team_a, "gappy")
+    version = make_version(model)
+    for minutes_ago in (300, 299, 298, 10, 9):  # the process was down in between
+        window(pool, version, minutes_ago, 60)
+
+    (history,) = serving_history(model)
+
+    gaps = [i for i, point in enumerate(history.points) if point["at"] is None]
+    assert len(gaps) == 1 and history.points[gaps[0] - 1]["at"] < history.points[gaps[0] + 1]["at"]
+    assert [label for _, label in history.markers] == ["v1"]
+    assert history.requests == 300
