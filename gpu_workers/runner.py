@@ -364,7 +364,7 @@ class JobRun:
 
         certification.job_ended(job)
         try:
-            from r1platform.schedules import services as schedules
+            from r1platform.schedules import runs as schedules
 
             schedules.job_ended(job)
         except Exception:  # noqa: BLE001 - the job's own outcome is already recorded

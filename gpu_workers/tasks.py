@@ -6,7 +6,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from gpu_workers import runner
-from gpu_workers.queues import Queue
 from r1platform.celery import app
 from r1platform.notifications import delivery
 
@@ -35,10 +34,11 @@ def reap() -> int:
     return len(reap_lost_workers())
 
 
-@app.task(name="r1.run_schedule", queue=Queue.CPU.value, ignore_result=True, acks_late=True)
+# On the default queue (cpu): a tick only reads the database and launches a job.
+@app.task(name="r1.run_schedule", ignore_result=True, acks_late=True)
 def run_schedule(schedule_id: int) -> None:
     """One beat tick of a schedule: launch its run, or record why not (the service says)."""
-    from r1platform.schedules import services as schedules
+    from r1platform.schedules import runs as schedules
 
     schedules.run_schedule(schedule_id, trigger="beat")
 
@@ -51,7 +51,7 @@ def run_schedule(schedule_id: int) -> None:
     reject_on_worker_lost=True,
 )
 def decide_schedule_run(run_id: int) -> None:
-    from r1platform.schedules import services as schedules
+    from r1platform.schedules import runs as schedules
 
     schedules.decide_run(run_id)
 

@@ -89,14 +89,7 @@ def score(
     from pipelines.metrics import primary_metric, task_metrics
 
     metric, higher_is_better = primary_metric(task)
-    # An empty split is refused here: load_split cannot cut a split of no rows.
-    fraction = 1.0 if split == "all" else float((dataset.splits or {}).get(split, 0.0) or 0.0)
-    data = load_split(dataset, split, input_specs(artifact)) if fraction > 0 else None
-    if data is None or data.rows == 0:
-        raise PipelineError(
-            f"the {split} split of dataset {dataset.id} has no rows; pick another split or give "
-            "it a larger fraction"
-        )
+    data = load_split(dataset, split, input_specs(artifact))  # an empty split is refused there
     if data.targets is None:
         raise PipelineError(
             f"dataset {dataset.id} has no target column, so {metric} cannot be computed on it"

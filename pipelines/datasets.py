@@ -900,6 +900,12 @@ def load_split(ref: DatasetRef, split: str, input_specs: list[TensorSpec]) -> Sp
     total = len(next(iter(values.values())))
     index = split_indices(total, fractions, seed)[split]
     rows = len(index)
+    if rows == 0:
+        # A dataset too small for its split fractions: say so instead of failing in a reshape.
+        raise PipelineError(
+            f"dataset {ref.id}: its {split} split is empty ({total} rows, fractions "
+            f"{fractions}); upload more rows or give the {split} split a larger share"
+        )
 
     inputs: dict[str, np.ndarray] = {}
     for item in plan.inputs:

@@ -335,6 +335,29 @@ def test_the_serving_process_stays_out_of_multiprocess_mode(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
+def test_serving_samples_written_inside_a_worker_stay_out_of_the_platform_metrics(tmp_path):
+    # The certification's serving probe runs the serving runtime in a worker process.
+    code = (
+        "import django; django.setup()\n"
+        "from r1platform.serving.metrics import ServingMetrics\n"
+        "from r1platform.monitoring import metrics\n"
+        "ServingMetrics().requests.labels('t/m', '1', '200').inc()\n"
+        "metrics.record_job_finished('succeeded')\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    assert any("r1_serving" in p.read_bytes().decode("latin-1") for p in tmp_path.glob("*.db"))
+
+    names = {m.name for m in collectors.ProcessFilesCollector(tmp_path).collect()}
+
+    assert "r1_jobs_finished" in names
+    assert not [n for n in names if n.startswith("r1_serving")]
+
+
 @pytest.fixture
 def prefork_worker(transactional_db, tmp_path):
     """A real worker with two pool children, in multiprocess mode, writing to a sub-folder."""

@@ -25,7 +25,7 @@ from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import finish_job
 from r1platform.registry.models import ModelVersion
 from r1platform.registry.services import register_version, upload_model
-from r1platform.schedules import services
+from r1platform.schedules import runs, services
 from r1platform.schedules.models import Decision, Schedule, ScheduleRun
 from r1platform.schedules.services import ScheduleRefused
 from r1platform.workers.services import beat
@@ -136,7 +136,7 @@ def notified(monkeypatch) -> list[tuple[str, dict]]:
 def launch(schedule: Schedule, trigger: str = "manual") -> ScheduleRun:
     beat(WORKER)  # the profile's worker is live, however long the set-up took
     with TestCase.captureOnCommitCallbacks(execute=True):  # the broker sends after commit
-        run = services.run_schedule(schedule.pk, trigger=trigger)
+        run = runs.run_schedule(schedule.pk, trigger=trigger)
     assert run is not None
     return run
 
@@ -160,7 +160,7 @@ def produce(run: ScheduleRun, source: Path, *, failing: CheckId | None = None) -
     record_suite(job, made, report)
     finish_job(job, JobStatus.SUCCEEDED)
     with TestCase.captureOnCommitCallbacks(execute=True):
-        services.job_ended(job)
+        runs.job_ended(job)
     return made
 
 
@@ -330,7 +330,7 @@ def test_it_skips_when_the_data_has_not_changed_unless_asked(
 ):
     first = launch(schedule)
     produce(first, better_onnx)
-    services.decide_run(first.pk)
+    runs.decide_run(first.pk)
     skipped = launch(schedule, trigger="beat")
     assert skipped.decision == Decision.SKIPPED
     assert skipped.reason == f"the data has not changed since run {first.pk} (mlp-data v1)"
@@ -347,10 +347,10 @@ def test_it_skips_when_the_data_has_not_changed_unless_asked(
 
 def test_a_duplicate_tick_or_a_paused_schedule_records_nothing(schedule):
     assert launch(schedule, trigger="beat").decision == Decision.RUNNING
-    assert services.run_schedule(schedule.pk, trigger="beat") is None
+    assert runs.run_schedule(schedule.pk, trigger="beat") is None
     services.update_schedule(schedule, enabled=False)
     ScheduleRun.objects.update(created_at=timezone.now() - timezone.timedelta(hours=1))
-    assert services.run_schedule(schedule.pk, trigger="beat") is None
+    assert runs.run_schedule(schedule.pk, trigger="beat") is None
     assert ScheduleRun.objects.count() == 1
 
 
@@ -358,7 +358,7 @@ def test_a_launch_refused_fails_the_run_and_notifies(schedule, notified, profile
     from r1platform.workers.models import Worker
 
     Worker.objects.update(last_seen=timezone.now() - timezone.timedelta(hours=1))
-    run = services.run_schedule(schedule.pk, trigger="manual")
+    run = runs.run_schedule(schedule.pk, trigger="manual")
     assert run.decision == Decision.FAILED and run.job is None
     assert run.reason.startswith("no live worker serves profile"), run.reason
     assert [event for event, _ in notified] == ["schedule.run.failed"]
@@ -412,7 +412,7 @@ def test_with_no_champion_the_certified_challenger_is_promoted(
     made = produce(run, better_onnx)
     assert decisions == [(run.pk, f"profile.{ort.key}")]
 
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.PROMOTED and run.reason == "no production version yet"
     assert run.challenger == made and run.champion is None and run.decided_at is not None
     deployment = Deployment.objects.get(model=schedule.model, pool=schedule.pool)
@@ -428,7 +428,7 @@ def test_with_no_champion_the_certified_challenger_is_promoted(
     json.dumps(payload)
 
     # The same decision delivered again changes nothing.
-    services.decide_run(run.pk)
+    runs.decide_run(run.pk)
     assert AuditEvent.objects.filter(action="promoted").count() == 1 and len(notified) == 1
 
 
@@ -438,7 +438,7 @@ def test_a_challenger_that_beats_the_champion_by_the_margin_is_promoted(
     serve(version, pool)
     run = launch(schedule)
     made = produce(run, better_onnx)
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.PROMOTED, run.reason
     assert run.metric == "accuracy" and run.challenger_score == 1.0
     assert run.champion == version and run.champion_score < 0.99
@@ -454,7 +454,7 @@ def test_a_challenger_that_does_not_win_by_the_margin_is_kept_and_why(
     serve(version, pool)
     run = launch(schedule)
     made = produce(run, media_path(version.file))  # the same weights: the same score
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.KEPT
     score = f"{run.champion_score:.4g}"
     assert run.challenger_score == run.champion_score
@@ -470,7 +470,7 @@ def test_a_team_that_requires_approval_gets_a_request(
     set_policy(team, approval=True)
     run = launch(schedule)
     made = produce(run, better_onnx)
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.REQUESTED
     request = PromotionRequest.objects.get()
     assert request.version == made and request.status == "pending"
@@ -484,7 +484,7 @@ def test_a_challenger_whose_certificate_failed_is_not_promoted(
 ):
     run = launch(schedule)
     made = produce(run, better_onnx, failing=CheckId.PARITY)
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.KEPT
     assert run.reason == f"challenger v{made.number}'s certificate failed (checks failed: parity)"
     assert not Deployment.objects.exists() and notified == []
@@ -496,7 +496,7 @@ def test_the_gate_refusing_keeps_the_champion_with_its_reason(
     run = launch(schedule)
     produce(run, better_onnx)
     set_policy(team, level="performance")  # raised after the challenger was certified at basic
-    run = services.decide_run(run.pk)
+    run = runs.decide_run(run.pk)
     assert run.decision == Decision.KEPT and run.reason.startswith("the gate refused")
     assert "requires performance" in run.reason and not Deployment.objects.exists()
 
@@ -512,7 +512,7 @@ def test_a_failed_job_fails_its_run_and_a_notification_error_changes_nothing(
     monkeypatch.setattr(notifications, "notify", broken)
     run = launch(schedule)
     finish_job(run.job, JobStatus.FAILED, "compile: onnxruntime could not optimize the model")
-    services.job_ended(run.job)
+    runs.job_ended(run.job)
     run.refresh_from_db()
     assert run.decision == Decision.FAILED and decisions == []
     assert run.reason == (

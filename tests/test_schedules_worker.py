@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from r1platform.deployments.models import Deployment, ServingPool
 from r1platform.jobs.models import JobStatus
-from r1platform.schedules import services
+from r1platform.schedules import runs, services
 from r1platform.schedules.models import Decision, ScheduleRun
 from r1platform.workers.models import HardwareProfile
 from tests.conftest import wait_for_job
@@ -61,7 +61,7 @@ def test_a_schedule_retrains_certifies_and_promotes(
     )  # fmt: skip
 
     # First run: no champion yet, so the certified fine-tuned model is promoted.
-    first = _decided(services.run_schedule(schedule.pk, trigger="beat"))
+    first = _decided(runs.run_schedule(schedule.pk, trigger="beat"))
     assert first.decision == Decision.PROMOTED, first.reason
     assert first.reason == "no production version yet"
     assert first.job.queue == f"profile.{key}" and first.challenger.format == "onnx"
@@ -70,14 +70,14 @@ def test_a_schedule_retrains_certifies_and_promotes(
 
     # The same data again: skipped, saying so.
     ScheduleRun.objects.update(created_at=timezone.now() - timedelta(hours=1))
-    skipped = services.run_schedule(schedule.pk, trigger="beat")
+    skipped = runs.run_schedule(schedule.pk, trigger="beat")
     assert skipped.decision == Decision.SKIPPED
     assert skipped.reason == f"the data has not changed since run {first.pk} (digits v1)"
 
     # New data: the run trains on from the champion's TorchScript parent and is scored.
     _upload_digits(api, tmp_path)
     ScheduleRun.objects.update(created_at=timezone.now() - timedelta(hours=1))
-    second = services.run_schedule(schedule.pk, trigger="beat")
+    second = runs.run_schedule(schedule.pk, trigger="beat")
     assert str(second.dataset) == "digits v2"
     assert second.job.version == first.challenger.parent  # the fine-tuned TorchScript
     second = _decided(second)

@@ -21,7 +21,7 @@ from r1platform.api.auth import team_id
 from r1platform.api.schemas import ErrorOut, StageIn
 from r1platform.deployments.models import ServingPool
 from r1platform.registry.models import RegisteredModel
-from r1platform.schedules import services
+from r1platform.schedules import runs, services
 from r1platform.schedules.models import PipelineTemplate, Schedule, ScheduleRun
 from r1platform.schedules.tables import (
     free_name,
@@ -353,7 +353,7 @@ def run_now(request: HttpRequest, schedule_id: int):
     the run recorded as skipped or failed (and its reason) when it launched none."""
     schedule = _get_schedule(request, schedule_id)
     try:
-        run = services.run_schedule(schedule.pk, trigger="manual")
+        run = runs.run_schedule(schedule.pk, trigger="manual")
     except services.ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
     if run is None:

@@ -22,6 +22,7 @@ DEMO_PASSWORD = "r1-demo-password"
 DEMO_TEAM = "demo"
 DEMO_MODEL = "digits-mlp"
 DEMO_DATASET = "digits"
+DEMO_POOL = "cpu"
 
 
 def demo_pipeline(dataset_id: int, profile: str | None = None) -> list[dict]:
@@ -87,14 +88,54 @@ def seed_demo() -> ModelVersion:
     if existing is not None:
         return existing.versions.order_by("number").first()
     version = _upload_demo_model(team, user)
+    profile = demo_profile()
     # The first page shows a real run: the worker takes this job as soon as it starts.
     launch_job(
         version=version,
         user=user,
-        stages=demo_pipeline(dataset.pk, demo_profile()),
+        stages=demo_pipeline(dataset.pk, profile),
         idempotency_key="demo-pipeline",
     )
+    if profile is not None:
+        _seed_demo_schedule(team, user, version.model, profile)
     return version
+
+
+def _seed_demo_schedule(team: Team, user: object, model: RegisteredModel, profile: str) -> None:
+    """A ``cpu`` pool on the worker's profile and a nightly retraining of the demo model there."""
+    from r1platform.deployments.models import ServingPool
+    from r1platform.schedules import services as schedules
+    from r1platform.workers.models import HardwareProfile
+
+    pool, _ = ServingPool.objects.get_or_create(
+        name=DEMO_POOL,
+        defaults={
+            "profile": HardwareProfile.objects.get(key=profile),
+            "description": "the demo worker's onnxruntime",
+        },
+    )
+    template = schedules.create_template(
+        team=team,
+        user=user,
+        name="nightly retrain",
+        description="fine-tune on the newest data, static INT8, compile (certify is added)",
+        stages=[
+            {"name": "finetune", "settings": {"epochs": 3}},
+            {"name": "quantize", "settings": {"mode": "int8_static"}},
+            {"name": "compile", "settings": {"backend": "onnxruntime"}},
+        ],
+    )
+    schedules.create_schedule(
+        team=team,
+        user=user,
+        name=f"{model.name} nightly",
+        model=model,
+        template=template,
+        dataset_name=DEMO_DATASET,
+        pool=pool,
+        cron="0 3 * * *",
+        margin=0.005,
+    )
 
 
 def _upload_demo_model(team: Team, user: object) -> ModelVersion:

@@ -64,6 +64,9 @@ class PlatformCollector:
         yield from _schedules()
 
 
+SERVING_PREFIX = "r1_serving_"
+
+
 class ProcessFilesCollector:
     """The samples every process wrote under a multiprocess folder, added up.
 
@@ -78,7 +81,14 @@ class ProcessFilesCollector:
 
     def collect(self) -> Iterable[Metric]:
         files = sorted(str(p) for p in self.path.rglob("*.db")) if self.path.is_dir() else []
-        return MultiProcessCollector.merge(files, accumulate=True)
+        # The certification's serving-contract check runs the serving runtime inside a worker,
+        # which writes serving samples here too. They are no pool's traffic: serving metrics come
+        # only from each serving process's own /metrics, where the alert rules read them.
+        return [
+            metric
+            for metric in MultiProcessCollector.merge(files, accumulate=True)
+            if not metric.name.startswith(SERVING_PREFIX)
+        ]
 
 
 class DefaultRegistryCollector:

@@ -406,7 +406,8 @@ def _time_panel(
         f'<line class="chart-axis" x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" '
         f'y2="{bottom:.1f}"/>'
     )
-    step = next((s for s in TIME_STEPS if span / s <= 6), TIME_STEPS[-1])
+    # At most four labels: three panels share the page width, and "13:12:30" is wide.
+    step = next((s for s in TIME_STEPS if span / s <= 4), TIME_STEPS[-1])
     pattern = "%H:%M" if step >= 60 else "%H:%M:%S"
     tick = math.ceil(start.timestamp() / step) * step
     while tick <= end.timestamp():

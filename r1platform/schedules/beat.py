@@ -5,7 +5,7 @@ Exactly one beat process may send scheduled tasks. Each beat holds, or waits for
 ours, and renews it on every tick, so the UPDATE's WHERE clause is the lock and no two beats can
 both believe they lead for longer than a clock skew. A second beat started by mistake stays
 standby (and says so in its log) until the first stops renewing, then takes over within
-``R1_BEAT_LEASE_SECONDS``. ``schedules.services.run_schedule`` ignores a duplicate tick anyway, so
+``R1_BEAT_LEASE_SECONDS``. ``schedules.runs.run_schedule`` ignores a duplicate tick anyway, so
 correctness does not rest on the lease alone.
 
 Set as ``CELERY_BEAT_SCHEDULER``; the static ``CELERY_BEAT_SCHEDULE`` entries (the reaper) are

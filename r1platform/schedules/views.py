@@ -12,7 +12,7 @@ from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
-from r1platform.schedules import services
+from r1platform.schedules import runs, services
 from r1platform.schedules.forms import ScheduleForm, TemplateForm
 from r1platform.schedules.models import PipelineTemplate, Schedule
 from r1platform.schedules.tables import (
@@ -149,7 +149,7 @@ def schedule_toggle(request, pk: int):
 def schedule_run(request, pk: int):
     schedule = _get_schedule_for_user(request, pk)
     try:
-        run = services.run_schedule(schedule.pk, trigger="manual")
+        run = runs.run_schedule(schedule.pk, trigger="manual")
     except services.ScheduleRefused as exc:
         _refusal(request, exc)
     else:

@@ -67,5 +67,5 @@ def test_it_refuses_an_empty_split(onnx_mlp, ts_mlp, digits):
         id="7", path=digits.path, format="csv", target="label",
         splits={"train": 0.9, "validation": 0.1, "test": 0.0, "seed": 0},
     )  # fmt: skip
-    with pytest.raises(PipelineError, match="test split of dataset 7 has no rows"):
+    with pytest.raises(PipelineError, match="dataset 7: its test split is empty"):
         challenge(onnx_mlp.artifact, ts_mlp.artifact, no_test, "test", "classification")

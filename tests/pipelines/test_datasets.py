@@ -412,6 +412,13 @@ def test_it_loads_splits_that_partition_the_rows(tmp_path: Path) -> None:
     )
 
 
+def test_it_refuses_an_empty_split_with_the_reason(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", ["a", "label"], [[1, 0], [2, 1], [3, 0]])
+    ref = ref_for(path, "csv", splits={"train": 1.0, "validation": 0.0, "test": 0.0, "seed": 0})
+    with pytest.raises(PipelineError, match="its test split is empty"):
+        load_split(ref, "test", [TensorSpec("x", ["batch", 1], "float32")])
+
+
 def test_it_refuses_an_unknown_split(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["a", "label"], [[1, 0]])
     with pytest.raises(PipelineError, match="unknown split 'dev'"):

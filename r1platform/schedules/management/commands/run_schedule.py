@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from r1platform.schedules.services import run_schedule
+from r1platform.schedules.runs import run_schedule
 
 
 class Command(BaseCommand):
