@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,14 +88,12 @@ def digits_torchscript(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mlp_onnx(tmp_path_factory) -> Path:
-    """A small ONNX classifier with a dynamic batch axis, exported from torch."""
+def export_mlp(path: Path, seed: int = 0) -> Path:
+    """A small 16 -> 4 ONNX classifier with a dynamic batch axis, exported from torch."""
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    path = tmp_path_factory.mktemp("models") / "mlp.onnx"
     torch.onnx.export(
         model.eval(),
         (torch.randn(2, 16),),
@@ -107,6 +107,11 @@ def mlp_onnx(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory) -> Path:
+    return export_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if db["ENGINE"] == "django.db.backends.sqlite3":
@@ -117,11 +122,10 @@ def _database_url() -> str:
     return f"postgres://{user}{password}@{host}/{db['NAME']}"
 
 
-@pytest.fixture
-def worker(transactional_db, tmp_path):
-    """A real Celery worker process (prefork, one child) on the test database and broker."""
-    log_path = tmp_path / "worker.log"
-    env = {
+def platform_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process (worker, beat, server) sharing this test's database,
+    broker and files."""
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": _database_url(),
@@ -129,15 +133,29 @@ def worker(transactional_db, tmp_path):
         "R1_MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "R1_WORK_DIR": str(settings.R1_WORK_DIR),
         "PYTHONUNBUFFERED": "1",
+        **extra,
     }
+
+
+@contextmanager
+def running_worker(
+    log_path: Path, *, concurrency: int = 1, prefix: str = "test", **env: str
+) -> Iterator[subprocess.Popen]:
+    """A real Celery worker process (prefork) on the test database and broker, until the block
+    ends; its log is printed after it stops."""
     cmd = [
-        sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu", "-c", "1",
-        "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-mingle", "--without-gossip",
-        "--loglevel", "INFO",
+        sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu",
+        "-c", str(concurrency), "-n", f"{prefix}-{uuid.uuid4().hex[:8]}@%h",
+        "--without-mingle", "--without-gossip", "--loglevel", "INFO",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=ROOT,
+            env=platform_env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     proc.log_path = log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + 60
@@ -147,15 +165,25 @@ def worker(transactional_db, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"the worker did not start:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.2)
-    yield proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    sys.stderr.write(f"\n--- worker log (last 3000 chars) ---\n{log_path.read_text()[-3000:]}\n")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        tail = log_path.read_text()[-3000:]
+        sys.stderr.write(f"\n--- worker log (last 3000 chars) ---\n{tail}\n")
+
+
+@pytest.fixture
+def worker(transactional_db, tmp_path):
+    """A real Celery worker process (prefork, one child) on the test database and broker."""
+    with running_worker(tmp_path / "worker.log") as proc:
+        yield proc
 
 
 def wait_for_job(job_id: int, timeout: float = 240.0):

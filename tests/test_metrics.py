@@ -4,7 +4,6 @@ bound, GPU samples, and prometheus-client's multiprocess mode under a real prefo
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
 from r1platform.workers import services
 from r1platform.workers.models import Worker
-from tests.conftest import ROOT, _database_url, wait_for_job
+from tests.conftest import ROOT, running_worker, wait_for_job
 
 URL = reverse("metrics")
 H100 = {
@@ -362,43 +361,12 @@ def test_serving_samples_written_inside_a_worker_stay_out_of_the_platform_metric
 def prefork_worker(transactional_db, tmp_path):
     """A real worker with two pool children, in multiprocess mode, writing to a sub-folder."""
     metrics_dir = tmp_path / "metrics"
-    log_path = tmp_path / "worker.log"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": _database_url(),
-        "R1_HOME": str(settings.R1_HOME),
-        "R1_MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "R1_WORK_DIR": str(settings.R1_WORK_DIR),
-        "PYTHONUNBUFFERED": "1",
-        # A folder below the one /metrics reads, as a compose service has; the worker makes it.
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir / "worker-cpu"),
-    }
-    cmd = [
-        sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu", "-c", "2",
-        "-n", f"mp-{uuid.uuid4().hex[:8]}@%h", "--without-mingle", "--without-gossip",
-        "--loglevel", "INFO",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 60
-    while b" ready." not in log_path.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"the worker did not start:\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.2)
-    yield metrics_dir
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    sys.stderr.write(f"\n--- worker log (last 3000 chars) ---\n{log_path.read_text()[-3000:]}\n")
+    # A folder below the one /metrics reads, as a compose service has; the worker makes it.
+    folder = str(metrics_dir / "worker-cpu")
+    with running_worker(
+        tmp_path / "worker.log", concurrency=2, prefix="mp", PROMETHEUS_MULTIPROC_DIR=folder
+    ):
+        yield metrics_dir
 
 
 @pytest.mark.worker

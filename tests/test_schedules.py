@@ -30,6 +30,7 @@ from r1platform.schedules.models import Decision, Schedule, ScheduleRun
 from r1platform.schedules.services import ScheduleRefused
 from r1platform.workers.services import beat
 from tests.certification_data import WORKER, suite_report
+from tests.conftest import export_mlp
 from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     carol_fixture,
     certify,
@@ -51,22 +52,7 @@ COMPILE = [{"name": "compile", "settings": {"backend": "onnxruntime"}}]
 @pytest.fixture(scope="session")
 def better_onnx(tmp_path_factory) -> Path:
     """Another 16 -> 4 classifier: the dataset's labels are its answers, so it scores 1.0."""
-    import torch
-
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    path = tmp_path_factory.mktemp("models") / "better.onnx"
-    torch.onnx.export(
-        model.eval(),
-        (torch.randn(2, 16),),
-        str(path),
-        dynamo=False,
-        input_names=["features"],
-        output_names=["logits"],
-        dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-    )
-    return path
+    return export_mlp(tmp_path_factory.mktemp("models") / "better.onnx", seed=1)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django_celery_beat.models import PeriodicTask
 
 from r1platform.core.storage import spool_local_file
@@ -20,7 +19,7 @@ from r1platform.schedules import services
 from r1platform.schedules.models import ScheduleRun
 from r1platform.workers.models import HardwareProfile
 from tests.certification_data import make_dataset
-from tests.conftest import ROOT, _database_url
+from tests.conftest import ROOT, platform_env
 from tests.test_certification_worker import _onnxruntime_profile, _wait_reported
 
 pytestmark = pytest.mark.worker
@@ -30,16 +29,7 @@ LEASE_SECONDS = 4
 
 def _start_beat(tmp_path: Path, name: str) -> subprocess.Popen:
     log_path = tmp_path / f"{name}.log"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": _database_url(),
-        "R1_HOME": str(settings.R1_HOME),
-        "R1_MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "R1_WORK_DIR": str(settings.R1_WORK_DIR),
-        "R1_BEAT_LEASE_SECONDS": str(LEASE_SECONDS),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = platform_env(R1_BEAT_LEASE_SECONDS=str(LEASE_SECONDS))
     cmd = [
         sys.executable, "-m", "celery", "-A", "r1platform", "beat", "--loglevel", "INFO",
         "-s", str(tmp_path / f"{name}-schedule"),

@@ -5,7 +5,6 @@ The poller thread reads the test database on its own connection, hence ``transac
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from r1platform.serving.app import ServingOptions, build_app
 from r1platform.serving.deployments_source import DeploymentSource
 from r1platform.serving.server import serving_in_thread
 from r1platform.workers.models import HardwareProfile
-from tests.conftest import ROOT, _database_url
+from tests.conftest import ROOT, platform_env
 from tests.test_serving import eventually
 
 POOL = "cpu-pool"
@@ -232,15 +231,7 @@ def test_the_serve_command_serves_a_pool_until_it_is_stopped(
 ):
     deploy(upload(team, user, "mlp", mlp_onnx), pool)
     port = _free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": _database_url(),
-        "R1_HOME": str(settings.R1_HOME),
-        "R1_MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "R1_WORK_DIR": str(settings.R1_WORK_DIR),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = platform_env()
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "manage.py", "serve", "--pool", POOL, "--port", str(port)]
     with open(log, "wb") as out:

@@ -94,6 +94,37 @@ def _series(rows: Iterable[Any]) -> tuple[list[int], dict[str, dict[int, dict[st
     return sorted(batches), by_backend
 
 
+def _frame(
+    title: str, left: float, top: float, bottom: float, plot_w: float, y_max: float
+) -> list[str]:
+    """A panel's opening: its group, title, horizontal grid with y ticks, and both axes."""
+    plot_h = bottom - top
+    out = [f'<g class="chart-panel" data-chart="{escape(title.lower())}">']
+    out.append(
+        f'<text class="chart-title" x="{left:.1f}" y="{top - 12:.1f}">{escape(title)}</text>'
+    )
+    for i in range(Y_TICKS + 1):
+        value = y_max * i / Y_TICKS
+        y = bottom - (value / y_max) * plot_h
+        out.append(
+            f'<line class="chart-grid" x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" '
+            f'y2="{y:.1f}"/>'
+        )
+        out.append(
+            f'<text class="chart-tick" x="{left - 6:.1f}" y="{y + 3.5:.1f}" '
+            f'text-anchor="end">{escape(_fmt(value))}</text>'
+        )
+    out.append(
+        f'<line class="chart-axis" x1="{left:.1f}" y1="{bottom:.1f}" x2="{left + plot_w:.1f}" '
+        f'y2="{bottom:.1f}"/>'
+    )
+    out.append(
+        f'<line class="chart-axis" x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" '
+        f'y2="{bottom:.1f}"/>'
+    )
+    return out
+
+
 def _panel(
     *,
     x0: float,
@@ -127,29 +158,7 @@ def _panel(
     def y_at(value: float) -> float:
         return bottom - (value / y_max) * plot_h
 
-    out = [f'<g class="chart-panel" data-chart="{escape(title.lower())}">']
-    out.append(
-        f'<text class="chart-title" x="{left:.1f}" y="{top - 12:.1f}">{escape(title)}</text>'
-    )
-    for i in range(Y_TICKS + 1):
-        value = y_max * i / Y_TICKS
-        y = y_at(value)
-        out.append(
-            f'<line class="chart-grid" x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" '
-            f'y2="{y:.1f}"/>'
-        )
-        out.append(
-            f'<text class="chart-tick" x="{left - 6:.1f}" y="{y + 3.5:.1f}" '
-            f'text-anchor="end">{escape(_fmt(value))}</text>'
-        )
-    out.append(
-        f'<line class="chart-axis" x1="{left:.1f}" y1="{bottom:.1f}" x2="{left + plot_w:.1f}" '
-        f'y2="{bottom:.1f}"/>'
-    )
-    out.append(
-        f'<line class="chart-axis" x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" '
-        f'y2="{bottom:.1f}"/>'
-    )
+    out = _frame(title, left, top, bottom, plot_w, y_max)
     for index, batch in enumerate(batches):
         x = x_at(index)
         out.append(
@@ -383,29 +392,7 @@ def _time_panel(
     def y_at(value: float) -> float:
         return bottom - (value / y_max) * plot_h
 
-    out = [f'<g class="chart-panel" data-chart="{escape(title.lower())}">']
-    out.append(
-        f'<text class="chart-title" x="{left:.1f}" y="{top - 12:.1f}">{escape(title)}</text>'
-    )
-    for i in range(Y_TICKS + 1):
-        value = y_max * i / Y_TICKS
-        y = y_at(value)
-        out.append(
-            f'<line class="chart-grid" x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" '
-            f'y2="{y:.1f}"/>'
-        )
-        out.append(
-            f'<text class="chart-tick" x="{left - 6:.1f}" y="{y + 3.5:.1f}" '
-            f'text-anchor="end">{escape(_fmt(value))}</text>'
-        )
-    out.append(
-        f'<line class="chart-axis" x1="{left:.1f}" y1="{bottom:.1f}" x2="{left + plot_w:.1f}" '
-        f'y2="{bottom:.1f}"/>'
-    )
-    out.append(
-        f'<line class="chart-axis" x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" '
-        f'y2="{bottom:.1f}"/>'
-    )
+    out = _frame(title, left, top, bottom, plot_w, y_max)
     # At most four labels: three panels share the page width, and "13:12:30" is wide.
     step = next((s for s in TIME_STEPS if span / s <= 4), TIME_STEPS[-1])
     pattern = "%H:%M" if step >= 60 else "%H:%M:%S"
