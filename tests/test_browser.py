@@ -35,14 +35,19 @@ def page(live_server):
     os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
+def sign_in(page, username: str = "alice", password: str = "pw-alice-123") -> None:
+    """Through the login form, as a person does; lands on the dashboard."""
+    page.goto("/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit], input[type=submit]")
+    page.wait_for_url("**/")
+
+
 def test_it_takes_a_model_from_upload_to_a_finished_job(
     page, worker, user, digits_torchscript, tmp_path
 ):
-    page.goto("/accounts/login/")
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", "pw-alice-123")
-    page.click("button[type=submit], input[type=submit]")
-    page.wait_for_url("**/")
+    sign_in(page)
 
     page.goto("/models/upload/")
     page.fill("input[name=name]", "browser-digits")

@@ -6,10 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django_celery_beat.models import PeriodicTask
 
+from r1platform.core.storage import spool_local_file
+from r1platform.registry.services import upload_model
+from r1platform.schedules import services
 from r1platform.schedules.models import Decision, PipelineTemplate, Schedule, ScheduleRun
+from tests.certification_data import make_dataset
 from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by name
     STAGES,
     certify_stage_fixture,
@@ -269,3 +275,117 @@ def test_an_unused_template_is_deleted(member_client, template):
     member_client.post(reverse("schedules:template_delete", args=[template.pk]))
 
     assert not PipelineTemplate.objects.exists()
+
+
+# -- the model page's schedules section ----------------------------------------------------------
+
+
+def test_the_model_page_lists_its_schedules_with_the_last_decision(member_client, schedule):
+    ScheduleRun.objects.create(
+        schedule=schedule, team=schedule.team, decision=Decision.KEPT, reason="champion won"
+    )
+
+    page = member_client.get(schedule.model.get_absolute_url()).content.decode()
+
+    section = page[page.index('data-testid="model-schedules"') :]
+    assert f'data-schedule="{schedule.pk}" data-enabled="true"' in section
+    assert schedule.get_absolute_url() in section and "mlp nightly" in section
+    assert "0 3 * * *" in section and "cpu-a" in section
+    assert 'data-decision="kept"' in section and "never run" not in section
+    new_link = f"{reverse('schedules:schedule_new')}?model={schedule.model_id}"
+    assert new_link in section
+    assert 'data-testid="model-schedules-empty"' not in page
+
+
+def test_the_model_pages_schedules_cost_one_query_however_many(member_client, schedule):
+    url = schedule.model.get_absolute_url()
+    with CaptureQueriesContext(connection) as one:
+        member_client.get(url)
+    for n in (2, 3):
+        services.create_schedule(
+            team=schedule.team,
+            user=None,
+            name=f"mlp nightly {n}",
+            model=schedule.model,
+            template=schedule.template,
+            dataset_name=schedule.dataset_name,
+            pool=schedule.pool,
+            interval_seconds=3600 * n,
+        )
+        ScheduleRun.objects.create(
+            schedule=Schedule.objects.get(name=f"mlp nightly {n}"),
+            team=schedule.team,
+            decision=Decision.SKIPPED,
+        )
+    with CaptureQueriesContext(connection) as three:
+        page = member_client.get(url).content.decode()
+
+    assert page.count('data-testid="model-schedule-row"') == 3
+    assert len(three) == len(one)
+
+
+def test_the_model_page_never_shows_another_teams_schedules(
+    member_client, schedule, other_team, outsider, pool, mlp_onnx, tmp_path
+):
+    theirs = upload_model(
+        team=other_team,
+        user=outsider,
+        name="their-mlp",
+        task="classification",
+        uploaded=spool_local_file(mlp_onnx),
+    )
+    (tmp_path / "b").mkdir()
+    make_dataset(other_team, outsider, tmp_path / "b", "train16", 16, target=True)
+    theirs_template = services.create_template(
+        team=other_team, user=outsider, name="theirs", stages=STAGES
+    )
+    services.create_schedule(
+        team=other_team,
+        user=outsider,
+        name="their nightly",
+        model=theirs.model,
+        template=theirs_template,
+        dataset_name="train16",
+        pool=pool,
+        cron="0 4 * * *",
+    )
+    # A row on team A's model that bypassed the services (which refuse it): never shown either.
+    stray = Schedule.objects.create(
+        team=other_team,
+        name="stray",
+        model=schedule.model,
+        template=theirs_template,
+        dataset_name="train16",
+        pool=pool,
+        cron="0 5 * * *",
+    )
+
+    page = member_client.get(schedule.model.get_absolute_url()).content.decode()
+
+    assert page.count('data-testid="model-schedule-row"') == 1
+    assert "mlp nightly" in page
+    assert "their nightly" not in page and f'data-schedule="{stray.pk}"' not in page
+
+
+def test_a_model_without_schedules_shows_the_empty_state_and_a_new_link(
+    member_client, version, template, training, pool
+):
+    page = member_client.get(version.model.get_absolute_url()).content.decode()
+
+    assert 'data-testid="model-schedules-empty"' in page
+    assert 'data-testid="model-schedule-row"' not in page
+    assert f"{reverse('schedules:schedule_new')}?model={version.model_id}" in page
+
+
+def test_the_new_form_pre_selects_the_model_given_in_the_query(
+    member_client, version, template, training, pool
+):
+    url = reverse("schedules:schedule_new")
+
+    page = member_client.get(f"{url}?model={version.model_id}").content.decode()
+    plain = member_client.get(url).content.decode()
+    junk = member_client.get(f"{url}?model=nope")
+
+    selected = f'<option value="{version.model_id}" selected>'
+    assert selected in page and selected not in plain
+    assert junk.status_code == 200

@@ -48,7 +48,9 @@ def test_a_schedule_retrains_certifies_and_promotes(
 ):
     key = _onnxruntime_profile()
     _wait_reported(key)
-    v1 = upload(api, digits_torchscript, "digits", "batch,64")
+    # A name of its own: MLflow's registry lives for the whole test run (tests/test_worker.py
+    # counts the versions registered under "digits").
+    v1 = upload(api, digits_torchscript, "digits-retrain", "batch,64")
     _upload_digits(api, tmp_path)
     pool = ServingPool.objects.create(name="cpu-e2e", profile=HardwareProfile.objects.get(key=key))
     template = services.create_template(

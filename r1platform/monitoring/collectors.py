@@ -1,8 +1,9 @@
 """Levels read when Prometheus scrapes: jobs, queues, workers, their GPUs, schedules.
 
 These are the platform's state now, so they are read from the database (five queries whatever
-the fleet's size) and the broker at scrape time rather than kept as gauges in some process:
-any web process answers the same, and nothing goes stale when a process dies.
+the fleet's size; the job counts come from one index, not the rows) and the broker at scrape time
+rather than kept as gauges in some process: any web process answers the same, and nothing goes
+stale when a process dies.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from r1platform.registry.forms import UploadForm
 from r1platform.registry.history import benchmark_history
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
+from r1platform.schedules.tables import schedules_with_last_run
 from r1platform.serving.history import serving_history
 
 PAGE_SIZE = 25
@@ -157,6 +158,8 @@ def model_detail(request, pk: int):
         "jobs": jobs,
         "serving": serving_history(model),
         "history": benchmark_history(model),
+        # The model's team's schedules only, each with its last run's decision: one query.
+        "schedules": schedules_with_last_run(model.schedules.filter(team_id=model.team_id)),
     }
     return render(request, "registry/model_detail.html", context)
 

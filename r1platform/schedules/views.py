@@ -62,7 +62,9 @@ def schedule_list(request):
 
 @login_required
 def schedule_new(request):
-    form = ScheduleForm(_posted(request), user=request.user)
+    # ?model=<id> (the model page's "New schedule" link) pre-selects that model.
+    initial = {"model": request.GET["model"]} if request.GET.get("model", "").isdigit() else {}
+    form = ScheduleForm(_posted(request), user=request.user, initial=initial)
     if request.method == "POST" and form.is_valid():
         model = form.cleaned_data["model"]
         name = form.cleaned_data["name"].strip() or free_name(
