@@ -21,6 +21,7 @@ import numpy as np
 from pipelines.core import Artifact, PipelineError
 from pipelines.engines.base import EngineOptions
 from pipelines.engines.feeds import cast_rows
+from pipelines.engines.load import load_engine
 from pipelines.engines.tensor import Engine
 from pipelines.onnx_io import describe_inputs
 
@@ -127,8 +128,6 @@ def open_engine(
 ) -> Engine:
     """``load_engine``, but a file already loaded in this process (same path, mtime, size,
     declared inputs) is reused: a stage that rewrites a file gets a fresh engine."""
-    from pipelines.engines import load_engine
-
     path = Path(artifact.path)
     try:
         st = path.stat()
