@@ -1,9 +1,9 @@
 """A worker reports itself when it starts, beats while it runs, and says when it stops.
 
-Connected to Celery's signals by ``r1platform.celery``: on set-up the worker adds one queue per
-hardware profile it offers (``gpu_workers.queues.profile_queue``), so jobs that must run on a
-profile (certifications) reach only workers of that profile; once ready it records itself and
-its profiles in the database and a thread in the main process beats every
+Connected to Celery's signals when a worker or beat loads ``gpu_workers.tasks``: on set-up the
+worker adds one queue per hardware profile it offers (``r1platform.queues.profile_queue``), so
+jobs that must run on a profile (certifications) reach only workers of that profile; once ready
+it records itself and its profiles in the database and a thread in the main process beats every
 ``R1_WORKER_BEAT_SECONDS``.
 """
 
@@ -30,8 +30,8 @@ _state: dict[str, Any] = {"profiles": [], "beat": None}
 
 @celeryd_after_setup.connect
 def add_profile_queues(sender: str, instance: Any, **kwargs: Any) -> None:
-    from gpu_workers.queues import profile_queue
     from pipelines.certification.profiles import detect_profiles
+    from r1platform.queues import profile_queue
 
     profiles = detect_profiles()
     _state["profiles"] = profiles

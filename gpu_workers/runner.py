@@ -1,8 +1,11 @@
 """Runs one job: claims it, drives `pipelines` over its stages, writes everything back.
 
-Everything the pipeline produces goes back through the registry services (versions, benchmark
-rows) and the MLflow helper (one run per job). A job delivered again after its worker died picks
-up the saved pipeline context, skips the stages already done, and registers nothing twice.
+The runner talks to ``jobs.services`` (claim, heartbeat, progress, the end, a certify stage's
+report) and the registry (``registry.registration``: versions, metrics, benchmark rows), plus the
+MLflow helper (one run per job). It calls no other app: what follows a job's end is announced by
+``jobs.services.finish_job`` and the apps that care listen. A job delivered again after its
+worker died picks up the saved pipeline context, skips the stages already done, and registers
+nothing twice.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import IntegrityError, connection
+from django.db import connection
 
 from gpu_workers import devices
 from pipelines.certification import serving_probe
@@ -26,18 +29,16 @@ from pipelines.core import (
     PipelineError,
     StageResult,
     StageStatus,
-    TensorSpec,
 )
 from pipelines.pipeline import run_pipeline
 from pipelines.stages import validate_pipeline
 from r1platform.core import storage, tracking
-from r1platform.datasets.models import Dataset
-from r1platform.datasets.services import dataset_ids_in, dataset_ref
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.monitoring import metrics
 from r1platform.registry import services as registry
-from r1platform.registry.models import BenchmarkResult, ModelVersion
+from r1platform.registry.models import ModelVersion
+from r1platform.registry.registration import JobOutputs, ancestor_artifacts
 from r1platform.serving.probe import serving_probe as _serving_probe
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ log = logging.getLogger(__name__)
 serving_probe.register(_serving_probe)
 
 PROGRESS_WRITE_SECONDS = 0.5
-# BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
-BENCHMARK_FIELDS = (
-    "p50_ms", "p90_ms", "p95_ms", "p99_ms", "throughput", "iterations",
-    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb",
-)  # fmt: skip
 CANCEL_CHECK_SECONDS = 1.0
 
 
@@ -109,7 +105,7 @@ class JobRun:
         self.job = job
         self.version: ModelVersion = job.version
         self.workdir = Path(settings.R1_WORK_DIR) / f"job-{job.pk}"
-        self.versions: dict[str, ModelVersion] = {"input": self.version}
+        self.outputs = JobOutputs(job, self.version)
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._n_stages = max(1, len(job.stages))
@@ -146,7 +142,7 @@ class JobRun:
         ctx = PipelineContext.load(self.workdir)
         if ctx is not None:
             self._log("resuming from the saved pipeline context")
-            self._recover_versions(ctx)
+            self.outputs.recover()
             return ctx
         source = storage.media_path(self.version.file)
         sha, _ = storage.sha256_file(source)
@@ -156,24 +152,18 @@ class JobRun:
                 "loaded. Upload the model again."
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ids = dataset_ids_in(self.job.stages)
-        datasets = Dataset.objects.filter(team_id=self.job.team_id, pk__in=ids)
-        ancestors = _lineage(self.version)
+        ancestors = ancestor_artifacts(self.version)
         source_artifact = registry.version_artifact(self.version, "input")
         source_artifact.parent = next(iter(ancestors), None)
         ctx = PipelineContext.start(
             self.workdir,
             source_artifact,
             task=self.version.model.task,
-            datasets={str(d.pk): dataset_ref(d) for d in datasets},
+            datasets=jobs.dataset_refs(self.job),
         )
         ctx.ancestors = ancestors
         ctx.save()
         return ctx
-
-    def _recover_versions(self, ctx: PipelineContext) -> None:
-        for version in ModelVersion.objects.filter(job=self.job):
-            self.versions[version.artifact_key] = version
 
     def _start_mlflow_run(self, planned) -> None:
         job = self.job
@@ -217,9 +207,9 @@ class JobRun:
 
     def _stage_done(self, result: StageResult, ctx: PipelineContext) -> None:
         produced = [self._register(ctx.artifacts[key]) for key in result.outputs]
-        self._sync_metrics(ctx)
+        self.outputs.sync_metrics(ctx.artifacts)
         if result.name == "benchmark":
-            self._record_benchmarks(ctx)
+            self.outputs.record_benchmarks(ctx.benchmarks, devices.label())
         if result.name == "certify" and result.details:
             self._record_certification(result, ctx)
         for entry in result.history if result.status is StageStatus.SUCCEEDED else []:
@@ -247,25 +237,14 @@ class JobRun:
         )
 
     def _record_certification(self, result: StageResult, ctx: PipelineContext) -> None:
-        from r1platform.certification import services as certification
-
         key = str(result.details.get("engine", {}).get("key") or ctx.current)
-        version = self.versions.get(key)
+        version = self.outputs.get(key)
         if version is None and key in ctx.artifacts:
             version = self._register(ctx.artifacts[key])
         if version is None:
             raise PipelineError(f"certify reported on {key!r}, which this job does not know")
-        cert = certification.record_suite(self.job, version, result.details)
-        self._log(f"certification {cert.pk} of {version}: {cert.status}")
-
-    def _sync_metrics(self, ctx: PipelineContext) -> None:
-        """Stages such as evaluate add metrics to artifacts already registered: copy them over."""
-        for key, artifact in ctx.artifacts.items():
-            version = self.versions.get(key)
-            if version is None or not artifact.metrics or version.metrics == artifact.metrics:
-                continue
-            version.metrics = {**version.metrics, **artifact.metrics}
-            version.save(update_fields=["metrics"])
+        for cert in jobs.report_certification(self.job, version, result.details):
+            self._log(f"certification {cert.pk} of {version}: {cert.status}")
 
     def _with_result(self, result: StageResult, version_ids: list[int]) -> list[dict]:
         entry = {
@@ -281,64 +260,10 @@ class JobRun:
 
     def _register(self, artifact: Artifact) -> ModelVersion:
         """The version for this artifact, registering it (file, registry, MLflow) the first time."""
-        version = self.versions.get(artifact.key)
-        if version is None:
-            version = ModelVersion.objects.filter(job=self.job, artifact_key=artifact.key).first()
-        if version is None:
-            path = Path(artifact.path)
-            relative, sha, size = storage.store_copy(
-                path, kind="models", team_id=self.job.team_id, suffix=path.suffix
-            )
-            try:
-                version = registry.register_version(
-                    self.version.model,
-                    relative_file=relative,
-                    sha256=sha,
-                    size_bytes=size,
-                    format=artifact.format,
-                    precision=artifact.precision,
-                    backend=artifact.backend,
-                    inputs=[_spec(t) for t in artifact.inputs],
-                    outputs=[_spec(t) for t in artifact.outputs],
-                    # Copies: stages such as evaluate update the artifact's dicts in place later,
-                    # and _sync_metrics must see the difference to save it.
-                    details=dict(artifact.meta),
-                    metrics=dict(artifact.metrics),
-                    parent=self.versions.get(artifact.parent or "input", self.version),
-                    job=self.job,
-                    artifact_key=artifact.key,
-                    user=self.job.created_by,
-                )
-            except IntegrityError:
-                storage.remove(relative)
-                version = ModelVersion.objects.get(job=self.job, artifact_key=artifact.key)
+        version, fresh = self.outputs.register(artifact)
+        if fresh:
             self._log(f"registered {version} ({version.label})")
-        self.versions[artifact.key] = version
-        registry.mirror_to_mlflow(version, run_id=self.job.mlflow_run_id)
         return version
-
-    def _record_benchmarks(self, ctx: PipelineContext) -> None:
-        device = devices.label()
-        metrics: dict[str, float] = {}
-        for row in ctx.benchmarks:
-            version = self.versions.get(row.artifact)
-            if version is None:
-                continue
-            BenchmarkResult.objects.update_or_create(
-                job=self.job,
-                version=version,
-                backend=row.backend,
-                batch_size=row.batch_size,
-                defaults={
-                    "device": device,
-                    **{f: getattr(row, f) for f in BENCHMARK_FIELDS if hasattr(row, f)},
-                },
-            )
-            prefix = f"bench.v{version.number}.b{row.batch_size}"
-            metrics.update({f"{prefix}.p50_ms": row.p50_ms, f"{prefix}.p99_ms": row.p99_ms})
-            metrics[f"{prefix}.throughput"] = row.throughput
-        if metrics:
-            tracking.log_metrics(self.job.mlflow_run_id, metrics)
 
     # --- the end ---
 
@@ -358,17 +283,9 @@ class JobRun:
             self._log(f"{status}: {error}", write=False)
         else:
             self._log("finished", write=False)
+        # Announces the end too: certification and schedules listen (``jobs.signals``).
         jobs.finish_job(job, status, error)
         metrics.record_job_finished(str(status))
-        from r1platform.certification import services as certification
-
-        certification.job_ended(job)
-        try:
-            from r1platform.schedules import runs as schedules
-
-            schedules.job_ended(job)
-        except Exception:  # noqa: BLE001 - the job's own outcome is already recorded
-            log.exception("job %s: could not hand its end to its schedule run", job.pk)
         if job.mlflow_run_id:
             try:
                 tracking.finish_run(job.mlflow_run_id, succeeded=status == JobStatus.SUCCEEDED)
@@ -381,17 +298,3 @@ class JobRun:
         jobs.append_log(self.job, line)
         if write:
             self.job.save(update_fields=["log_tail"])
-
-
-def _lineage(version: ModelVersion) -> dict[str, Artifact]:
-    """The version's registered ancestors as artifacts, nearest first, each naming its parent."""
-    chain: dict[str, Artifact] = {}
-    for ancestor in reversed(registry.lineage(version)[:-1]):
-        artifact = registry.version_artifact(ancestor, f"version-{ancestor.pk}")
-        artifact.parent = f"version-{ancestor.parent_id}" if ancestor.parent_id else None
-        chain[artifact.key] = artifact
-    return chain
-
-
-def _spec(tensor: TensorSpec) -> dict:
-    return {"name": tensor.name, "shape": list(tensor.shape), "dtype": tensor.dtype}

@@ -9,13 +9,13 @@ Deciding what the numbers mean (the margin, the promotion) is the caller's busin
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from pipelines.core import Artifact, DatasetRef, PipelineError
+from pipelines.datasets import load_split
+from pipelines.engines import input_specs, predict
+from pipelines.metrics import primary_metric, task_metrics
 
 __all__ = ["Challenge", "challenge", "score"]
 
@@ -47,35 +47,6 @@ class Challenge:
         return asdict(self)
 
 
-def _outputs(artifact: Artifact, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The model's first output for every row: ``predict`` where it runs the format, else the
-    engine (TensorRT, AOTInductor) in batches it accepts, so the engine that serves is scored."""
-    from pipelines.metrics import PREDICT_FORMATS, predict
-
-    if artifact.format in PREDICT_FORMATS:
-        return predict(artifact, inputs, _BATCH)
-    from pipelines.engines import load_engine
-
-    engine = load_engine(artifact, "auto")
-    low, high = engine.batch_range or (1, _BATCH)
-    step = max(low, min(high, _BATCH))
-    rows = len(next(iter(inputs.values()))) if inputs else 0
-    parts: list[np.ndarray] = []
-    for start in range(0, rows, step):
-        chunk = {name: array[start : start + step] for name, array in inputs.items()}
-        real = len(next(iter(chunk.values())))
-        if real < low:  # a fixed-batch engine: pad with the last row, drop the extra outputs
-            chunk = {
-                n: np.concatenate([a, np.repeat(a[-1:], low - real, 0)]) for n, a in chunk.items()
-            }
-        out = engine.run(chunk)
-        first = out[engine.output_names[0]] if engine.output_names else next(iter(out.values()))
-        parts.append(np.asarray(first)[:real])
-    if not parts:
-        return np.empty((0,), dtype=np.float32)
-    return np.concatenate(parts, axis=0)
-
-
 def score(
     artifact: Artifact, dataset: DatasetRef, split: str, task: str
 ) -> tuple[str, bool, float, int]:
@@ -84,17 +55,16 @@ def score(
     The dataset needs a target column: without expected outputs there is nothing to tell a better
     model from a worse one. Raises PipelineError with the reason otherwise.
     """
-    from pipelines.datasets import load_split
-    from pipelines.engines import input_specs
-    from pipelines.metrics import primary_metric, task_metrics
-
     metric, higher_is_better = primary_metric(task)
     data = load_split(dataset, split, input_specs(artifact))  # an empty split is refused there
     if data.targets is None:
         raise PipelineError(
             f"dataset {dataset.id} has no target column, so {metric} cannot be computed on it"
         )
-    metrics = task_metrics(task, _outputs(artifact, data.inputs), data.targets, top_k=(1,))
+    # Every tensor format runs through the engine that serves it (TensorRT and AOTInductor too),
+    # so the score is the served model's.
+    outputs = predict(artifact, data.inputs, _BATCH)
+    metrics = task_metrics(task, outputs, data.targets, top_k=(1,))
     value = metrics.get(metric)
     if value is None or not math.isfinite(value):
         raise PipelineError(f"{artifact.key} gives no finite {metric} on dataset {dataset.id}")

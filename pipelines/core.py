@@ -1,9 +1,10 @@
-"""The contract every pipeline stage shares.
+"""What every pipeline stage shares: the context, artifacts, settings and results.
 
-A pipeline is an ordered list of stages run over a :class:`PipelineContext`. Each stage reads the
-context's current artifact, may write new artifacts into the context's work directory, and returns
-a :class:`StageResult`. The context is saved as JSON after every stage, so a job that is delivered
-again (a worker killed mid-job) finds the stages it already finished and skips them.
+A pipeline is an ordered list of stages (:class:`pipelines.stages.base.Stage`) run over a
+:class:`PipelineContext`. Each stage reads the context's current artifact, may write new
+artifacts into the context's work directory, and returns a :class:`StageResult`. The context is
+saved as JSON after every stage, so a job that is delivered again (a worker killed mid-job) finds
+the stages it already finished and skips them.
 
 Nothing here imports Django, Celery or a heavy framework: torch and onnxruntime are imported inside
 the stages that need them.
@@ -12,12 +13,11 @@ the stages that need them.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -282,30 +282,3 @@ class StageSettings(BaseModel):
     """Base of every stage's settings: unknown keys are refused, so a typo is an error."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class Stage(Protocol):
-    """One step of a pipeline.
-
-    ``accepts`` lists the formats the stage can take as its current artifact, and ``produces`` the
-    format it leaves current (None: it leaves the current artifact as it is, as benchmark does);
-    the pipeline is checked against these before a job is queued.
-    """
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-    Settings: ClassVar[type[StageSettings]]
-    accepts: ClassVar[tuple[str, ...]]
-    produces: ClassVar[str | None]
-
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult: ...
-
-
-def timed_result(stage_id: str, name: str, started: float, **kwargs: Any) -> StageResult:
-    """A SUCCEEDED result whose ``seconds`` runs from ``started`` (a ``time.perf_counter()``)."""
-    kwargs.setdefault("status", StageStatus.SUCCEEDED)
-    return StageResult(
-        stage_id=stage_id, name=name, seconds=round(time.perf_counter() - started, 4), **kwargs
-    )

@@ -211,10 +211,7 @@ def clone_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in state.items()}
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (model files can be large)."""
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file; ``hashlib.file_digest`` streams it (model files can be large)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -12,8 +12,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from gpu_workers.queues import Queue
 from r1platform.env import env_bool, env_int, env_list, env_path, env_str
+from r1platform.queues import Queue, TaskName
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 R1_HOME = env_path("R1_HOME", BASE_DIR / "var")
@@ -157,7 +157,7 @@ else:
     # Redis re-delivers a message not acknowledged within visibility_timeout: keep it above the
     # longest hard limit, or a long job would be run twice at once.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 600}
-# Each job goes to the queue its stages need (gpu_workers.queues.queue_for); this is the fallback.
+# Each job goes to the queue its stages need (r1platform.queues.queue_for); this is the fallback.
 CELERY_TASK_DEFAULT_QUEUE = Queue.CPU.value
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
@@ -185,7 +185,11 @@ R1_SERVING_STATS_SECONDS = env_int("R1_SERVING_STATS_SECONDS", 60, minimum=1)
 # The beat process runs the reaper: the stale running jobs of lost workers are re-queued. A tick
 # not taken within a minute is dropped (the next one does the same work).
 CELERY_BEAT_SCHEDULE = {
-    "reap-lost-workers": {"task": "r1.reap", "schedule": 60.0, "options": {"expires": 55}},
+    "reap-lost-workers": {
+        "task": TaskName.REAP.value,
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
 }
 # Schedules are PeriodicTask rows (django-celery-beat), edited from the dashboard and the API.
 # The scheduler sends only while it holds the beat lease, so a second beat started by mistake

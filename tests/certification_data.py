@@ -26,7 +26,6 @@ from pipelines.stages import REGISTRY
 from pipelines.stages.certify import Certify
 from r1platform.core.storage import spool_local_file
 from r1platform.datasets.services import upload_dataset
-from r1platform.registry.services import upload_model
 from r1platform.workers.models import HardwareProfile
 from r1platform.workers.services import report_worker
 
@@ -211,17 +210,6 @@ def ort_fixture(profiles) -> HardwareProfile:
     return profiles["onnxruntime"]
 
 
-@pytest.fixture(name="version")
-def version_fixture(team, user, mlp_onnx):
-    return upload_model(
-        team=team,
-        user=user,
-        name="mlp",
-        task="classification",
-        uploaded=spool_local_file(mlp_onnx),
-    )
-
-
 def make_dataset(team, user, tmp_path: Path, name: str, features: int, target: bool):
     """A CSV dataset of ``features`` columns (and a ``label`` target column if asked)."""
     path = tmp_path / f"{name}.csv"
@@ -244,7 +232,7 @@ def make_dataset(team, user, tmp_path: Path, name: str, features: int, target: b
 
 def finish(cert, *, failing: CheckId | None = None, level: str | None = None):
     """Hand the certification the report its worker would send; returns it refreshed."""
-    from r1platform.certification.services import record_suite
+    from r1platform.certification.recording import record_suite
 
     report = suite_report(
         profile=cert.profile.as_pipeline().to_dict(),

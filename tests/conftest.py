@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,9 @@ from django.conf import settings
 from django.db import connection
 
 from r1platform.accounts.models import ApiToken, Membership, Team
+from r1platform.core.storage import spool_local_file
+from r1platform.registry.models import ModelVersion
+from r1platform.registry.services import upload_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +32,12 @@ def isolated_storage(settings, tmp_path):
     spool = settings.MEDIA_ROOT / "tmp"
     spool.mkdir(parents=True)
     settings.FILE_UPLOAD_TEMP_DIR = str(spool)
+
+
+@pytest.fixture
+def media(settings) -> Path:
+    """This test's MEDIA_ROOT (set by ``isolated_storage``), for asserting what was stored."""
+    return Path(settings.MEDIA_ROOT)
 
 
 @pytest.fixture
@@ -112,6 +121,14 @@ def mlp_onnx(tmp_path_factory) -> Path:
     return export_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
 
 
+@pytest.fixture
+def version(team, user, mlp_onnx) -> ModelVersion:
+    """Version 1 of team A's "mlp": the ONNX classifier, uploaded the way the dashboard does."""
+    return upload_model(
+        team=team, user=user, name="mlp", task="classification", uploaded=spool_local_file(mlp_onnx)
+    )
+
+
 def _database_url() -> str:
     db = connection.settings_dict
     if db["ENGINE"] == "django.db.backends.sqlite3":
@@ -137,12 +154,29 @@ def platform_env(**extra: str) -> dict[str, str]:
     }
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Kill a child started with ``start_new_session=True`` and everything it started (a
+    worker's pool children), and reap it."""
+    # Even when the leader has exited its children may not have: the group is killed anyway.
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @contextmanager
 def running_worker(
     log_path: Path, *, concurrency: int = 1, prefix: str = "test", **env: str
 ) -> Iterator[subprocess.Popen]:
     """A real Celery worker process (prefork) on the test database and broker, until the block
-    ends; its log is printed after it stops."""
+    ends; its log is printed after it stops.
+
+    The worker and its pool children are killed outright when the block ends, not shut down
+    warm: a warm shutdown costs 5-7 s even when idle (the filesystem broker has no event loop,
+    so Celery's blocking loop notices the signal only between 2 s ``drain_events`` waits, then
+    joins its timer thread and unwinds torch and onnxruntime), and waits for a task still
+    running. Nothing a test checks happens after its block, and a killed worker cannot hand a
+    task it was running back to the queue (``acks_late``) for the next test's worker to find.
+    """
     cmd = [
         sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu",
         "-c", str(concurrency), "-n", f"{prefix}-{uuid.uuid4().hex[:8]}@%h",
@@ -168,13 +202,7 @@ def running_worker(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         tail = log_path.read_text()[-3000:]
         sys.stderr.write(f"\n--- worker log (last 3000 chars) ---\n{tail}\n")
 

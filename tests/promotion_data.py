@@ -26,7 +26,6 @@ from tests.certification_data import (  # noqa: F401 - fixtures, registered by n
     finish,
     ort_fixture,
     profiles_fixture,
-    version_fixture,
 )
 
 

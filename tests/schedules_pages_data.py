@@ -15,7 +15,6 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     ort_fixture,
     pool_fixture,
     profiles_fixture,
-    version_fixture,
 )
 
 # Runs on the 16-feature ONNX classifier; the evaluate stage's dataset_id is left out, so each

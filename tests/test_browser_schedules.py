@@ -19,7 +19,6 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
     profiles_fixture,
     template_fixture,
     training_fixture,
-    version_fixture,
 )
 from tests.test_browser import page, sign_in  # noqa: F401 - page is a fixture
 

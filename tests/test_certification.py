@@ -15,7 +15,7 @@ from django.conf import settings
 from pypdf import PdfReader
 
 from pipelines.certification.report import CheckId
-from r1platform.certification import services
+from r1platform.certification import recording, services
 from r1platform.certification.document import SCHEMA_ID, CertificateDocument, json_schema
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.core import storage, tracking
@@ -32,7 +32,6 @@ from tests.certification_data import (  # noqa: F401 - fixtures, registered by n
     ort_fixture,
     profiles_fixture,
     suite_report,
-    version_fixture,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,11 +236,11 @@ def test_recording_the_same_report_twice_changes_nothing(cert):
         engine_sha256=cert.version.sha256,
         level="performance",
     )
-    first = services.record_suite(cert.job, cert.version, report)
+    first = recording.record_suite(cert.job, cert.version, report)
     html = storage.media_path(first.report_html)
     stamp = html.stat().st_mtime_ns
 
-    again = services.record_suite(cert.job, cert.version, report)
+    again = recording.record_suite(cert.job, cert.version, report)
 
     assert again.pk == first.pk and Certification.objects.count() == 1
     assert again.finished_at == first.finished_at
@@ -280,7 +279,7 @@ def test_a_certify_stage_inside_a_pipeline_gets_its_row_when_it_reports(version,
     )
     report = suite_report(profile=ort.as_pipeline().to_dict(), engine_sha256=sha)
 
-    cert = services.record_suite(job, int8, report)
+    cert = recording.record_suite(job, int8, report)
 
     assert cert.version == int8 and cert.job == job and cert.profile == ort
     assert cert.settings["profile"] == ort.key and cert.created_by == user
@@ -288,7 +287,7 @@ def test_a_certify_stage_inside_a_pipeline_gets_its_row_when_it_reports(version,
     document = services.certificate_document(cert)
     assert [v["number"] for v in document["lineage"]] == [1, 2]
     assert document["lineage"][0]["job_id"] is None and document["lineage"][1]["job_id"] == job.pk
-    assert services.record_suite(job, int8, report).pk == cert.pk
+    assert recording.record_suite(job, int8, report).pk == cert.pk
 
 
 def test_a_job_that_ends_without_a_report_leaves_its_certification_in_error(cert):
@@ -432,6 +431,6 @@ def test_no_profile_row_is_orphaned_by_a_report_from_an_unknown_profile(cert):
     job = cert.job
     report = suite_report(profile=snapshot, engine_sha256=cert.version.sha256)
     Certification.objects.filter(pk=cert.pk).delete()
-    made = services.record_suite(job, cert.version, report)
+    made = recording.record_suite(job, cert.version, report)
     assert made.profile.key == snapshot["key"]
     assert HardwareProfile.objects.filter(key=snapshot["key"]).count() == 1

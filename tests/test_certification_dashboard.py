@@ -29,7 +29,6 @@ from tests.certification_data import (  # noqa: F401 - fixtures, registered by n
     make_dataset,
     ort_fixture,
     profiles_fixture,
-    version_fixture,
 )
 
 HX = {"HTTP_HX_REQUEST": "true"}

@@ -29,35 +29,7 @@ from r1platform.registry.services import register_version
 
 HX = {"HTTP_HX_REQUEST": "true"}
 
-# --- fixtures (kept here so they never collide with tests/conftest.py) ---
-
-
-@pytest.fixture
-def team_a(db) -> Team:
-    return Team.objects.create(name="Vision", slug="vision")
-
-
-@pytest.fixture
-def alice(team_a, django_user_model):
-    member = django_user_model.objects.create_user("alice-dash", password="pw-alice-123")
-    Membership.objects.create(team=team_a, user=member)
-    return member
-
-
-@pytest.fixture
-def alice_client(client, alice):
-    client.force_login(alice)
-    return client
-
-
-@pytest.fixture
-def media(settings, tmp_path) -> Path:
-    """A fresh MEDIA_ROOT (and upload spool dir inside it) for this test only."""
-    root = tmp_path / "media"
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    settings.MEDIA_ROOT = root
-    settings.FILE_UPLOAD_TEMP_DIR = str(root / "tmp")
-    return root
+# --- fixtures (teams, members and media are tests/conftest.py's) ---
 
 
 @pytest.fixture
@@ -140,13 +112,13 @@ def upload(client, path: Path, name: str = "linear", **fields):
 # --- models list ---
 
 
-def test_it_lists_the_models_of_the_members_teams(alice_client, team_a, django_user_model):
-    mine = make_model(team_a, "resnet")
+def test_it_lists_the_models_of_the_members_teams(member_client, team, django_user_model):
+    mine = make_model(team, "resnet")
     make_version(mine)
     other = Team.objects.create(name="Other", slug="other")
     make_model(other, "secret-model")
 
-    response = alice_client.get(reverse("registry:model_list"))
+    response = member_client.get(reverse("registry:model_list"))
 
     assert response.status_code == 200
     body = response.content.decode()
@@ -157,12 +129,12 @@ def test_it_lists_the_models_of_the_members_teams(alice_client, team_a, django_u
     assert "/static/r1/htmx.min.js" in body
 
 
-def test_it_filters_models_by_name_and_answers_htmx_with_the_table_only(alice_client, team_a):
-    make_model(team_a, "resnet50")
-    make_model(team_a, "bert-base")
+def test_it_filters_models_by_name_and_answers_htmx_with_the_table_only(member_client, team):
+    make_model(team, "resnet50")
+    make_model(team, "bert-base")
 
-    full = alice_client.get(reverse("registry:model_list"), {"q": "RESNET"})
-    partial = alice_client.get(reverse("registry:model_list"), {"q": "bert"}, **HX)
+    full = member_client.get(reverse("registry:model_list"), {"q": "RESNET"})
+    partial = member_client.get(reverse("registry:model_list"), {"q": "bert"}, **HX)
 
     assert [m.name for m in full.context["page"]] == ["resnet50"]
     body = partial.content.decode()
@@ -172,10 +144,10 @@ def test_it_filters_models_by_name_and_answers_htmx_with_the_table_only(alice_cl
     assert "<html" not in body
 
 
-def test_it_answers_an_htmx_history_restore_with_the_whole_page(alice_client, team_a):
-    make_model(team_a, "resnet50")
+def test_it_answers_an_htmx_history_restore_with_the_whole_page(member_client, team):
+    make_model(team, "resnet50")
 
-    response = alice_client.get(
+    response = member_client.get(
         reverse("registry:model_list"), {"q": "res"}, HTTP_HX_HISTORY_RESTORE_REQUEST="true", **HX
     )
 
@@ -184,13 +156,13 @@ def test_it_answers_an_htmx_history_restore_with_the_whole_page(alice_client, te
     assert "HX-Request" in response["Vary"]
 
 
-def test_it_paginates_the_models_list_25_to_a_page(alice_client, team_a):
+def test_it_paginates_the_models_list_25_to_a_page(member_client, team):
     RegisteredModel.objects.bulk_create(
-        RegisteredModel(team=team_a, name=f"model-{i:02d}") for i in range(30)
+        RegisteredModel(team=team, name=f"model-{i:02d}") for i in range(30)
     )
 
-    first = alice_client.get(reverse("registry:model_list"))
-    second = alice_client.get(reverse("registry:model_list"), {"page": 2})
+    first = member_client.get(reverse("registry:model_list"))
+    second = member_client.get(reverse("registry:model_list"), {"page": 2})
 
     assert len(first.context["page"].object_list) == 25
     assert len(second.context["page"].object_list) == 5
@@ -199,20 +171,20 @@ def test_it_paginates_the_models_list_25_to_a_page(alice_client, team_a):
 
 
 def test_it_keeps_the_models_list_queries_constant_as_versions_grow(
-    alice_client, team_a, django_assert_max_num_queries
+    member_client, team, django_assert_max_num_queries
 ):
-    model = make_model(team_a, "big")
+    model = make_model(team, "big")
     make_version(model)
     url = reverse("registry:model_list")
-    alice_client.get(url)  # warm the session
+    member_client.get(url)  # warm the session
 
     with CaptureQueriesContext(connection) as one_version:
-        alice_client.get(url)
+        member_client.get(url)
     first = make_version(model)
     ModelVersion.objects.bulk_create(
         ModelVersion(
             model=model,
-            team=team_a,
+            team=team,
             number=n,
             format="onnx",
             file=f"f{n}",
@@ -224,7 +196,7 @@ def test_it_keeps_the_models_list_queries_constant_as_versions_grow(
     RegisteredModel.objects.filter(pk=model.pk).update(latest_version=300)
 
     with django_assert_max_num_queries(len(one_version.captured_queries)):
-        response = alice_client.get(url)
+        response = member_client.get(url)
     assert model.versions.count() == 300
     assert response.context["page"].object_list[0].latest_version == 300
     assert not any(
@@ -237,11 +209,11 @@ def test_it_keeps_the_models_list_queries_constant_as_versions_grow(
 
 
 def test_it_uploads_a_real_onnx_through_the_form_as_version_1(
-    alice_client, team_a, media, linear_onnx
+    member_client, team, media, linear_onnx
 ):
-    response = upload(alice_client, linear_onnx, name="linear")
+    response = upload(member_client, linear_onnx, name="linear")
 
-    model = RegisteredModel.objects.get(team=team_a, name="linear")
+    model = RegisteredModel.objects.get(team=team, name="linear")
     version = model.versions.get()
     assert response.status_code == 302
     assert response["Location"] == model.get_absolute_url()
@@ -249,29 +221,29 @@ def test_it_uploads_a_real_onnx_through_the_form_as_version_1(
     assert [t["name"] for t in version.inputs] == ["x"]
     assert version.inputs[0]["shape"][1] == 4
     assert [t["name"] for t in version.outputs] == ["y"]
-    page = alice_client.get(response["Location"]).content.decode()
+    page = member_client.get(response["Location"]).content.decode()
     assert f"Uploaded linear v1 (ONNX, sha256 {version.sha256[:12]}…)" in page
     assert (media / version.file).is_file()
 
 
-def test_it_hides_the_team_choice_from_a_member_of_one_team(alice_client, alice, team_a):
-    one = alice_client.get(reverse("registry:model_upload")).content.decode()
+def test_it_hides_the_team_choice_from_a_member_of_one_team(member_client, user, team):
+    one = member_client.get(reverse("registry:model_upload")).content.decode()
     second = Team.objects.create(name="Speech", slug="speech")
-    Membership.objects.create(team=second, user=alice)
-    two = alice_client.get(reverse("registry:model_upload")).content.decode()
+    Membership.objects.create(team=second, user=user)
+    two = member_client.get(reverse("registry:model_upload")).content.decode()
 
-    assert f'type="hidden" name="team" value="{team_a.pk}"' in one
+    assert f'type="hidden" name="team" value="{team.pk}"' in one
     assert '<select name="team"' in two and "Speech" in two
     assert 'enctype="multipart/form-data"' in one
     assert "ids:batch,128:int64;mask:batch,128:int64" in one
 
 
 def test_it_uploads_into_the_chosen_team_only_if_the_member_belongs_to_it(
-    alice_client, media, linear_onnx
+    member_client, media, linear_onnx
 ):
     stranger = Team.objects.create(name="Stranger", slug="stranger")
 
-    response = upload(alice_client, linear_onnx, team=stranger.pk)
+    response = upload(member_client, linear_onnx, team=stranger.pk)
 
     assert response.status_code == 400
     assert not RegisteredModel.objects.exists()
@@ -286,12 +258,12 @@ def test_it_uploads_into_the_chosen_team_only_if_the_member_belongs_to_it(
     ids=["pickle-named-pt", "random-bytes-named-onnx"],
 )
 def test_it_refuses_a_file_that_is_not_a_model_and_keeps_nothing(
-    alice_client, media, tmp_path, filename, content
+    member_client, media, tmp_path, filename, content
 ):
     path = tmp_path / filename
     path.write_bytes(content)
 
-    response = upload(alice_client, path, name="bad")
+    response = upload(member_client, path, name="bad")
 
     assert response.status_code == 400
     errors = response.context["form"].non_field_errors()
@@ -302,11 +274,11 @@ def test_it_refuses_a_file_that_is_not_a_model_and_keeps_nothing(
 
 
 def test_it_refuses_an_upload_over_the_size_limit_as_a_file_error(
-    alice_client, media, settings, linear_onnx
+    member_client, media, settings, linear_onnx
 ):
     settings.R1_MAX_UPLOAD_BYTES = 64
 
-    response = upload(alice_client, linear_onnx, name="too-big")
+    response = upload(member_client, linear_onnx, name="too-big")
 
     assert response.status_code == 400
     assert "limit" in " ".join(response.context["form"].errors["file"])
@@ -315,10 +287,10 @@ def test_it_refuses_an_upload_over_the_size_limit_as_a_file_error(
     assert files_under(media) == []
 
 
-def test_it_refuses_a_second_model_with_the_same_name(alice_client, team_a, media, linear_onnx):
-    assert upload(alice_client, linear_onnx, name="dup").status_code == 302
+def test_it_refuses_a_second_model_with_the_same_name(member_client, team, media, linear_onnx):
+    assert upload(member_client, linear_onnx, name="dup").status_code == 302
 
-    again = upload(alice_client, linear_onnx, name="dup")
+    again = upload(member_client, linear_onnx, name="dup")
 
     assert again.status_code == 400
     assert "already has a model named" in again.content.decode()
@@ -329,15 +301,15 @@ def test_it_refuses_a_second_model_with_the_same_name(alice_client, team_a, medi
 # --- model and version pages ---
 
 
-def test_it_shows_a_models_versions_and_its_lineage_tree(alice_client, team_a):
-    model = make_model(team_a, "tree")
+def test_it_shows_a_models_versions_and_its_lineage_tree(member_client, team):
+    model = make_model(team, "tree")
     v1 = make_version(model)
     v2 = make_version(model, parent=v1, precision="int8")
     v3 = make_version(model, parent=v2, backend="onnxruntime")
     v4 = make_version(model, parent=v1, precision="fp16")
     job = make_job(v1, status=JobStatus.SUCCEEDED)
 
-    response = alice_client.get(model.get_absolute_url())
+    response = member_client.get(model.get_absolute_url())
 
     assert response.status_code == 200
     body = response.content.decode()
@@ -350,29 +322,29 @@ def test_it_shows_a_models_versions_and_its_lineage_tree(alice_client, team_a):
     assert f"{v3.label}" == "ONNX · FP32 · onnxruntime"
     assert "ONNX · INT8" in body
     assert f"{reverse('jobs:job_new')}?version={v4.pk}" in body
-    assert "/#/models/vision.tree" in body
+    assert "/#/models/team-a.tree" in body
     assert job.get_absolute_url() in body
 
 
-def test_it_builds_the_model_page_without_a_query_per_version(alice_client, team_a):
-    model = make_model(team_a, "chain")
+def test_it_builds_the_model_page_without_a_query_per_version(member_client, team):
+    model = make_model(team, "chain")
     parent = make_version(model)
-    alice_client.get(model.get_absolute_url())
+    member_client.get(model.get_absolute_url())
     for _ in range(3):
         parent = make_version(model, parent=parent)
     with CaptureQueriesContext(connection) as few:
-        alice_client.get(model.get_absolute_url())
+        member_client.get(model.get_absolute_url())
     for _ in range(30):
         parent = make_version(model, parent=parent)
     with CaptureQueriesContext(connection) as many:
-        response = alice_client.get(model.get_absolute_url())
+        response = member_client.get(model.get_absolute_url())
 
     assert len(response.context["versions"]) == 34
     assert len(many.captured_queries) == len(few.captured_queries)
 
 
-def test_it_shows_a_versions_facts_benchmarks_and_mlflow_link(alice_client, team_a):
-    model = make_model(team_a, "bench")
+def test_it_shows_a_versions_facts_benchmarks_and_mlflow_link(member_client, team):
+    model = make_model(team, "bench")
     v1 = make_version(model)
     job = make_job(v1, status=JobStatus.SUCCEEDED)
     v2 = make_version(model, parent=v1, job=job, artifact_key="s1", metrics={"max_abs_diff": 0.001})
@@ -391,15 +363,15 @@ def test_it_shows_a_versions_facts_benchmarks_and_mlflow_link(alice_client, team
             iterations=50,
         )
 
-    response = alice_client.get(v2.get_absolute_url())
-    parent_page = alice_client.get(v1.get_absolute_url()).content.decode()
+    response = member_client.get(v2.get_absolute_url())
+    parent_page = member_client.get(v1.get_absolute_url()).content.decode()
 
     body = response.content.decode()
     assert response.status_code == 200
     assert [b.batch_size for b in response.context["benchmarks"]] == [1, 8]
     assert body.count('data-testid="benchmark-row"') == 2
     assert ">1.25<" in body and ">800<" in body and "cpu: test" in body
-    assert "/#/models/vision.bench/versions/7" in body
+    assert "/#/models/team-a.bench/versions/7" in body
     assert v1.get_absolute_url() in body and "max_abs_diff" in body
     assert "batch, 4" in body
     assert v2.get_absolute_url() in parent_page  # a child link on the parent
@@ -409,10 +381,10 @@ def test_it_shows_a_versions_facts_benchmarks_and_mlflow_link(alice_client, team
 # --- launch ---
 
 
-def test_it_renders_the_launch_form_with_the_default_pipeline_checked(alice_client, team_a):
-    version = make_version(make_model(team_a))
+def test_it_renders_the_launch_form_with_the_default_pipeline_checked(member_client, team):
+    version = make_version(make_model(team))
 
-    response = alice_client.get(reverse("jobs:job_new"), {"version": version.pk})
+    response = member_client.get(reverse("jobs:job_new"), {"version": version.pk})
 
     assert response.status_code == 200
     body = response.content.decode()
@@ -427,7 +399,7 @@ def test_it_renders_the_launch_form_with_the_default_pipeline_checked(alice_clie
     assert schema["description"][:40] in body
     key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', body)
     assert key, "a fresh idempotency key is in the form"
-    again = alice_client.get(reverse("jobs:job_new"), {"version": version.pk}).content.decode()
+    again = member_client.get(reverse("jobs:job_new"), {"version": version.pk}).content.decode()
     assert key.group(1) not in again
 
 
@@ -440,13 +412,13 @@ def _launch_data(key: str, stages: dict[str, str]) -> dict[str, str]:
 
 
 def test_it_launches_one_job_from_the_form(
-    alice_client, alice, team_a, no_enqueue, django_capture_on_commit_callbacks
+    member_client, user, team, no_enqueue, django_capture_on_commit_callbacks
 ):
-    version = make_version(make_model(team_a))
+    version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
     with django_capture_on_commit_callbacks(execute=True):
-        response = alice_client.post(
+        response = member_client.post(
             url,
             _launch_data(uuid.uuid4().hex, {"quantize": "{}", "benchmark": '{"iterations": 5}'}),
         )
@@ -455,42 +427,42 @@ def test_it_launches_one_job_from_the_form(
     assert response.status_code == 302 and response["Location"] == job.get_absolute_url()
     assert [s["name"] for s in job.stages] == ["quantize", "benchmark"]
     assert job.stages[1]["settings"]["iterations"] == 5
-    assert job.version == version and job.created_by == alice
+    assert job.version == version and job.created_by == user
     assert no_enqueue == [job.pk]
 
 
-def test_it_makes_one_job_from_a_double_post_with_the_same_key(alice_client, team_a, no_enqueue):
-    version = make_version(make_model(team_a))
+def test_it_makes_one_job_from_a_double_post_with_the_same_key(member_client, team, no_enqueue):
+    version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
     data = _launch_data(uuid.uuid4().hex, {"compile": "{}"})
 
-    first = alice_client.post(url, data)
-    second = alice_client.post(url, data)
+    first = member_client.post(url, data)
+    second = member_client.post(url, data)
 
     assert Job.objects.count() == 1
     assert first["Location"] == second["Location"] == Job.objects.get().get_absolute_url()
-    followed = alice_client.get(second["Location"]).content.decode()
+    followed = member_client.get(second["Location"]).content.decode()
     assert "already launched" in followed
 
 
-def test_it_redirects_an_htmx_launch_on_the_client(alice_client, team_a, no_enqueue):
-    version = make_version(make_model(team_a))
+def test_it_redirects_an_htmx_launch_on_the_client(member_client, team, no_enqueue):
+    version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    response = alice_client.post(url, _launch_data(uuid.uuid4().hex, {"benchmark": "{}"}), **HX)
+    response = member_client.post(url, _launch_data(uuid.uuid4().hex, {"benchmark": "{}"}), **HX)
 
     assert response.status_code == 200
     assert response["HX-Redirect"] == Job.objects.get().get_absolute_url()
 
 
-def test_it_names_the_stage_whose_settings_are_not_json(alice_client, team_a, no_enqueue):
-    version = make_version(make_model(team_a))
+def test_it_names_the_stage_whose_settings_are_not_json(member_client, team, no_enqueue):
+    version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    response = alice_client.post(
+    response = member_client.post(
         url, _launch_data(uuid.uuid4().hex, {"quantize": "{}", "benchmark": "{iterations: 5"})
     )
-    partial = alice_client.post(url, _launch_data(uuid.uuid4().hex, {"compile": "[1]"}), **HX)
+    partial = member_client.post(url, _launch_data(uuid.uuid4().hex, {"compile": "[1]"}), **HX)
 
     assert response.status_code == 400
     assert "benchmark: the settings are not valid JSON" in response.content.decode()
@@ -500,47 +472,47 @@ def test_it_names_the_stage_whose_settings_are_not_json(alice_client, team_a, no
     assert not Job.objects.exists()
 
 
-def test_it_refuses_a_stage_combination_the_pipeline_cannot_run(alice_client, team_a, no_enqueue):
-    version = make_version(make_model(team_a))  # ONNX: export_onnx takes TorchScript only
+def test_it_refuses_a_stage_combination_the_pipeline_cannot_run(member_client, team, no_enqueue):
+    version = make_version(make_model(team))  # ONNX: export_onnx takes TorchScript only
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
     stages = {"export_onnx": "{}", "benchmark": "{}"}
     with pytest.raises(StageConfigError) as refused:
         validate_pipeline("onnx", [{"name": n, "settings": {}} for n in stages])
 
-    response = alice_client.post(url, _launch_data(uuid.uuid4().hex, stages))
+    response = member_client.post(url, _launch_data(uuid.uuid4().hex, stages))
 
     assert response.status_code == 400
     assert str(refused.value).splitlines()[0] in response.content.decode()
     assert not Job.objects.exists()
 
 
-def test_it_refuses_a_launch_with_no_stage_checked(alice_client, team_a, no_enqueue):
-    version = make_version(make_model(team_a))
+def test_it_refuses_a_launch_with_no_stage_checked(member_client, team, no_enqueue):
+    version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    response = alice_client.post(url, {})
+    response = member_client.post(url, {})
 
     assert response.status_code == 400
     assert "Include at least one stage" in response.content.decode()
     assert not Job.objects.exists()
 
 
-def test_it_answers_404_for_a_launch_without_a_known_version(alice_client):
-    assert alice_client.get(reverse("jobs:job_new")).status_code == 404
-    assert alice_client.get(reverse("jobs:job_new"), {"version": "x"}).status_code == 404
-    assert alice_client.get(reverse("jobs:job_new"), {"version": 999999}).status_code == 404
+def test_it_answers_404_for_a_launch_without_a_known_version(member_client):
+    assert member_client.get(reverse("jobs:job_new")).status_code == 404
+    assert member_client.get(reverse("jobs:job_new"), {"version": "x"}).status_code == 404
+    assert member_client.get(reverse("jobs:job_new"), {"version": 999999}).status_code == 404
 
 
 # --- job pages ---
 
 
-def test_it_lists_jobs_newest_first_and_filters_by_status(alice_client, team_a):
-    version = make_version(make_model(team_a))
+def test_it_lists_jobs_newest_first_and_filters_by_status(member_client, team):
+    version = make_version(make_model(team))
     old = make_job(version, status=JobStatus.SUCCEEDED)
     new = make_job(version, status=JobStatus.FAILED)
 
-    everything = alice_client.get(reverse("jobs:job_list"))
-    failed = alice_client.get(reverse("jobs:job_list"), {"status": "failed"})
+    everything = member_client.get(reverse("jobs:job_list"))
+    failed = member_client.get(reverse("jobs:job_list"), {"status": "failed"})
 
     assert [j.pk for j in everything.context["page"]] == [new.pk, old.pk]
     assert [j.pk for j in failed.context["page"]] == [new.pk]
@@ -548,14 +520,14 @@ def test_it_lists_jobs_newest_first_and_filters_by_status(alice_client, team_a):
     assert 'hx-trigger="every 2s"' not in everything.content.decode()
 
 
-def test_it_polls_the_jobs_table_only_while_a_job_is_active(alice_client, team_a):
-    version = make_version(make_model(team_a))
+def test_it_polls_the_jobs_table_only_while_a_job_is_active(member_client, team):
+    version = make_version(make_model(team))
     job = make_job(version, status=JobStatus.RUNNING, progress=0.5)
     url = reverse("jobs:job_list")
 
-    live = alice_client.get(url)
+    live = member_client.get(url)
     Job.objects.filter(pk=job.pk).update(status=JobStatus.SUCCEEDED, progress=1.0)
-    poll = alice_client.get(url, HTTP_HX_TRIGGER="jobs-table", **HX)
+    poll = member_client.get(url, HTTP_HX_TRIGGER="jobs-table", **HX)
 
     assert 'hx-trigger="every 2s"' in live.content.decode()
     assert 'aria-valuenow="50"' in live.content.decode()
@@ -564,9 +536,9 @@ def test_it_polls_the_jobs_table_only_while_a_job_is_active(alice_client, team_a
     assert 'data-status="succeeded"' in poll.content.decode()
 
 
-def test_it_polls_the_job_page_every_second_while_running(alice_client, team_a):
+def test_it_polls_the_job_page_every_second_while_running(member_client, team):
     job = make_job(
-        make_version(make_model(team_a)),
+        make_version(make_model(team)),
         status=JobStatus.RUNNING,
         progress=0.25,
         current_stage="quantize",
@@ -575,8 +547,8 @@ def test_it_polls_the_job_page_every_second_while_running(alice_client, team_a):
         started_at=timezone.now(),
     )
 
-    page = alice_client.get(job.get_absolute_url())
-    partial = alice_client.get(job.get_absolute_url(), **HX)
+    page = member_client.get(job.get_absolute_url())
+    partial = member_client.get(job.get_absolute_url(), **HX)
 
     assert page.status_code == 200 and partial.status_code == 200
     for body in (page.content.decode(), partial.content.decode()):
@@ -587,8 +559,8 @@ def test_it_polls_the_job_page_every_second_while_running(alice_client, team_a):
     assert partial.content.decode().lstrip().startswith('<div id="job-live"')
 
 
-def test_it_stops_polling_with_286_and_shows_the_final_state(alice_client, team_a):
-    model = make_model(team_a)
+def test_it_stops_polling_with_286_and_shows_the_final_state(member_client, team):
+    model = make_model(team)
     source = make_version(model)
     job = make_job(source, status=JobStatus.RUNNING)
     produced = make_version(model, parent=source, job=job, artifact_key="s1", precision="int8")
@@ -622,7 +594,7 @@ def test_it_stops_polling_with_286_and_shows_the_final_state(alice_client, team_
         ],
     )
 
-    response = alice_client.get(job.get_absolute_url(), **HX)
+    response = member_client.get(job.get_absolute_url(), **HX)
 
     body = response.content.decode()
     assert response.status_code == 286
@@ -635,23 +607,23 @@ def test_it_stops_polling_with_286_and_shows_the_final_state(alice_client, team_
     assert "Cancel job" not in body
 
 
-def test_it_shows_a_failed_jobs_error_prominently(alice_client, team_a):
+def test_it_shows_a_failed_jobs_error_prominently(member_client, team):
     job = make_job(
-        make_version(make_model(team_a)),
+        make_version(make_model(team)),
         status=JobStatus.FAILED,
         error="quantize: the model has no weights to quantize",
     )
 
-    body = alice_client.get(job.get_absolute_url()).content.decode()
+    body = member_client.get(job.get_absolute_url()).content.decode()
 
     assert 'class="alert alert-error"' in body
     assert "the model has no weights to quantize" in body
 
 
-def test_it_cancels_a_queued_job(alice_client, team_a):
-    job = make_job(make_version(make_model(team_a)))
+def test_it_cancels_a_queued_job(member_client, team):
+    job = make_job(make_version(make_model(team)))
 
-    response = alice_client.post(reverse("jobs:job_cancel", args=[job.pk]), **HX)
+    response = member_client.post(reverse("jobs:job_cancel", args=[job.pk]), **HX)
 
     job.refresh_from_db()
     assert job.status == JobStatus.CANCELLED and job.finished_at is not None
@@ -660,21 +632,21 @@ def test_it_cancels_a_queued_job(alice_client, team_a):
     assert 'data-status="cancelled"' in body and "every 1s" not in body
 
 
-def test_it_asks_a_running_job_to_stop_and_redirects_without_htmx(alice_client, team_a):
-    job = make_job(make_version(make_model(team_a)), status=JobStatus.RUNNING)
+def test_it_asks_a_running_job_to_stop_and_redirects_without_htmx(member_client, team):
+    job = make_job(make_version(make_model(team)), status=JobStatus.RUNNING)
 
-    response = alice_client.post(reverse("jobs:job_cancel", args=[job.pk]))
+    response = member_client.post(reverse("jobs:job_cancel", args=[job.pk]))
 
     job.refresh_from_db()
     assert response.status_code == 302 and response["Location"] == job.get_absolute_url()
     assert job.cancel_requested and job.status == JobStatus.RUNNING
-    assert "Cancelling" in alice_client.get(job.get_absolute_url()).content.decode()
+    assert "Cancelling" in member_client.get(job.get_absolute_url()).content.decode()
 
 
-def test_it_refuses_cancel_by_get(alice_client, team_a):
-    job = make_job(make_version(make_model(team_a)))
+def test_it_refuses_cancel_by_get(member_client, team):
+    job = make_job(make_version(make_model(team)))
 
-    response = alice_client.get(reverse("jobs:job_cancel", args=[job.pk]))
+    response = member_client.get(reverse("jobs:job_cancel", args=[job.pk]))
 
     job.refresh_from_db()
     assert response.status_code == 405
@@ -684,19 +656,19 @@ def test_it_refuses_cancel_by_get(alice_client, team_a):
 # --- chrome and admin ---
 
 
-def test_it_shows_the_nav_with_teams_mlflow_and_a_logout_form(alice_client, settings):
-    body = alice_client.get(reverse("registry:model_list")).content.decode()
+def test_it_shows_the_nav_with_teams_mlflow_and_a_logout_form(member_client, settings):
+    body = member_client.get(reverse("registry:model_list")).content.decode()
 
-    assert "Vision" in body and "alice-dash" in body
+    assert "Team A" in body and "alice" in body
     assert f'href="{settings.MLFLOW_UI_URL}" target="_blank"' in body
     assert re.search(r'<form method="post" action="/accounts/logout/"', body)
     assert 'hx-headers=\'{"X-CSRFToken": "' in body
     assert ">Admin<" not in body
 
 
-def test_it_logs_in_through_the_login_page(client, alice):
+def test_it_logs_in_through_the_login_page(client, user):
     page = client.get(reverse("login"))
-    response = client.post(reverse("login"), {"username": "alice-dash", "password": "pw-alice-123"})
+    response = client.post(reverse("login"), {"username": "alice", "password": "pw-alice-123"})
 
     assert page.status_code == 200 and 'name="password"' in page.content.decode()
     assert response.status_code == 302 and response["Location"] == reverse("registry:model_list")
@@ -713,10 +685,10 @@ def test_it_serves_htmx_and_css_from_our_static_files():
 
 
 def test_it_renders_every_admin_changelist_and_refuses_adding_tokens(
-    client, admin_user, team_a, alice
+    client, admin_user, team, user
 ):
     client.force_login(admin_user)
-    model = make_model(team_a)
+    model = make_model(team)
     version = make_version(model)
     job = make_job(version, status=JobStatus.SUCCEEDED)
     BenchmarkResult.objects.create(
@@ -732,7 +704,7 @@ def test_it_renders_every_admin_changelist_and_refuses_adding_tokens(
     )
     from r1platform.accounts.models import ApiToken
 
-    ApiToken.issue(alice, team_a, name="ci")
+    ApiToken.issue(user, team, name="ci")
     names = [
         "accounts_team",
         "accounts_membership",

@@ -20,11 +20,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
-from r1platform.accounts.models import Membership, Team
+from r1platform.accounts.models import Team
+from r1platform.core.charts.benchmarks import latency_chart_svg
 from r1platform.datasets.models import Dataset
 from r1platform.jobs import services as job_services
 from r1platform.jobs.models import Job, JobStatus
-from r1platform.registry.charts import latency_chart_svg
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import register_version
 
@@ -32,34 +32,6 @@ HX = {"HTTP_HX_REQUEST": "true"}
 SVG = "{http://www.w3.org/2000/svg}"
 
 # --- fixtures and helpers ---
-
-
-@pytest.fixture
-def lab(db) -> Team:
-    return Team.objects.create(name="Lab", slug="lab")
-
-
-@pytest.fixture
-def rival(db) -> Team:
-    return Team.objects.create(name="Rival", slug="rival")
-
-
-@pytest.fixture
-def carol(lab, django_user_model):
-    member = django_user_model.objects.create_user("carol-data", password="pw-carol-123")
-    Membership.objects.create(team=lab, user=member)
-    return member
-
-
-@pytest.fixture
-def carol_client(client, carol):
-    client.force_login(carol)
-    return client
-
-
-@pytest.fixture
-def media(settings) -> Path:
-    return Path(settings.MEDIA_ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +159,16 @@ def points(svg: ET.Element, series: str) -> list[int]:
 
 
 def test_it_uploads_a_digits_csv_as_version_1_and_again_as_version_2(
-    carol_client, carol, lab, media, digits_csv
+    member_client, user, team, media, digits_csv
 ):
-    first = upload(carol_client, digits_csv, name="digits", target="label")
-    second = upload(carol_client, digits_csv, name="digits", train=0.7, validation=0.2, seed=7)
+    first = upload(member_client, digits_csv, name="digits", target="label")
+    second = upload(member_client, digits_csv, name="digits", train=0.7, validation=0.2, seed=7)
 
-    v1, v2 = Dataset.objects.filter(team=lab, name="digits").order_by("version")
+    v1, v2 = Dataset.objects.filter(team=team, name="digits").order_by("version")
     assert first.status_code == 302 and first["Location"] == v1.get_absolute_url()
     assert second.status_code == 302 and second["Location"] == v2.get_absolute_url()
     assert (v1.version, v2.version) == (1, 2)
-    assert v1.format == "csv" and v1.rows == 1797 and v1.created_by == carol
+    assert v1.format == "csv" and v1.rows == 1797 and v1.created_by == user
     columns = v1.schema["columns"]
     assert len(columns) == 65 and columns[-1] == {"name": "label", "dtype": "int64"}
     assert {c["dtype"] for c in columns[:64]} == {"float64"}
@@ -207,14 +179,14 @@ def test_it_uploads_a_digits_csv_as_version_1_and_again_as_version_2(
         "seed": 7,
     }
     assert (media / v1.file).is_file() and (media / v2.file).is_file() and v1.file != v2.file
-    page = carol_client.get(second["Location"]).content.decode()
+    page = member_client.get(second["Location"]).content.decode()
     assert f"Uploaded digits v2 (csv, 1,797 rows, sha256 {v2.sha256[:12]}…)" in page
 
 
-def test_it_hides_the_team_choice_and_keeps_the_file_field_last(carol_client, lab):
-    body = carol_client.get(reverse("datasets:dataset_upload")).content.decode()
+def test_it_hides_the_team_choice_and_keeps_the_file_field_last(member_client, team):
+    body = member_client.get(reverse("datasets:dataset_upload")).content.decode()
 
-    assert f'type="hidden" name="team" value="{lab.pk}"' in body
+    assert f'type="hidden" name="team" value="{team.pk}"' in body
     assert 'enctype="multipart/form-data"' in body
     form = body[body.index('id="dataset-upload-form"') :]
     names = re.findall(r'name="(\w+)"', form)
@@ -223,12 +195,12 @@ def test_it_hides_the_team_choice_and_keeps_the_file_field_last(carol_client, la
         assert re.search(rf'name="{name}" value="{value}"', form), name
 
 
-def test_it_prefills_the_name_for_a_new_version(carol_client, lab):
-    dataset = make_dataset(lab, "digits")
+def test_it_prefills_the_name_for_a_new_version(member_client, team):
+    dataset = make_dataset(team, "digits")
 
-    detail = carol_client.get(dataset.get_absolute_url()).content.decode()
+    detail = member_client.get(dataset.get_absolute_url()).content.decode()
     link = re.search(r'href="([^"]+)" data-testid="new-version-link"', detail).group(1)
-    form = carol_client.get(link.replace("&amp;", "&")).content.decode()
+    form = member_client.get(link.replace("&amp;", "&")).content.decode()
 
     assert 'name="name" value="digits"' in form
 
@@ -255,11 +227,11 @@ def _ragged_csv(tmp_path: Path) -> Path:
     ids=["object-npz", "ragged-csv", "splits-not-summing-to-1"],
 )
 def test_it_refuses_a_bad_dataset_with_the_reason_and_keeps_nothing(
-    carol_client, media, tmp_path, make_file, fields, reason
+    member_client, media, tmp_path, make_file, fields, reason
 ):
     path = make_file(tmp_path)
 
-    response = upload(carol_client, path, name="bad", **fields)
+    response = upload(member_client, path, name="bad", **fields)
 
     assert response.status_code == 400
     body = response.content.decode()
@@ -271,11 +243,11 @@ def test_it_refuses_a_bad_dataset_with_the_reason_and_keeps_nothing(
 
 
 def test_it_refuses_an_upload_over_the_size_limit_as_a_file_error(
-    carol_client, media, settings, digits_csv
+    member_client, media, settings, digits_csv
 ):
     settings.R1_MAX_UPLOAD_BYTES = 1024
 
-    response = upload(carol_client, digits_csv, name="huge")
+    response = upload(member_client, digits_csv, name="huge")
 
     assert response.status_code == 400
     assert "over the 1.0 KiB limit" in " ".join(response.context["form"].errors["file"])
@@ -284,9 +256,9 @@ def test_it_refuses_an_upload_over_the_size_limit_as_a_file_error(
 
 
 def test_it_refuses_an_upload_into_a_team_the_member_is_not_in(
-    carol_client, rival, media, digits_csv
+    member_client, other_team, media, digits_csv
 ):
-    response = upload(carol_client, digits_csv, team=rival.pk)
+    response = upload(member_client, digits_csv, team=other_team.pk)
 
     assert response.status_code == 400
     assert "team" in response.context["form"].errors
@@ -297,19 +269,19 @@ def test_it_refuses_an_upload_into_a_team_the_member_is_not_in(
 # --- list and detail ---
 
 
-def test_it_lists_the_teams_datasets_newest_first_with_search(carol_client, lab, rival):
+def test_it_lists_the_teams_datasets_newest_first_with_search(member_client, team, other_team):
     now = timezone.now()
-    old = make_dataset(lab, "digits", 1, created_at=now - timezone.timedelta(days=2))
-    new = make_dataset(lab, "digits", 2, created_at=now - timezone.timedelta(days=1))
-    other = make_dataset(lab, "iris", 1, created_at=now, rows=150)
-    make_dataset(rival, "secret-set")
+    old = make_dataset(team, "digits", 1, created_at=now - timezone.timedelta(days=2))
+    new = make_dataset(team, "digits", 2, created_at=now - timezone.timedelta(days=1))
+    other = make_dataset(team, "iris", 1, created_at=now, rows=150)
+    make_dataset(other_team, "secret-set")
 
-    everything = carol_client.get(reverse("datasets:dataset_list"))
-    found = carol_client.get(reverse("datasets:dataset_list"), {"q": "DIG"}, **HX)
+    everything = member_client.get(reverse("datasets:dataset_list"))
+    found = member_client.get(reverse("datasets:dataset_list"), {"q": "DIG"}, **HX)
 
     assert [d.pk for d in everything.context["page"]] == [other.pk, new.pk, old.pk]
     body = everything.content.decode()
-    assert "secret-set" not in body and "Rival" not in body
+    assert "secret-set" not in body and "Team B" not in body
     assert ">1,797<" in body and ">150<" in body and "2.0\xa0KB" in body
     assert 'aria-current="page" data-testid="nav-datasets"' in body
     partial = found.content.decode()
@@ -317,20 +289,20 @@ def test_it_lists_the_teams_datasets_newest_first_with_search(carol_client, lab,
     assert partial.lstrip().startswith('<section id="datasets-table"') and "<html" not in partial
 
 
-def test_it_paginates_the_datasets_25_to_a_page(carol_client, lab):
+def test_it_paginates_the_datasets_25_to_a_page(member_client, team):
     for i in range(27):
-        make_dataset(lab, f"set-{i:02d}")
+        make_dataset(team, f"set-{i:02d}")
 
-    second = carol_client.get(reverse("datasets:dataset_list"), {"page": 2})
+    second = member_client.get(reverse("datasets:dataset_list"), {"page": 2})
 
     assert len(second.context["page"].object_list) == 2
     assert "Page 2 of 2" in second.content.decode()
 
 
-def test_it_shows_a_datasets_schema_splits_and_other_versions(carol_client, lab):
-    v1 = make_dataset(lab, "digits", 1)
+def test_it_shows_a_datasets_schema_splits_and_other_versions(member_client, team):
+    v1 = make_dataset(team, "digits", 1)
     v2 = make_dataset(
-        lab,
+        team,
         "digits",
         2,
         format="npz",
@@ -344,7 +316,7 @@ def test_it_shows_a_datasets_schema_splits_and_other_versions(carol_client, lab)
         splits={"train": 0.7, "validation": 0.2, "test": 0.1, "seed": 3},
     )
 
-    response = carol_client.get(v2.get_absolute_url())
+    response = member_client.get(v2.get_absolute_url())
 
     body = response.content.decode()
     assert response.status_code == 200
@@ -358,40 +330,40 @@ def test_it_shows_a_datasets_schema_splits_and_other_versions(carol_client, lab)
     assert v1.get_absolute_url() in body and body.count('data-testid="dataset-version-row"') == 2
 
 
-def test_it_lists_the_jobs_that_used_a_dataset(carol_client, lab):
-    dataset = make_dataset(lab, "digits")
-    version = make_version(lab)
+def test_it_lists_the_jobs_that_used_a_dataset(member_client, team):
+    dataset = make_dataset(team, "digits")
+    version = make_version(team)
     used = make_job(version, stages=[{"name": "evaluate", "settings": {"dataset_id": dataset.pk}}])
     unused = make_job(version)
 
-    body = carol_client.get(dataset.get_absolute_url()).content.decode()
+    body = member_client.get(dataset.get_absolute_url()).content.decode()
 
     assert used.get_absolute_url() in body
     assert unused.get_absolute_url() not in body
 
 
-def test_it_answers_404_for_another_teams_dataset(carol_client, rival):
-    theirs = make_dataset(rival, "secret-set")
+def test_it_answers_404_for_another_teams_dataset(member_client, other_team):
+    theirs = make_dataset(other_team, "secret-set")
 
-    assert carol_client.get(theirs.get_absolute_url()).status_code == 404
-    assert carol_client.get(reverse("datasets:dataset_detail", args=[999999])).status_code == 404
+    assert member_client.get(theirs.get_absolute_url()).status_code == 404
+    assert member_client.get(reverse("datasets:dataset_detail", args=[999999])).status_code == 404
 
 
 # --- launch form ---
 
 
 def test_it_offers_the_teams_datasets_for_evaluate_and_launches_with_the_pick(
-    carol_client, lab, rival, no_enqueue, django_capture_on_commit_callbacks
+    member_client, team, other_team, no_enqueue, django_capture_on_commit_callbacks
 ):
-    version = make_version(lab)
-    older = make_dataset(lab, "digits", 1)
-    newer = make_dataset(lab, "digits", 2)
-    make_dataset(rival, "secret-set")
+    version = make_version(team)
+    older = make_dataset(team, "digits", 1)
+    newer = make_dataset(team, "digits", 2)
+    make_dataset(other_team, "secret-set")
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    page = carol_client.get(url).content.decode()
+    page = member_client.get(url).content.decode()
     with django_capture_on_commit_callbacks(execute=True):
-        response = carol_client.post(
+        response = member_client.post(
             url,
             {
                 "idempotency_key": uuid.uuid4().hex,
@@ -420,15 +392,17 @@ def test_it_offers_the_teams_datasets_for_evaluate_and_launches_with_the_pick(
     assert no_enqueue == [job.pk]
 
 
-def test_it_refuses_a_launch_naming_another_teams_dataset(carol_client, lab, rival, no_enqueue):
-    version = make_version(lab)
-    make_dataset(lab, "digits")
-    theirs = make_dataset(rival, "secret-set")
+def test_it_refuses_a_launch_naming_another_teams_dataset(
+    member_client, team, other_team, no_enqueue
+):
+    version = make_version(team)
+    make_dataset(team, "digits")
+    theirs = make_dataset(other_team, "secret-set")
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
     data = {"idempotency_key": uuid.uuid4().hex, "include_evaluate": "on"}
 
-    picked = carol_client.post(url, {**data, "dataset_evaluate_dataset_id": str(theirs.pk)})
-    typed = carol_client.post(
+    picked = member_client.post(url, {**data, "dataset_evaluate_dataset_id": str(theirs.pk)})
+    typed = member_client.post(
         url, {**data, "settings_evaluate": json.dumps({"dataset_id": theirs.pk})}
     )
 
@@ -439,12 +413,12 @@ def test_it_refuses_a_launch_naming_another_teams_dataset(carol_client, lab, riv
     assert not Job.objects.exists() and no_enqueue == []
 
 
-def test_it_asks_for_a_dataset_when_a_team_has_none(carol_client, lab, no_enqueue):
-    version = make_version(lab)
+def test_it_asks_for_a_dataset_when_a_team_has_none(member_client, team, no_enqueue):
+    version = make_version(team)
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    page = carol_client.get(url).content.decode()
-    response = carol_client.post(
+    page = member_client.get(url).content.decode()
+    response = member_client.post(
         url, {"idempotency_key": uuid.uuid4().hex, "include_evaluate": "on"}
     )
 
@@ -454,12 +428,12 @@ def test_it_asks_for_a_dataset_when_a_team_has_none(carol_client, lab, no_enqueu
     assert not Job.objects.exists()
 
 
-def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(carol_client, lab, no_enqueue):
-    version = make_version(lab)
-    make_dataset(lab, "digits")
+def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(member_client, team, no_enqueue):
+    version = make_version(team)
+    make_dataset(team, "digits")
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
-    response = carol_client.post(
+    response = member_client.post(
         url,
         {
             "idempotency_key": uuid.uuid4().hex,
@@ -474,19 +448,19 @@ def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(carol_client, l
 
 
 def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
-    carol_client, lab, no_enqueue
+    member_client, team, no_enqueue
 ):
     version = make_version(
-        lab,
+        team,
         "digits-mlp",
         format="torchscript",
         inputs=[{"name": "input", "shape": ["batch", 64], "dtype": "float32"}],
     )
-    dataset = make_dataset(lab, "digits")
+    dataset = make_dataset(team, "digits")
     url = reverse("jobs:job_new")
 
-    plain = carol_client.get(url, {"version": version.pk}).content.decode()
-    page = carol_client.get(url, {"version": version.pk, "preset": "demo", "dataset": dataset.pk})
+    plain = member_client.get(url, {"version": version.pk}).content.decode()
+    page = member_client.get(url, {"version": version.pk, "preset": "demo", "dataset": dataset.pk})
     form = page.content.decode()
 
     assert 'data-testid="demo-preset"' in plain and 'name="preset" value="demo"' in plain
@@ -503,7 +477,7 @@ def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
         data[f"settings_{name}"] = page.context["form"][f"settings_{name}"].value()
     for field in re.findall(r'<select name="(dataset_\w+)"', form):
         data[field] = page.context["form"][field].value() or ""
-    response = carol_client.post(f"{url}?version={version.pk}", data)
+    response = member_client.post(f"{url}?version={version.pk}", data)
 
     assert response.status_code == 302, response.content.decode()[-2000:]
     stages = Job.objects.get().stages
@@ -513,11 +487,11 @@ def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
     assert stages[3]["settings"]["dataset_id"] == dataset.pk
 
 
-def test_it_offers_no_demo_pipeline_on_an_onnx_version(carol_client, lab):
-    version = make_version(lab)
-    dataset = make_dataset(lab, "digits")
+def test_it_offers_no_demo_pipeline_on_an_onnx_version(member_client, team):
+    version = make_version(team)
+    dataset = make_dataset(team, "digits")
 
-    response = carol_client.get(
+    response = member_client.get(
         reverse("jobs:job_new"), {"version": version.pk, "preset": "demo", "dataset": dataset.pk}
     )
 
@@ -529,12 +503,12 @@ def test_it_offers_no_demo_pipeline_on_an_onnx_version(carol_client, lab):
 # --- version page: evaluation and chart ---
 
 
-def test_it_shows_the_evaluation_metrics_block_when_metrics_exist(carol_client, lab):
-    parent = make_version(lab)
-    dataset = make_dataset(lab, "digits")
+def test_it_shows_the_evaluation_metrics_block_when_metrics_exist(member_client, team):
+    parent = make_version(team)
+    dataset = make_dataset(team, "digits")
     job = make_job(parent)
     child = make_version(
-        lab,
+        team,
         parent=parent,
         job=job,
         artifact_key="s1",
@@ -551,8 +525,8 @@ def test_it_shows_the_evaluation_metrics_block_when_metrics_exist(carol_client, 
         details={"evaluation": {"dataset_id": dataset.pk, "split": "validation"}},
     )
 
-    body = carol_client.get(child.get_absolute_url()).content.decode()
-    plain = carol_client.get(parent.get_absolute_url()).content.decode()
+    body = member_client.get(child.get_absolute_url()).content.decode()
+    plain = member_client.get(parent.get_absolute_url()).content.decode()
 
     block = body[body.index('data-testid="evaluation-metrics"') :]
     block = block[: block.index("</section>")]
@@ -566,29 +540,29 @@ def test_it_shows_the_evaluation_metrics_block_when_metrics_exist(carol_client, 
     assert 'data-testid="evaluation-metrics"' not in plain
 
 
-def test_it_shows_regression_metrics_without_a_parent(carol_client, lab):
-    version = make_version(lab, metrics={"mse": 0.0421, "mae": 0.15, "cosine": 0.98765})
+def test_it_shows_regression_metrics_without_a_parent(member_client, team):
+    version = make_version(team, metrics={"mse": 0.0421, "mae": 0.15, "cosine": 0.98765})
 
-    body = carol_client.get(version.get_absolute_url()).content.decode()
+    body = member_client.get(version.get_absolute_url()).content.decode()
 
     assert re.search(r'data-metric="mse">.*?0\.0421', body, re.S)
     assert re.search(r'data-metric="cosine">.*?0\.9877', body, re.S)
     assert 'data-metric="retention"' not in body and "parent v" not in body
 
 
-def test_it_charts_the_latest_jobs_benchmarks_and_the_speedup_over_the_parent(carol_client, lab):
-    parent = make_version(lab)
+def test_it_charts_the_latest_jobs_benchmarks_and_the_speedup_over_the_parent(member_client, team):
+    parent = make_version(team)
     parent_job = make_job(parent)
     for batch in (1, 2, 4, 8):
         bench(parent, parent_job, batch, p50=2.0 * batch, throughput=500.0)
     child_job = make_job(parent)
-    child = make_version(lab, parent=parent, job=child_job, artifact_key="s1", backend="trt")
+    child = make_version(team, parent=parent, job=child_job, artifact_key="s1", backend="trt")
     old_job = make_job(child, created_at=timezone.now() - timezone.timedelta(days=1))
     bench(child, old_job, 16, p50=9.0, throughput=10.0)
     for batch in (1, 2, 4, 8):
         bench(child, child_job, batch, p50=1.0 * batch, throughput=1000.0 * batch)
 
-    response = carol_client.get(child.get_absolute_url())
+    response = member_client.get(child.get_absolute_url())
 
     body = response.content.decode()
     svg = chart_of(body)
@@ -606,21 +580,21 @@ def test_it_charts_the_latest_jobs_benchmarks_and_the_speedup_over_the_parent(ca
     assert [b.batch_size for b in response.context["benchmarks"]] == [1, 2, 4, 8, 16]
 
 
-def test_it_shows_no_chart_and_no_speedup_without_rows(carol_client, lab):
-    version = make_version(lab)
+def test_it_shows_no_chart_and_no_speedup_without_rows(member_client, team):
+    version = make_version(team)
 
-    body = carol_client.get(version.get_absolute_url()).content.decode()
+    body = member_client.get(version.get_absolute_url()).content.decode()
 
     assert "<svg" not in body and "Speedup" not in body
     assert "No benchmarks of this version yet" in body
 
 
-def test_it_labels_produced_versions_with_their_backend_on_the_job_page(carol_client, lab):
-    source = make_version(lab)
+def test_it_labels_produced_versions_with_their_backend_on_the_job_page(member_client, team):
+    source = make_version(team)
     job = make_job(source)
-    make_version(lab, parent=source, job=job, artifact_key="s1", backend="onnxruntime")
+    make_version(team, parent=source, job=job, artifact_key="s1", backend="onnxruntime")
 
-    body = carol_client.get(job.get_absolute_url()).content.decode()
+    body = member_client.get(job.get_absolute_url()).content.decode()
 
     assert "ONNX · FP32 · onnxruntime" in body
 

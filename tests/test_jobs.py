@@ -14,19 +14,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from gpu_workers.runner import Outcome, execute_job
-from r1platform.core.storage import spool_local_file
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
-from r1platform.registry.services import upload_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def version(team, user, mlp_onnx):
-    return upload_model(
-        team=team, user=user, name="mlp", task="classification", uploaded=spool_local_file(mlp_onnx)
-    )
 
 
 @pytest.fixture
@@ -159,6 +150,6 @@ def test_it_fails_loudly_on_a_bad_setting(tmp_path, name, value, message):
     ],
 )
 def test_it_routes_gpu_work_to_the_gpu_queue(stages, queue):
-    from gpu_workers.queues import queue_for
+    from r1platform.queues import queue_for
 
     assert queue_for(stages) == queue

@@ -17,13 +17,7 @@ from r1platform.serving.history import serving_history
 from r1platform.serving.models import ServingWindow
 from r1platform.serving.stats import latency_bucket
 from r1platform.workers.models import HardwareProfile
-from tests import test_dashboard as dashboard
 from tests.test_dashboard import make_job, make_model, make_version
-
-# Fixtures of the dashboard tests, registered here by name.
-team_a = dashboard.team_a
-alice = dashboard.alice
-alice_client = dashboard.alice_client
 
 CPU = "cpu: Test Xeon"
 
@@ -74,9 +68,9 @@ def bench(version: ModelVersion, job, batch: int, p50: float, device: str = CPU,
 
 
 @pytest.fixture
-def lineage(team_a):
+def lineage(team):
     """v1 (FP32) with two children: v2 (2x faster at batch 1, slower at 8), v3 (the same)."""
-    model = make_model(team_a, "charted")
+    model = make_model(team, "charted")
     v1 = make_version(model)
     v2 = make_version(model, parent=v1, precision="int8")
     v3 = make_version(model, parent=v1, precision="fp16")
@@ -111,7 +105,7 @@ def test_the_faster_slower_table_compares_each_version_with_its_parent(lineage):
     assert len(history.rows) == 6  # v1 x2, v2 x3 (cpu 1, cpu 8, cuda 1), v3 x1
 
 
-def test_the_model_page_charts_serving_and_benchmark_history(alice_client, lineage, pool):
+def test_the_model_page_charts_serving_and_benchmark_history(member_client, lineage, pool):
     model, v1, v2, _ = lineage
     window(pool, v1, 30, 120, errors_5xx=6, errors_4xx=3, batches=60, batch_rows=120)
     window(pool, v1, 29, 90, latency_ms=8.0)
@@ -120,7 +114,7 @@ def test_the_model_page_charts_serving_and_benchmark_history(alice_client, linea
     window(pool, v2, 27, 0)  # served, idle
     window(pool, v2, 26, 500, stage="staging")  # another process's history: not shown
 
-    response = alice_client.get(model.get_absolute_url())
+    response = member_client.get(model.get_absolute_url())
 
     assert response.status_code == 200
     body = response.content.decode()
@@ -152,12 +146,12 @@ def test_the_model_page_charts_serving_and_benchmark_history(alice_client, linea
     assert '<span class="speedup-down">0.80×</span>' in history
 
 
-def test_the_model_page_says_when_nothing_was_recorded(alice_client, team_a, pool):
-    model = make_model(team_a, "quiet")
+def test_the_model_page_says_when_nothing_was_recorded(member_client, team, pool):
+    model = make_model(team, "quiet")
     version = make_version(model)
     window(pool, version, 60 * 30, 100)  # a month ago: outside the last day
 
-    body = alice_client.get(model.get_absolute_url()).content.decode()
+    body = member_client.get(model.get_absolute_url()).content.decode()
 
     assert 'data-testid="serving-empty"' in body
     assert "No traffic has been recorded yet" in body
@@ -165,12 +159,12 @@ def test_the_model_page_says_when_nothing_was_recorded(alice_client, team_a, poo
     assert "<svg" not in body
 
 
-def test_the_serving_section_refreshes_alone_over_htmx(alice_client, lineage, pool):
+def test_the_serving_section_refreshes_alone_over_htmx(member_client, lineage, pool):
     model, v1, _, _ = lineage
     window(pool, v1, 5, 42)
     headers = {"HX-Request": "true", "HX-Target": "serving-section"}
 
-    response = alice_client.get(model.get_absolute_url(), headers=headers)
+    response = member_client.get(model.get_absolute_url(), headers=headers)
 
     body = response.content.decode()
     assert body.lstrip().startswith('<section class="card" id="serving-section"')
@@ -189,8 +183,8 @@ def test_another_teams_model_page_is_404(client, lineage, pool, outsider, htmx):
     assert client.get(model.get_absolute_url(), headers=headers).status_code == 404
 
 
-def test_a_gap_in_the_windows_breaks_the_lines(team_a, pool):
-    model = make_model(team_a, "gappy")
+def test_a_gap_in_the_windows_breaks_the_lines(team, pool):
+    model = make_model(team, "gappy")
     version = make_version(model)
     for minutes_ago in (300, 299, 298, 10, 9):  # the process was down in between
         window(pool, version, minutes_ago, 60)

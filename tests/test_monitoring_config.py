@@ -98,7 +98,7 @@ def test_every_rule_names_only_metrics_the_code_exposes():
 
 
 def test_thresholds_are_the_certification_defaults():
-    from pipelines.stages.certify import CertifySettings
+    from pipelines.certification.settings import CertifySettings
 
     defaults = CertifySettings(profile="any")
     assert thresholds.SERVING_P99_SECONDS == defaults.p99_budget_ms / 1000 == 0.5

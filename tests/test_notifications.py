@@ -19,7 +19,6 @@ from django.test import TestCase
 from django.urls import reverse
 from werkzeug import Request, Response
 
-from gpu_workers.tasks import deliver_notification
 from r1platform.notifications import services
 from r1platform.notifications.delivery import TransientDeliveryError, deliver
 from r1platform.notifications.models import Delivery, DeliveryStatus, NotificationSettings
@@ -28,6 +27,7 @@ from r1platform.notifications.services import (
     SCHEDULE_RUN_PROMOTED,
     notify,
 )
+from r1platform.notifications.tasks import deliver_notification
 
 PAYLOAD = {"schedule": "nightly digits", "run_id": 7, "reason": "accuracy 0.81 < 0.9"}
 

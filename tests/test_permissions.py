@@ -17,7 +17,6 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.urls.resolvers import RoutePattern
 
-from r1platform.accounts.models import Membership, Team
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.core import storage
 from r1platform.datasets.models import Dataset
@@ -69,35 +68,9 @@ ROUTES = dashboard_routes()
 
 
 @pytest.fixture
-def team_a(db) -> Team:
-    return Team.objects.create(name="Team A", slug="perm-a")
-
-
-@pytest.fixture
-def team_b(db) -> Team:
-    return Team.objects.create(name="Team B", slug="perm-b")
-
-
-@pytest.fixture
-def member_a(team_a, django_user_model):
-    user = django_user_model.objects.create_user("perm-alice", password="pw-alice-123")
-    Membership.objects.create(team=team_a, user=user)
-    return user
-
-
-@pytest.fixture
-def member_b(team_b, django_user_model):
-    user = django_user_model.objects.create_user("perm-bob", password="pw-bob-123")
-    Membership.objects.create(team=team_b, user=user)
-    return user
-
-
-@pytest.fixture
-def objects_a(team_a, member_a) -> dict[str, object]:
+def objects_a(team, user) -> dict[str, object]:
     """One of each object, all belonging to team A."""
-    model = RegisteredModel.objects.create(
-        team=team_a, name="private", mlflow_name="perm-a.private"
-    )
+    model = RegisteredModel.objects.create(team=team, name="private", mlflow_name="perm-a.private")
     version = register_version(
         model,
         relative_file="models/x.onnx",
@@ -109,7 +82,7 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         outputs=[],
     )
     job = Job.objects.create(
-        team=team_a,
+        team=team,
         version=version,
         stages=[{"name": "benchmark", "settings": {}}],
         queue="cpu",
@@ -117,7 +90,7 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         status=JobStatus.QUEUED,
     )
     dataset = Dataset.objects.create(
-        team=team_a,
+        team=team,
         name="private",
         version=1,
         format="csv",
@@ -138,7 +111,7 @@ def objects_a(team_a, member_a) -> dict[str, object]:
     )
     snapshot = profile.as_pipeline().to_dict()
     certification = Certification.objects.create(
-        team=team_a,
+        team=team,
         version=version,
         profile=profile,
         level="basic",
@@ -151,17 +124,17 @@ def objects_a(team_a, member_a) -> dict[str, object]:
     )
     # Stand-ins for the rendered reports: these tests are about who may read them.
     for kind in ("html", "pdf", "json"):
-        relative = f"certificates/team-{team_a.pk}/cert-{certification.pk}.{kind}"
+        relative = f"certificates/team-{team.pk}/cert-{certification.pk}.{kind}"
         storage.write_atomic(relative, b'{"model": "private"}')
         setattr(certification, f"report_{kind}", relative)
     certification.save()
     pool = ServingPool.objects.create(name="perm-pool", profile=profile)
     template = PipelineTemplate.objects.create(
-        team=team_a, name="private", stages=[{"name": "benchmark", "settings": {}}]
+        team=team, name="private", stages=[{"name": "benchmark", "settings": {}}]
     )
     # Made directly, with no beat entry: these tests are about who may see and change it.
     schedule = Schedule.objects.create(
-        team=team_a,
+        team=team,
         name="private retraining",
         model=model,
         template=template,
@@ -170,12 +143,12 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         cron="0 3 * * *",
     )
     promotion = PromotionRequest.objects.create(
-        team=team_a,
+        team=team,
         model=model,
         pool=pool,
         stage="production",
         version=version,
-        requested_by=member_a,
+        requested_by=user,
     )
     return {
         "model": model,
@@ -186,7 +159,7 @@ def objects_a(team_a, member_a) -> dict[str, object]:
         "promotion": promotion,
         "template": template,
         "schedule": schedule,
-        "team": team_a,
+        "team": team,
     }
 
 
@@ -281,8 +254,8 @@ def test_it_sends_anonymous_users_to_log_in(client, objects_a, route):
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
-def test_it_hides_team_a_objects_from_team_b(client, objects_a, member_b, route):
-    client.force_login(member_b)
+def test_it_hides_team_a_objects_from_team_b(client, objects_a, outsider, route):
+    client.force_login(outsider)
     url = url_for(route, objects_a)
     get = client.get(url)
 
@@ -301,8 +274,8 @@ def test_it_hides_team_a_objects_from_team_b(client, objects_a, member_b, route)
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
-def test_it_serves_team_a_objects_to_team_a(client, objects_a, member_a, route):
-    client.force_login(member_a)
+def test_it_serves_team_a_objects_to_team_a(client, objects_a, user, route):
+    client.force_login(user)
     url = url_for(route, objects_a)
 
     get = client.get(url)
@@ -316,9 +289,9 @@ def test_it_serves_team_a_objects_to_team_a(client, objects_a, member_a, route):
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
-def test_it_refuses_a_post_without_the_csrf_token(objects_a, member_a, route):
+def test_it_refuses_a_post_without_the_csrf_token(objects_a, user, route):
     strict = Client(enforce_csrf_checks=True)
-    strict.force_login(member_a)
+    strict.force_login(user)
 
     response = strict.post(url_for(route, objects_a), {"name": "x"})
 
@@ -327,9 +300,9 @@ def test_it_refuses_a_post_without_the_csrf_token(objects_a, member_a, route):
     assert objects_a["job"].status == JobStatus.QUEUED
 
 
-def test_it_accepts_a_post_that_carries_the_csrf_token(objects_a, member_a):
+def test_it_accepts_a_post_that_carries_the_csrf_token(objects_a, user):
     strict = Client(enforce_csrf_checks=True)
-    strict.force_login(member_a)
+    strict.force_login(user)
     job = objects_a["job"]
     page = strict.get(job.get_absolute_url())
     token = page.cookies[settings.CSRF_COOKIE_NAME].value

@@ -32,7 +32,6 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     profiles_fixture,
     rewrite,
     set_policy,
-    version_fixture,
 )
 
 

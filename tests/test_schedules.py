@@ -15,8 +15,8 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from pipelines.certification.report import CheckId
-from pipelines.metrics import predict
-from r1platform.certification.services import record_suite
+from pipelines.engines import predict
+from r1platform.certification.recording import record_suite
 from r1platform.core.storage import spool_local_file, store_copy
 from r1platform.datasets.services import upload_dataset
 from r1platform.deployments import services as deployments
@@ -40,7 +40,6 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     pool_fixture,
     profiles_fixture,
     set_policy,
-    version_fixture,
 )
 
 COMPILE = [{"name": "compile", "settings": {"backend": "onnxruntime"}}]
@@ -99,14 +98,8 @@ def schedule(team, user, version, template, pool, upload_data):
 @pytest.fixture
 def decisions(monkeypatch) -> list[tuple[int, str]]:
     """No broker: the (run id, queue) of each decision that would be sent."""
-    from gpu_workers import tasks
-
     sent: list[tuple[int, str]] = []
-    monkeypatch.setattr(
-        tasks.decide_schedule_run,
-        "apply_async",
-        lambda args, queue: sent.append((args[0], queue)),
-    )
+    monkeypatch.setattr(runs, "send_decision", lambda run_id, queue: sent.append((run_id, queue)))
     return sent
 
 

@@ -18,7 +18,6 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
     schedule_fixture,
     template_fixture,
     training_fixture,
-    version_fixture,
 )
 
 

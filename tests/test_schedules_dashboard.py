@@ -26,7 +26,6 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
     schedule_fixture,
     template_fixture,
     training_fixture,
-    version_fixture,
 )
 
 HTMX = {"HTTP_HX_REQUEST": "true"}

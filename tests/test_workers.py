@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gpu_workers.queues import profile_of, profile_queue, queue_for
 from pipelines.certification.profiles import (
     HardwareProfile as Profile,
 )
@@ -16,10 +15,9 @@ from pipelines.certification.profiles import (
     compatibility_problem,
     detect_profiles,
 )
-from r1platform.core.storage import spool_local_file
 from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job
-from r1platform.registry.services import upload_model
+from r1platform.queues import profile_of, profile_queue, queue_for
 from r1platform.workers import services
 from r1platform.workers.models import HardwareProfile, Worker
 
@@ -119,13 +117,6 @@ def test_a_certifying_pipeline_goes_to_its_profiles_queue():
     assert profile_of(stages) == GPU.key
     assert queue_for(stages) == "profile." + GPU.key
     assert queue_for(stages[:1]) == "gpu"
-
-
-@pytest.fixture
-def version(team, user, mlp_onnx):
-    return upload_model(
-        team=team, user=user, name="mlp", task="classification", uploaded=spool_local_file(mlp_onnx)
-    )
 
 
 def test_a_job_for_an_unserved_or_unfit_profile_is_refused_before_it_is_queued(

@@ -11,9 +11,9 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from gpu_workers import tasks
 from pipelines.certification.profiles import HardwareProfile as Profile
 from r1platform.jobs import services as jobs
+from r1platform.jobs import tasks
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import RegisteredModel
 from r1platform.registry.services import register_version
@@ -153,10 +153,10 @@ def test_it_requeues_the_stale_job_of_a_lost_worker(db, team, enqueued):
     make_worker("gone@a", silent_for=lost())
     job = make_job(team, host="gone@a", beat_ago=stale())
 
-    reaped = services.reap_lost_workers()
+    reaped = jobs.reap_lost_workers()
 
     job.refresh_from_db()
-    assert reaped == [services.Reaped(job.pk, "gone@a", "requeued")]
+    assert reaped == [jobs.Reaped(job.pk, "gone@a", "requeued")]
     assert job.status == JobStatus.QUEUED
     assert enqueued == [job.pk]
     assert "re-queued: worker gone@a lost" in job.log_tail
@@ -169,7 +169,7 @@ def test_it_fails_a_job_whose_workers_were_lost_too_often(db, team, enqueued):
     make_worker("gone@a", silent_for=lost())
     job = make_job(team, host="gone@a", beat_ago=stale(), attempts=settings.R1_MAX_JOB_ATTEMPTS)
 
-    reaped = services.reap_lost_workers()
+    reaped = jobs.reap_lost_workers()
 
     job.refresh_from_db()
     assert [r.outcome for r in reaped] == ["failed"]
@@ -184,7 +184,7 @@ def test_it_cancels_instead_of_requeueing_a_job_whose_cancel_was_asked(db, team,
     job = make_job(team, host="gone@a", beat_ago=stale())
     Job.objects.filter(pk=job.pk).update(cancel_requested=True)
 
-    services.reap_lost_workers()
+    jobs.reap_lost_workers()
 
     job.refresh_from_db()
     assert job.status == JobStatus.CANCELLED and enqueued == []
@@ -194,7 +194,7 @@ def test_it_leaves_a_job_with_a_fresh_heartbeat_alone(db, team, enqueued):
     make_worker("gone@a", silent_for=lost())
     job = make_job(team, host="gone@a", beat_ago=0)
 
-    assert services.reap_lost_workers() == []
+    assert jobs.reap_lost_workers() == []
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING and enqueued == []
 
@@ -204,7 +204,7 @@ def test_it_leaves_the_jobs_of_live_and_stopped_workers_alone(db, team, enqueued
     make_worker("here@a", silent_for=lost() if stopped else 0, stopped=stopped)
     job = make_job(team, host="here@a", beat_ago=stale())
 
-    assert services.reap_lost_workers() == []
+    assert jobs.reap_lost_workers() == []
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING and enqueued == []
 
@@ -213,7 +213,7 @@ def test_reaping_twice_requeues_once(db, team, enqueued):
     make_worker("gone@a", silent_for=lost())
     job = make_job(team, host="gone@a", beat_ago=stale())
 
-    first, second = services.reap_lost_workers(), services.reap_lost_workers()
+    first, second = jobs.reap_lost_workers(), jobs.reap_lost_workers()
 
     assert len(first) == 1 and second == []
     assert enqueued == [job.pk]

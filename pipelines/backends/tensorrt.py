@@ -29,6 +29,7 @@ child's command line and reproduce.sh) are tested without a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -46,12 +47,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.backends import CompiledModel
+from pipelines.backends.catalog import CompiledModel
 from pipelines.core import Artifact, ModelFormat, PipelineError, ProgressFn, TensorSpec
 from pipelines.onnx_io import read_tensor_specs
 
 if TYPE_CHECKING:
-    from pipelines.stages.compile import CompileSettings
+    from pipelines.backends.settings import CompileSettings
 
 ENGINE_FILENAME = "model.engine"
 BUILD_CONFIG_FILENAME = "build.json"
@@ -578,9 +579,9 @@ def compile_tensorrt(
     cache_root: Path,
 ) -> CompiledModel:
     """Build a TensorRT engine of the ONNX ``source`` in a child process; see the module doc."""
-    from pipelines.backends import _tensorrt_reason
+    from pipelines.backends.catalog import tensorrt_reason
 
-    reason = _tensorrt_reason()
+    reason = tensorrt_reason()
     if reason is not None:
         raise PipelineError(f"backend tensorrt is not available: {reason}")
     out_dir = Path(out_dir)
@@ -635,9 +636,9 @@ def compile_tensorrt(
     if not engine_path.is_file() or not meta_path.is_file():
         raise PipelineError("the TensorRT builder exited without writing the engine")
     engine_meta = json.loads(meta_path.read_text())
-    from pipelines.backends.tensorrt_build import sha256_file
-
-    if engine_meta.get("sha256") != sha256_file(engine_path):
+    with open(engine_path, "rb") as f:  # hashlib reads it in chunks
+        on_disk = hashlib.file_digest(f, "sha256").hexdigest()
+    if engine_meta.get("sha256") != on_disk:
         raise PipelineError("the engine on disk does not match the sha256 its builder recorded")
 
     metrics: dict[str, float] = {"build_seconds": round(build_seconds, 3)}

@@ -44,11 +44,9 @@ def emit(fraction: float, message: str) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    """The hex sha256 of a file, read in chunks by hashlib (an engine can be gigabytes)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -215,11 +213,15 @@ def verify(config: dict[str, Any], base: Path) -> dict[str, Any]:
     """Run the engine on random inputs of the opt shapes and compare with onnxruntime (CPU)."""
     import numpy as np
 
+    from pipelines.backends.check import cause, run_once
     from pipelines.backends.tensorrt import TensorRTEngine
-    from pipelines.onnx_io import cpu_session, random_array, read_tensor_specs, session_feeds
+    from pipelines.core import Artifact, ModelFormat
+    from pipelines.engines import load_engine
+    from pipelines.onnx_io import random_array, read_tensor_specs
 
     onnx_path = _resolve(base, config["onnx"])
-    specs = {s.name: s for s in read_tensor_specs(onnx_path)[0]}
+    onnx_inputs, onnx_outputs = read_tensor_specs(onnx_path)
+    specs = {s.name: s for s in onnx_inputs}
     rng = np.random.default_rng(0)
     arrays = {
         name: random_array(shapes[1], specs[name].dtype if name in specs else "float32", rng)
@@ -231,12 +233,20 @@ def verify(config: dict[str, Any], base: Path) -> dict[str, Any]:
         "shapes": {name: shapes[1] for name, shapes in config["profiles"].items()},
         "outputs_finite": bool(all(np.isfinite(v).all() for v in got.values())),
     }
-    try:
-        session = cpu_session(onnx_path)
-        names = [o.name for o in session.get_outputs()]
-        reference = dict(zip(names, session.run(None, session_feeds(session, arrays)), strict=True))
+    source = Artifact(
+        key="the ONNX model",
+        path=str(onnx_path),
+        format=ModelFormat.ONNX.value,
+        precision="",
+        inputs=onnx_inputs,
+        outputs=onnx_outputs,
+    )
+    try:  # the reference: the ONNX model on onnxruntime's CPU provider, through the engines
+        reference_engine = load_engine(source, "cpu")
+        outputs = run_once(reference_engine, arrays)
+        reference = dict(zip(reference_engine.output_names, outputs, strict=True))
     except Exception as exc:  # nothing to compare with is not a failed build
-        result["skipped"] = f"onnxruntime could not run the model: {exc}"
+        result["skipped"] = f"onnxruntime could not run the model: {cause(exc)}"
         return result
     diffs = [
         float(np.max(np.abs(got[n].astype(np.float64) - np.asarray(reference[n], np.float64))))

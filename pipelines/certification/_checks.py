@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+import pipelines.certification._golden as golden_io
 from pipelines.backends import cache_root_for
-from pipelines.certification import _golden as golden_io
 from pipelines.certification._numerics import abs_error
 from pipelines.certification._parity import check_parity
 from pipelines.certification._state import CheckRecord, NotRun, SuiteState

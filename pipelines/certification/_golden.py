@@ -1,33 +1,29 @@
-"""The suite's inputs: the golden set, the sizes of dynamic dims, and running rows in batches.
+"""The suite's inputs: the golden set, the sizes of dynamic dims, and the edge inputs.
 
 The golden set is the rows of a team's dataset (``golden_dataset_id``, its ``golden_split``, at
 most ``golden_rows``) or, without one, seeded random inputs of the declared shapes
 (:data:`GENERATED_ROWS` rows, seed :data:`GENERATED_SEED`: standard-normal floats, ints 0..9).
-Every check that needs "the golden outputs" runs these same rows.
+Every check that needs "the golden outputs" runs these same rows, through
+:func:`pipelines.engines.run_rows` (the one way rows are batched and padded for an engine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from pipelines.certification.settings import CertifySettings
 from pipelines.core import Artifact, PipelineContext, PipelineError, TensorSpec
-from pipelines.engines import Engine
 from pipelines.onnx_io import concrete_shapes, numpy_dtype, random_inputs
-
-if TYPE_CHECKING:
-    from pipelines.stages.certify import CertifySettings
 
 GENERATED_ROWS = 64
 GENERATED_SEED = 0
 # Float inputs of a generated golden set have no declared range: the edge inputs of the finite
 # check use [-1, 1], the range most models' inputs are normalised to (set input_range otherwise).
 GENERATED_FLOAT_RANGE = (-1.0, 1.0)
-# Rows per call when the engine takes any batch size.
-DEFAULT_CHUNK = 64
 
 
 @dataclass
@@ -128,48 +124,6 @@ def load_golden(
         "rows": rows,
     }
     return Golden(inputs=inputs, targets=targets, rows=rows, record=record)
-
-
-def chunk_size(engine: Engine) -> int:
-    """Rows per call: the engine's largest batch, or DEFAULT_CHUNK when it takes any."""
-    return engine.batch_range[1] if engine.batch_range else DEFAULT_CHUNK
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-    """``array`` with its last row repeated up to ``size`` rows."""
-    if len(array) >= size:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
-
-
-def padded(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``inputs`` padded up to the engine's smallest batch (its last row repeated)."""
-    low = engine.batch_range[0] if engine.batch_range else 1
-    return {name: _pad(array, low) for name, array in inputs.items()}
-
-
-def run_rows(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output for every row of ``inputs``, run in batches the engine takes.
-
-    A last batch below the engine's smallest is padded and the extra rows dropped; an output
-    whose first dim is not the batch is a PipelineError (its rows cannot be told apart).
-    """
-    rows = len(next(iter(inputs.values())))
-    step = chunk_size(engine)
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, rows, step):
-        chunk = {name: array[start : start + step] for name, array in inputs.items()}
-        real = len(next(iter(chunk.values())))
-        chunk = padded(engine, chunk)
-        size = len(next(iter(chunk.values())))
-        for name, value in engine.run(chunk).items():
-            if value.ndim == 0 or value.shape[0] != size:
-                raise PipelineError(
-                    f"output {name!r} has shape {list(value.shape)} for a batch of {size}: it is "
-                    "not batch-first"
-                )
-            parts.setdefault(name, []).append(value[:real])
-    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def inputs_for(

@@ -11,20 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+import pipelines.certification._golden as golden_io
 from pipelines.backends import cache_root_for
-from pipelines.certification import _golden as golden_io
 from pipelines.certification._golden import Golden
 from pipelines.certification.profiles import HardwareProfile
 from pipelines.certification.report import Measurement
+from pipelines.certification.settings import CertifySettings
 from pipelines.core import Artifact, ModelFormat, PipelineContext, Precision, TensorSpec
-from pipelines.engines import Engine, load_engine
-
-if TYPE_CHECKING:
-    from pipelines.stages.certify import CertifySettings
+from pipelines.engines import Engine, load_engine, padded, run_rows
 
 # Formats a reference runs in here, eagerly and on the CPU.
 REFERENCE_FORMATS = (ModelFormat.ONNX.value, ModelFormat.TORCHSCRIPT.value)
@@ -114,7 +112,7 @@ class SuiteState:
 
     def golden_outputs(self) -> dict[str, np.ndarray]:
         if self._outputs is None:
-            self._outputs = golden_io.run_rows(self.loaded, self.golden.inputs)
+            self._outputs = run_rows(self.loaded, self.golden.inputs)
         return self._outputs
 
     def reference_outputs(self) -> dict[str, np.ndarray]:
@@ -122,12 +120,12 @@ class SuiteState:
             assert self.reference is not None
             engine = load_engine(self.reference, "cpu", cache_root_for(self.ctx.workdir))
             feeds = golden_io.inputs_for(self.golden.inputs, self.specs, engine.inputs)
-            self._reference_outputs = golden_io.run_rows(engine, feeds)
+            self._reference_outputs = run_rows(engine, feeds)
         return self._reference_outputs
 
     def first_batch(self) -> dict[str, np.ndarray]:
         """The golden set's first batch of the opt size, padded to the engine's minimum."""
-        return golden_io.padded(self.loaded, self.golden.head(self.batches[1]))
+        return padded(self.loaded, self.golden.head(self.batches[1]))
 
 
 def find_reference(ctx: PipelineContext, artifact: Artifact) -> Artifact | None:

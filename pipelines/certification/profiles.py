@@ -236,9 +236,9 @@ def _gpu_profiles() -> list[HardwareProfile]:
             )
     except ImportError:
         pass
-    from pipelines.backends import _tensorrt_reason
+    from pipelines.backends import tensorrt_reason
 
-    if _tensorrt_reason() is None:
+    if tensorrt_reason() is None:
         import tensorrt
 
         found.append(

@@ -43,9 +43,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipelines.certification import _golden as golden_io
+import pipelines.certification._golden as golden_io
 from pipelines.certification._checks import CHECK_FUNCTIONS
 from pipelines.certification._state import CheckRecord, NotRun, SuiteState, find_reference
 from pipelines.certification.profiles import RUNTIME_FOR_FORMAT, HardwareProfile
@@ -58,12 +58,10 @@ from pipelines.certification.report import (
     Level,
     SuiteReport,
 )
+from pipelines.certification.settings import CertifySettings
 from pipelines.core import Artifact, Cancelled, PipelineContext, PipelineError, ProgressFn
 from pipelines.engines import input_specs as engine_input_specs
 from pipelines.onnx_io import first_error_line
-
-if TYPE_CHECKING:
-    from pipelines.stages.certify import CertifySettings
 
 __all__ = ["describe_file", "find_reference", "run_suite"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipelines.core import Artifact, PipelineError
 from pipelines.engines.base import (
     BaseEngine,
+    EngineKind,
     EngineOptions,
     EngineUnavailable,
     engine_formats,
@@ -35,10 +36,7 @@ def load_engine(
     or does not load, or the model is not of ``family`` (None: any family; the caller then
     dispatches on ``engine.family``).
     """
-    kind = engine_kind(artifact.format)
-    if kind is None:
-        known = ", ".join(engine_formats())
-        raise EngineUnavailable(f"no engine runs {artifact.format} models (engines run {known})")
+    kind = kind_for(artifact)
     if not Path(artifact.path).exists():
         raise PipelineError(f"cannot load {artifact.key}: its file {artifact.path} is missing")
     options = options or EngineOptions()
@@ -56,6 +54,15 @@ def load_engine(
     if family is not None:
         require_family(engine, family)
     return engine  # type: ignore[return-value]
+
+
+def kind_for(artifact: Artifact) -> EngineKind:
+    """How ``artifact``'s format is loaded; EngineUnavailable when no engine runs it."""
+    kind = engine_kind(artifact.format)
+    if kind is None:
+        known = ", ".join(engine_formats())
+        raise EngineUnavailable(f"no engine runs {artifact.format} models (engines run {known})")
+    return kind
 
 
 def require_family(engine: BaseEngine, family: str) -> BaseEngine:

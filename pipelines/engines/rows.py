@@ -21,7 +21,7 @@ import numpy as np
 from pipelines.core import Artifact, PipelineError
 from pipelines.engines.base import EngineOptions
 from pipelines.engines.feeds import cast_rows
-from pipelines.engines.load import load_engine
+from pipelines.engines.load import kind_for, load_engine
 from pipelines.engines.tensor import Engine
 from pipelines.onnx_io import describe_inputs
 
@@ -128,6 +128,7 @@ def open_engine(
 ) -> Engine:
     """``load_engine``, but a file already loaded in this process (same path, mtime, size,
     declared inputs) is reused: a stage that rewrites a file gets a fresh engine."""
+    kind_for(artifact)  # a format no engine runs is refused as such, before its file is looked at
     path = Path(artifact.path)
     try:
         st = path.stat()

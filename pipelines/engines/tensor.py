@@ -224,9 +224,9 @@ class _TensorRTEngine(Engine):
     torch_cuda = True
 
     def __init__(self, artifact: Artifact, device: str, options: EngineOptions) -> None:
-        from pipelines.backends import _tensorrt_reason
+        from pipelines.backends import tensorrt_reason
 
-        reason = _tensorrt_reason()
+        reason = tensorrt_reason()
         if reason is not None:
             raise EngineUnavailable(f"TensorRT engines need a CUDA GPU with TensorRT ({reason})")
         from pipelines.backends.tensorrt import TensorRTEngine

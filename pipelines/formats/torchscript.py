@@ -1,4 +1,4 @@
-"""Zip uploads: container safety, pickle scanning, and the TorchScript layout.
+"""Zip uploads: pickle scanning and the TorchScript layout (container safety: ``archives``).
 
 ``torch.jit.save`` writes a zip whose members all live under one folder ``<top>/``:
 ``data.pkl`` (the module's attributes, pickle protocol 2), ``constants.pkl``, ``code/**.py`` (the
@@ -10,23 +10,19 @@ tensors (and possibly arbitrary Python objects).
 
 from __future__ import annotations
 
-import re
-import stat
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from pipelines.core import ModelFormat, Precision, TensorSpec
+from pipelines.formats.archives import ZipRules, check_zip_members, shown_name
 from pipelines.formats.errors import ModelInfo, RejectedUpload
 from pipelines.formats.pickles import looks_dangerous, scan_pickle
 from pipelines.formats.shapes import EXAMPLE, validate_specs
 
-MAX_MEMBERS = 100_000
 MAX_PICKLE_MEMBER_BYTES = 256 * 2**20  # data.pkl of a huge model is a few MB
 MAX_PICKLE_MEMBERS = 10_000  # one .debug_pkl per code file, plus data.pkl and constants.pkl
 MAX_OPCODES = 4_000_000  # over all pickles of one archive: ~6 s of scanning at worst
-BOMB_RATIO = 200
-BOMB_MIN_BYTES = 2**20
 
 CHECKPOINT_MESSAGE = (
     "this is a torch.save checkpoint (weights only, no model code); export the model with "
@@ -38,66 +34,9 @@ TENSORRT_MESSAGE = (
 )
 SHAPES_MESSAGE = "TorchScript files do not record input shapes: give the input shape, " + EXAMPLE
 
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
 
 def _refuse(message: str, code: str) -> RejectedUpload:
     return RejectedUpload(message, code=code)
-
-
-def _show(name: str) -> str:
-    clean = "".join(ch if ch.isprintable() else "?" for ch in name)
-    return clean if len(clean) <= 80 else clean[:77] + "..."
-
-
-def check_members(infos: list[zipfile.ZipInfo], max_unpacked_bytes: int) -> None:
-    """Refuse unsafe zip members: traversal, absolute names, links, duplicates, bombs."""
-    if not infos:
-        raise _refuse("the zip archive is empty", "invalid_zip")
-    if len(infos) > MAX_MEMBERS:
-        raise _refuse(f"the zip archive has more than {MAX_MEMBERS} members", "zip_bomb")
-    seen: set[str] = set()
-    total = 0
-    for info in infos:
-        raw = info.orig_filename
-        name = info.filename
-        shown = _show(raw)
-        if "\x00" in raw or any(not ch.isprintable() for ch in raw):
-            raise _refuse(f"zip member {shown!r} has control characters in its name", "zip_unsafe")
-        if raw.startswith(("/", "\\")) or _DRIVE.match(raw):
-            raise _refuse(f"zip member {shown!r} has an absolute path", "zip_unsafe")
-        if ".." in re.split(r"[\\/]", raw):
-            raise _refuse(f"zip member {shown!r} would escape the archive ('..')", "zip_unsafe")
-        if name in seen:
-            raise _refuse(f"zip member {shown!r} appears twice", "zip_unsafe")
-        seen.add(name)
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode):
-            raise _refuse(f"zip member {shown!r} is a symbolic link", "zip_unsafe")
-        if info.flag_bits & 0x1:
-            raise _refuse(f"zip member {shown!r} is encrypted", "zip_unsafe")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _refuse(
-                f"zip member {shown!r} uses compression method {info.compress_type}; "
-                "torch.jit.save only stores or deflates",
-                "zip_unsafe",
-            )
-        total += info.file_size
-        if total > max_unpacked_bytes:
-            raise _refuse(
-                f"the zip archive unpacks to more than {max_unpacked_bytes} bytes "
-                "(the upload limit)",
-                "zip_bomb",
-            )
-        if info.file_size > BOMB_MIN_BYTES and info.file_size > BOMB_RATIO * max(
-            info.compress_size, 1
-        ):
-            ratio = info.file_size // max(info.compress_size, 1)
-            raise _refuse(
-                f"zip member {shown!r} is compressed {ratio}:1 (over {BOMB_RATIO}:1): "
-                "refused as a zip bomb",
-                "zip_bomb",
-            )
 
 
 def _scan_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], checkpoint: bool) -> int:
@@ -107,7 +46,7 @@ def _scan_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], checkpoint:
     for info in infos:
         if info.is_dir() or not info.filename.lower().endswith("pkl"):  # .pkl and .debug_pkl
             continue
-        shown = _show(info.filename)
+        shown = shown_name(info.filename)
         if scanned >= MAX_PICKLE_MEMBERS:
             raise _refuse(
                 f"the archive has more than {MAX_PICKLE_MEMBERS} pickle members", "unsafe_pickle"
@@ -183,7 +122,9 @@ def inspect_zip(
         raise _refuse(f"not a valid zip archive ({exc})", "invalid_zip") from None
     with zf:
         infos = zf.infolist()
-        check_members(infos, max_unpacked_bytes)
+        if not infos:
+            raise _refuse("the zip archive is empty", "invalid_zip")
+        check_zip_members(infos, ZipRules("zip", "torch.jit.save", max_unpacked_bytes))
 
         names = [i.filename for i in infos]
         tops = {n.split("/", 1)[0] for n in names}
@@ -213,7 +154,7 @@ def inspect_zip(
         inputs = validate_specs(declared_inputs)
 
         details: dict[str, Any] = {
-            "archive": _show(top),
+            "archive": shown_name(top),
             "members": len(infos),
             "pickles_scanned": scanned,
             "code_files": sum(
@@ -230,7 +171,9 @@ def inspect_zip(
             "unpacked_bytes": sum(i.file_size for i in infos),
             "serialization_version": _read_small(zf, f"{top}/version"),
             "extra_files": sorted(
-                _show(n[len(f"{top}/extra/") :]) for n in names if n.startswith(f"{top}/extra/")
+                shown_name(n[len(f"{top}/extra/") :])
+                for n in names
+                if n.startswith(f"{top}/extra/")
             )[:20],
             "inputs_from": "declared",
         }

@@ -7,20 +7,23 @@ the stage modules import no torch or onnxruntime at import time (the stages impo
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from pipelines.core import ModelFormat, Precision, Stage, StageConfigError, StageSettings
+from pipelines.backends.settings import CompileSettings
+from pipelines.certification.settings import CertifySettings
+from pipelines.core import ModelFormat, StageConfigError, StageSettings
+from pipelines.quantization.settings import QuantizeSettings
+from pipelines.stages.base import Formats, Stage
 from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
-from pipelines.stages.certify import Certify, CertifySettings
-from pipelines.stages.compile import BACKENDS, Compile, CompileSettings
+from pipelines.stages.certify import Certify
+from pipelines.stages.compile import BACKENDS, Compile
 from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
 from pipelines.stages.finetune import Finetune, FinetuneSettings
-from pipelines.stages.quantize import Quantize, QuantizeSettings, precision_rule
+from pipelines.stages.quantize import Quantize
 
 __all__ = [
     "BACKENDS",
@@ -41,32 +44,19 @@ __all__ = [
     "PlannedStage",
     "Quantize",
     "QuantizeSettings",
+    "Stage",
     "default_pipeline",
     "stage_schemas",
     "validate_pipeline",
 ]
 
 # Stage name -> class; the names are what users write in a pipeline.
-REGISTRY: dict[str, type[Stage]] = {
+REGISTRY: dict[str, type[Stage[Any]]] = {
     cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune, Certify)
 }
 
 # A longer pipeline is almost certainly a generated mistake, and every stage costs worker time.
 MAX_STAGES = 20
-
-# What a stage does to the model's precision, for the stages that change it, and the precisions
-# a stage refuses. validate_pipeline follows these so that a second quantize fails at submission,
-# not an hour into the job.
-_OUTPUT_PRECISION: dict[str, str] = {Quantize.name: Precision.INT8.value}
-_REFUSED_PRECISIONS: dict[str, tuple[str, ...]] = {
-    Quantize.name: (Precision.INT8.value, Precision.FP16.value, Precision.BF16.value)
-}
-# Stages whose effect on precision depends on their settings (quantize's mode): given the
-# validated settings and the precision the stage gets, the precision it leaves and why it refuses
-# the model (None: it takes it). These win over the two tables above, which stay the defaults.
-_PRECISION_RULES: dict[str, Callable[[StageSettings, str | None], tuple[str, str | None]]] = {
-    Quantize.name: precision_rule
-}
 
 _DEFAULT_PIPELINES: dict[str, list[str]] = {
     ModelFormat.TORCHSCRIPT.value: [ExportOnnx.name, Quantize.name, Compile.name, Benchmark.name],
@@ -83,7 +73,7 @@ class PlannedStage:
     settings: StageSettings
 
     @property
-    def stage_class(self) -> type[Stage]:
+    def stage_class(self) -> type[Stage[Any]]:
         """The stage class that runs this step."""
         return REGISTRY[self.name]
 
@@ -115,10 +105,11 @@ def default_pipeline(source_format: str, precision: str | None = None) -> list[d
     names = _DEFAULT_PIPELINES.get(source_format)
     if names is None:
         raise StageConfigError(_unknown_format(source_format))
+    # A stage that would refuse the model's precision (quantize, for an int8 upload) is left out.
     return [
         {"name": name, "settings": {}}
         for name in names
-        if precision not in _REFUSED_PRECISIONS.get(name, ())
+        if REGISTRY[name].precision_for(None, precision)[1] is None
     ]
 
 
@@ -140,29 +131,23 @@ def _settings_errors(where: str, exc: ValidationError) -> list[str]:
     return lines
 
 
-# A stage whose formats depend on its settings (compile: on its backend) has classmethods
-# ``accepts_for(settings) -> tuple[str, ...]`` and ``produces_for(settings) -> str | tuple`` (a
-# tuple: one of these, decided on the worker), and may have ``narrow_for(settings, formats)``:
-# the settings that make only ``formats`` (None: it cannot), used when a later stage takes only
-# some of them (compile "auto" followed by evaluate becomes compile "onnxruntime"). Its
-# class-level ``accepts``/``produces`` stay the summary stage_schemas shows.
-Formats = str | tuple[str, ...] | None
+# A stage whose formats depend on its settings (compile: on its backend) says so through
+# ``accepts_for`` / ``produces_for`` (a tuple: one of these, decided on the worker), and
+# ``narrow_for`` gives the settings that make only some formats, used when a later stage takes
+# only those (compile "auto" followed by evaluate becomes compile "onnxruntime"). Its class-level
+# ``accepts``/``produces`` stay the summary stage_schemas shows.
 
 
 def _stage_formats(
-    cls: type[Stage], settings: StageSettings | None
+    cls: type[Stage[Any]], settings: StageSettings | None
 ) -> tuple[tuple[str, ...], Formats]:
     """(accepts, produces) of a stage with these settings; None settings: its defaults."""
-    accepts_for = getattr(cls, "accepts_for", None)
-    produces_for = getattr(cls, "produces_for", None)
-    if accepts_for is None or produces_for is None:
-        return cls.accepts, cls.produces
     if settings is None:
         try:
             settings = cls.Settings()
         except ValidationError:
             return cls.accepts, cls.produces
-    return tuple(accepts_for(settings)), produces_for(settings)
+    return tuple(cls.accepts_for(settings)), cls.produces_for(settings)
 
 
 def _possible(fmt: Formats) -> tuple[str, ...]:
@@ -176,8 +161,7 @@ def _narrow(planned: list[PlannedStage], index: int | None, formats: tuple[str, 
     if index is None or index >= len(planned):
         return False
     step = planned[index]
-    narrow_for = getattr(step.stage_class, "narrow_for", None)
-    settings = narrow_for(step.settings, formats) if narrow_for is not None else None
+    settings = step.stage_class.narrow_for(step.settings, formats)
     if settings is None:
         return False
     planned[index] = PlannedStage(step.stage_id, step.name, settings)
@@ -263,8 +247,9 @@ def validate_pipeline(
                 settings = cls.Settings.model_validate(raw)
             except ValidationError as exc:
                 errors.extend(_settings_errors(where, exc))
-        rule = _PRECISION_RULES.get(name) if settings is not None else None
         accepts, produces = _stage_formats(cls, settings)
+        # What the stage does to the precision (quantize: its mode's) and whether it takes it.
+        left, refusal = cls.precision_for(settings, precision)
         taken = tuple(f for f in _possible(fmt) if f in accepts)
         if len(_possible(fmt)) > 1 and taken and _narrow(planned, decided_at, taken):
             fmt = taken[0] if len(taken) == 1 else taken
@@ -278,28 +263,19 @@ def validate_pipeline(
                 )
             else:
                 remedy = _format_remedy(refused[0], accepts)
-            format_hint = getattr(cls, "format_hint", None)
-            if format_hint is not None and settings is not None:
-                remedy += f" ({format_hint(settings)})"
+            by_setting = cls.format_hint(settings) if settings is not None else None
+            if by_setting is not None:
+                remedy += f" ({by_setting})"
             errors.append(
                 f"{where} needs {_a(wanted)} model but the model is "
                 f"{' or '.join(_possible(fmt))} at that point: {remedy}"
             )
-        elif rule is not None and settings is not None:
-            refusal = rule(settings, precision)[1]
-            if refusal is not None:
-                errors.append(f"{where}: {refusal}")
-        elif precision is not None and precision in _REFUSED_PRECISIONS.get(name, ()):
-            errors.append(
-                f"{where}: the model is already {precision} at that point; remove this stage"
-            )
+        elif refusal is not None:
+            errors.append(f"{where}: {refusal}")
         if produces is not None and fmt is not None:
             fmt = produces
             decided_by, decided_at = name, (len(planned) if settings is not None else None)
-        if rule is not None and settings is not None:
-            precision = rule(settings, precision)[0]
-        else:
-            precision = _OUTPUT_PRECISION.get(name, precision)
+        precision = left
         if settings is not None:
             planned.append(PlannedStage(f"{index:02d}-{name}", name, settings))
 

@@ -18,9 +18,8 @@ kernel allows), the RSS growth from loading the artifact, and on CUDA the peak t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -32,10 +31,8 @@ from pipelines.core import (
     PipelineContext,
     PipelineError,
     ProgressFn,
-    StageResult,
     StageSettings,
     TensorSpec,
-    timed_result,
 )
 from pipelines.engines import (
     ENGINE_FORMATS,
@@ -55,7 +52,7 @@ from pipelines.latency import (
     rss_mb,
 )
 from pipelines.onnx_io import describe_inputs, first_error_line, fixed_batch, random_inputs
-from pipelines.stages._common import coerce_settings, require_format
+from pipelines.stages.base import Stage, StageOutcome, require_format
 
 __all__ = [
     "BASELINE",
@@ -172,7 +169,7 @@ def _targets(ctx: PipelineContext, targets: str, accepts: tuple[str, ...]) -> li
     return chosen
 
 
-class Benchmark:
+class Benchmark(Stage[BenchmarkSettings]):
     """Measure latency percentiles, throughput and memory with random inputs, side by side."""
 
     name: ClassVar[str] = "benchmark"
@@ -190,12 +187,14 @@ class Benchmark:
     )
     produces: ClassVar[str | None] = None
 
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult:
+    def _pre_run(self, ctx: PipelineContext, settings: BenchmarkSettings) -> None:
+        """Nothing to check up front: the targets setting decides which artifacts are measured
+        (the current one's format is checked only when it is the target)."""
+
+    def _run(
+        self, ctx: PipelineContext, stage_id: str, s: BenchmarkSettings, progress: ProgressFn
+    ) -> StageOutcome:
         """Benchmark the targets; rows go to ``ctx.benchmarks``, the current artifact stays."""
-        started = time.perf_counter()
-        s = coerce_settings(BenchmarkSettings, settings)
         artifacts = _targets(ctx, s.targets, self.accepts)
         if not artifacts:
             raise PipelineError("there is no model this stage can benchmark")
@@ -297,7 +296,7 @@ class Benchmark:
         message = f"measured {len(rows)} (model, batch size) pairs on {device}"
         if notes:
             message += "; " + "; ".join(notes)
-        return timed_result(stage_id, self.name, started, metrics=metrics, message=message)
+        return StageOutcome(metrics=metrics, message=message)
 
 
 def _speedups(rows: list[BenchmarkRow]) -> dict[str, float]:

@@ -13,13 +13,11 @@ storage.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
-import numpy as np
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from pipelines.backends import (
     AUTO,
@@ -30,7 +28,9 @@ from pipelines.backends import (
     cache_root_for,
     resolve_backend,
 )
-from pipelines.backends.aotinductor import compile_aotinductor
+from pipelines.backends.aotinductor_build import compile_aotinductor
+from pipelines.backends.check import cause, max_abs_diff, run_once
+from pipelines.backends.settings import CompileSettings
 from pipelines.backends.tensorrt import (
     check_int8,
     compile_tensorrt,
@@ -43,10 +43,9 @@ from pipelines.core import (
     PipelineContext,
     PipelineError,
     ProgressFn,
-    StageResult,
     StageSettings,
-    timed_result,
 )
+from pipelines.engines import EngineOptions, load_engine
 from pipelines.onnx_io import (
     CPU_PROVIDERS,
     EXTERNAL_DATA_THRESHOLD,
@@ -56,173 +55,27 @@ from pipelines.onnx_io import (
     op_types,
     random_inputs,
     read_tensor_specs,
-    session_feeds,
     uses_external_data,
 )
-from pipelines.stages._common import ONNX_FILENAME, coerce_settings, require_format, settings_meta
+from pipelines.stages.base import (
+    ONNX_FILENAME,
+    Formats,
+    Stage,
+    StageOutcome,
+    require_format,
+    settings_meta,
+)
 from pipelines.staging import staging_area
 
 __all__ = [
     "BACKENDS",
     "Compile",
     "CompileFn",
-    "CompileSettings",
     "CompiledModel",
     "choose_backend",
     "compile_onnxruntime",
     "onnxruntime_providers",
 ]
-
-GraphOptimizationLevel = Literal["basic", "extended", "all"]
-
-
-BackendName = Literal["auto", "onnxruntime", "aotinductor", "tensorrt"]
-Device = Literal["auto", "cpu", "cuda"]
-BatchBound = Annotated[int, Field(ge=1, le=65_536)]
-DimRange = Annotated[
-    list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=3, max_length=3)
-]
-
-# Settings that only mean something to some backends; set to anything but their default with
-# another backend, they are refused (a typo'd backend should not silently drop fp16).
-_ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "graph_optimization_level": ("onnxruntime", AUTO),
-    "intra_op_threads": ("onnxruntime", AUTO),
-    "providers": ("onnxruntime", AUTO),
-    "device": ("aotinductor",),
-    "dim_ranges": ("aotinductor", "tensorrt", AUTO),
-    "fp16": ("tensorrt",),
-    "int8": ("tensorrt",),
-    "min_batch": ("tensorrt",),
-    "opt_batch": ("tensorrt",),
-    "max_batch": ("tensorrt",),
-    "workspace_mb": ("tensorrt",),
-    "version_compatible": ("tensorrt",),
-    "hardware_compatible": ("tensorrt",),
-}
-
-
-class CompileSettings(StageSettings):
-    """Settings of compile."""
-
-    backend: BackendName = Field(
-        default="auto",
-        description=(
-            "Runtime to compile for. auto: the best this worker has (tensorrt on a GPU with "
-            "TensorRT, else onnxruntime); onnxruntime: a graph-optimised ONNX model (ONNX in); "
-            "aotinductor: a .pt2 package compiled by torch's AOTInductor (TorchScript in); "
-            "tensorrt: a TensorRT engine for this GPU model (ONNX in, GPU workers only)."
-        ),
-    )
-    # "all" adds layout optimisations (NCHWc convolutions and the like) that are chosen for the
-    # CPU doing the compiling; saved into the model, they only load on CPUs with the same
-    # instruction set, so a version compiled on one worker could fail on a serving node.
-    # "extended" (the fusions: Gemm+activation, attention, layer norm, ...) is portable.
-    graph_optimization_level: GraphOptimizationLevel = Field(
-        default="extended",
-        description=(
-            "onnxruntime: how far it optimises the graph. basic: constant folding and "
-            "redundant-node removal; extended: also operator fusions; all: also CPU-layout "
-            "optimisations, which tie the saved model to CPUs like the one that compiled it."
-        ),
-    )
-    intra_op_threads: int = Field(
-        default=0,
-        ge=0,
-        le=256,
-        description="onnxruntime: threads inside one operator; 0: one per core.",
-    )
-    providers: Device = Field(
-        default="auto",
-        description=(
-            "onnxruntime: execution provider the graph is optimised for. auto: CUDA where this "
-            "worker's onnxruntime has the CUDA provider and a GPU, else CPU; cpu; cuda (refused "
-            "where there is none). A CUDA-optimised graph may only load with the CUDA provider."
-        ),
-    )
-    device: Device = Field(
-        default="auto",
-        description=(
-            "aotinductor: device the package is compiled for. auto: cuda when this worker has a "
-            "GPU, else cpu. A cuda package only runs on a GPU."
-        ),
-    )
-    dim_ranges: dict[str, DimRange] = Field(
-        default_factory=dict,
-        description=(
-            'Ranges of named dynamic dims other than the batch, [min, opt, max], e.g. {"seq": '
-            "[1, 128, 512]}. tensorrt: required for each such dim (the optimisation profile); "
-            "aotinductor: the dim's allowed range, opt being the example size (unlisted dims "
-            "are dynamic from 1 up, example size 8)."
-        ),
-    )
-    fp16: bool = Field(
-        default=False,
-        description="tensorrt: allow fp16 kernels (faster on tensor cores; outputs move ~1e-3).",
-    )
-    int8: bool = Field(
-        default=False,
-        description=(
-            "tensorrt: build the model's explicit int8 quantization. Needs QuantizeLinear/"
-            "DequantizeLinear nodes (quantize with mode int8_static first); refused otherwise."
-        ),
-    )
-    min_batch: BatchBound = Field(
-        default=1, description="tensorrt: smallest batch the engine takes."
-    )
-    opt_batch: BatchBound = Field(
-        default=8, description="tensorrt: the batch size TensorRT tunes its kernels for."
-    )
-    max_batch: BatchBound = Field(
-        default=32, description="tensorrt: largest batch the engine takes (more costs GPU memory)."
-    )
-    workspace_mb: int | None = Field(
-        default=None,
-        ge=16,
-        le=1_048_576,
-        description=(
-            "tensorrt: scratch memory the builder may give a layer, in MiB; unset: TensorRT's "
-            "default (the GPU's memory)."
-        ),
-    )
-    version_compatible: bool = Field(
-        default=False,
-        description=(
-            "tensorrt: build an engine later TensorRT 10 runtimes can load (it embeds a lean "
-            "runtime; loaders must allow engine host code). A little slower."
-        ),
-    )
-    hardware_compatible: bool = Field(
-        default=False,
-        description=(
-            "tensorrt: build an engine for every GPU of compute capability 8.0 or newer "
-            "(AMPERE_PLUS), not only this GPU model. A little slower."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CompileSettings:
-        problems: list[str] = []
-        for name, backends in _ONLY_FOR.items():
-            if self.backend in backends:
-                continue
-            default = type(self).model_fields[name].get_default(call_default_factory=True)
-            if getattr(self, name) != default:
-                owners = " or ".join(b for b in backends if b != AUTO)
-                problems.append(f"{name} applies to backend {owners}, not {self.backend}")
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            problems.append(
-                f"the batch sizes must satisfy min_batch <= opt_batch <= max_batch, got "
-                f"{self.min_batch}, {self.opt_batch}, {self.max_batch}"
-            )
-        for dim, (low, opt, high) in self.dim_ranges.items():
-            if not low <= opt <= high:
-                problems.append(
-                    f"dim_ranges[{dim!r}] must be [min, opt, max] with min <= opt <= max"
-                )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
 
 
 class CompileFn(Protocol):
@@ -241,15 +94,6 @@ class CompileFn(Protocol):
     ) -> CompiledModel: ...
 
 
-def _max_abs_diff(reference: list[Any], other: list[Any]) -> float:
-    diffs = [
-        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-        for a, b in zip(reference, other, strict=False)
-        if np.asarray(a).size
-    ]
-    return max(diffs, default=0.0)
-
-
 def onnxruntime_providers(requested: str) -> list[str]:
     """The execution providers for a providers setting ("auto", "cpu" or "cuda")."""
     import onnxruntime as ort
@@ -261,9 +105,9 @@ def onnxruntime_providers(requested: str) -> list[str]:
     if not has_provider:
         reason = "this worker's onnxruntime has no CUDA execution provider (onnxruntime-gpu)"
     else:
-        from pipelines.backends import _cuda_reason
+        from pipelines.backends import cuda_reason
 
-        reason = _cuda_reason()
+        reason = cuda_reason()
     if reason is None:
         return ["CUDAExecutionProvider", *CPU_PROVIDERS]
     if requested == "cuda":
@@ -317,7 +161,8 @@ def compile_onnxruntime(
 
     progress(0.1, f"optimising the graph ({settings.graph_optimization_level})")
     try:
-        _session(source.path, options, providers)
+        # The compile itself: onnxruntime writes the graph it optimised while loading.
+        optimiser = _session(source.path, options, providers)
     except Exception as exc:
         raise PipelineError(
             f"onnxruntime could not optimise the model: {first_error_line(exc)}"
@@ -326,14 +171,23 @@ def compile_onnxruntime(
         raise PipelineError("onnxruntime did not write the optimised model")
 
     progress(0.6, "loading the optimised model")
-    check_options = ort.SessionOptions()
-    check_options.intra_op_num_threads = settings.intra_op_threads
+    inputs, outputs = read_tensor_specs(out_path)
+    optimised_artifact = Artifact(
+        key="the optimised model",
+        path=str(out_path),
+        format=ModelFormat.ONNX.value,
+        precision=source.precision,
+        inputs=inputs,
+        outputs=outputs,
+    )
+    device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
     try:
-        session = _session(out_path, check_options, providers)
+        engine = load_engine(
+            optimised_artifact, device, options=EngineOptions(threads=settings.intra_op_threads)
+        )
     except Exception as exc:
         raise PipelineError(
-            f"the optimised model does not load: {first_error_line(exc)}; try "
-            'graph_optimization_level "basic"'
+            f'the optimised model does not load: {cause(exc)}; try graph_optimization_level "basic"'
         ) from exc
 
     # Run it once; compare with the source on the same input. Fusions change the order of
@@ -342,21 +196,17 @@ def compile_onnxruntime(
         "nodes_before": float(len(op_types(source.path))),
         "nodes_after": float(len(op_types(out_path))),
     }
-    inputs, _ = read_tensor_specs(out_path)
     feeds = random_inputs(inputs, batch_size=1, default_dim=8)
     try:
-        optimised = session.run(None, session_feeds(session, feeds))
+        optimised = run_once(engine, feeds)
     except Exception as exc:
         raise PipelineError(
-            f"the optimised model fails to run: {first_error_line(exc)}; try "
-            'graph_optimization_level "basic"'
+            f'the optimised model fails to run: {cause(exc)}; try graph_optimization_level "basic"'
         ) from exc
     try:
-        plain = ort.SessionOptions()
-        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        reference_session = cpu_session(source.path, plain)
-        reference = reference_session.run(None, session_feeds(reference_session, feeds))
-        metrics["max_abs_diff"] = _max_abs_diff(reference, optimised)
+        # The source as written (no graph optimisation), on the CPU: the reference.
+        reference_engine = load_engine(source, "cpu", options=EngineOptions(optimization="none"))
+        metrics["max_abs_diff"] = max_abs_diff(run_once(reference_engine, feeds), optimised)
     except Exception:  # nothing to compare with is not a reason to fail the compile
         pass
 
@@ -366,7 +216,7 @@ def compile_onnxruntime(
         backend="onnxruntime",
         meta={
             "onnxruntime_version": ort.__version__,
-            "providers": session.get_providers(),
+            "providers": optimiser.get_providers(),
             "graph_optimization_level": settings.graph_optimization_level,
         },
         metrics=metrics,
@@ -436,7 +286,12 @@ def choose_backend(
     raise PipelineError(f"no compile backend can run on this worker: {'; '.join(notes)}")
 
 
-class Compile:
+def _backend(settings: StageSettings) -> str:
+    """The backend compile settings name (any other settings: auto)."""
+    return settings.backend if isinstance(settings, CompileSettings) else AUTO
+
+
+class Compile(Stage[CompileSettings]):
     """Compile the current model for a runtime chosen by ``settings.backend``."""
 
     name: ClassVar[str] = "compile"
@@ -454,15 +309,15 @@ class Compile:
     @classmethod
     def accepts_for(cls, settings: StageSettings) -> tuple[str, ...]:
         """The formats compile takes with these settings (its backend's)."""
-        backend = getattr(settings, "backend", AUTO)
+        backend = _backend(settings)
         if backend == AUTO:
             return tuple(dict.fromkeys(f for n in AUTO_ORDER for f in BACKEND_INFO[n].accepts))
         return BACKEND_INFO[backend].accepts
 
     @classmethod
-    def produces_for(cls, settings: StageSettings) -> str | tuple[str, ...]:
+    def produces_for(cls, settings: StageSettings) -> Formats:
         """The format compile leaves; for auto, each format it may leave (decided on the worker)."""
-        backend = getattr(settings, "backend", AUTO)
+        backend = _backend(settings)
         if backend == AUTO:
             made = [BACKEND_INFO[n].produces for n in reversed(AUTO_ORDER)]
             return tuple(dict.fromkeys(made))
@@ -472,7 +327,7 @@ class Compile:
     def narrow_for(cls, settings: StageSettings, formats: tuple[str, ...]) -> StageSettings | None:
         """For "auto" followed by a stage that takes only some of its formats: the settings
         naming the one backend that makes them (None: no single one, or its settings refuse)."""
-        if getattr(settings, "backend", AUTO) != AUTO:
+        if _backend(settings) != AUTO:
             return None
         fits = [n for n in AUTO_ORDER if BACKEND_INFO[n].produces in formats]
         if len(fits) != 1:
@@ -494,14 +349,11 @@ class Compile:
             for fmt, names in by_format.items()
         )
 
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult:
+    def _run(
+        self, ctx: PipelineContext, stage_id: str, s: CompileSettings, progress: ProgressFn
+    ) -> StageOutcome:
         """Compile the current artifact; the compiled model becomes the current one."""
-        started = time.perf_counter()
-        s = coerce_settings(CompileSettings, settings)
         source = ctx.current_artifact
-        require_format(source, self.name, self.accepts_for(s))
         name, effective, note = choose_backend(source, s)
         require_format(source, f"{self.name} (backend {name})", BACKEND_INFO[name].accepts)
         backend = BACKENDS[name]
@@ -546,11 +398,4 @@ class Compile:
         message = f"compiled for {compiled.backend}{summary}{nodes}"
         if note:
             message += f"; {note}"
-        return timed_result(
-            stage_id,
-            self.name,
-            started,
-            outputs=[artifact.key],
-            metrics=compiled.metrics,
-            message=message,
-        )
+        return StageOutcome(outputs=[artifact.key], metrics=compiled.metrics, message=message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -15,19 +14,17 @@ from pipelines.core import (
     PipelineContext,
     PipelineError,
     ProgressFn,
-    StageResult,
     StageSettings,
     TensorSpec,
-    timed_result,
 )
-from pipelines.stages._common import coerce_settings, require_format, settings_meta
+from pipelines.stages.base import Stage, StageOutcome, settings_meta
 
 __all__ = ["Evaluate", "EvaluateSettings"]
 
 TopK = Annotated[int, Field(ge=1, le=1000)]
 
-# The formats pipelines.metrics.predict runs (kept literal so importing this module, as the web
-# process does to list stages, loads neither numpy-heavy helpers nor a framework).
+# The formats evaluate runs (through pipelines.engines.predict); an ancestor in another format
+# (a compiled engine) is passed over when looking for a parent to compare with.
 _RUNNABLE: tuple[str, ...] = (ModelFormat.ONNX.value, ModelFormat.TORCHSCRIPT.value)
 
 
@@ -68,15 +65,6 @@ class EvaluateSettings(StageSettings):
         return sorted(set(value))
 
 
-def _input_specs(artifact: Artifact) -> list[TensorSpec]:
-    # For ONNX the file is the truth (an upload may declare its inputs loosely).
-    if artifact.format == ModelFormat.ONNX.value:
-        from pipelines.onnx_io import read_tensor_specs
-
-        return read_tensor_specs(artifact.path)[0]
-    return artifact.inputs
-
-
 def _same_specs(a: list[TensorSpec], b: list[TensorSpec]) -> bool:
     return [(s.name, list(s.shape), s.dtype) for s in a] == [
         (s.name, list(s.shape), s.dtype) for s in b
@@ -100,7 +88,7 @@ def _percent(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value * 100:.1f}%"
 
 
-class Evaluate:
+class Evaluate(Stage[EvaluateSettings]):
     """Compute task metrics of the current model on a dataset, and its retention vs its parent."""
 
     name: ClassVar[str] = "evaluate"
@@ -113,21 +101,20 @@ class Evaluate:
     accepts: ClassVar[tuple[str, ...]] = _RUNNABLE
     produces: ClassVar[str | None] = None
 
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult:
+    def _run(
+        self, ctx: PipelineContext, stage_id: str, s: EvaluateSettings, progress: ProgressFn
+    ) -> StageOutcome:
         """Evaluate the current artifact; metrics go into its ``metrics``, it stays current."""
         from pipelines.datasets import load_split
-        from pipelines.metrics import predict, primary_metric, retention, task_metrics
+        from pipelines.engines import input_specs, predict
+        from pipelines.metrics import primary_metric, task_metrics
+        from pipelines.quantization.retention import compare_with_parent
 
-        started = time.perf_counter()
-        s = coerce_settings(EvaluateSettings, settings)
         current = ctx.current_artifact
-        require_format(current, self.name, self.accepts)
         ref = ctx.dataset(s.dataset_id, "evaluate dataset_id")
         progress(0.0, f"loading the {s.split} split of dataset {ref.id}")
 
-        specs = _input_specs(current)
+        specs = input_specs(current)
         data = load_split(ref, s.split, specs)
         if data.rows == 0:
             raise PipelineError(
@@ -145,7 +132,7 @@ class Evaluate:
         )
         parent_outputs = None
         if parent is not None:
-            parent_specs = _input_specs(parent)
+            parent_specs = input_specs(parent)
             parent_data = (
                 data if _same_specs(parent_specs, specs) else load_split(ref, s.split, parent_specs)
             )
@@ -160,28 +147,28 @@ class Evaluate:
                 "to evaluate against"
             )
         top_k = tuple(s.top_k)
+        primary, higher_is_better = primary_metric(ctx.task)
         # With a parent, classification also reports "agreement" (same top-1 class); without
         # targets the parent's outputs are what the child is compared with.
-        metrics = task_metrics(ctx.task, outputs, data.targets, top_k, parent_outputs)
+        kept: float | None = None
         parent_metrics: dict[str, float] = {}
-        if parent_outputs is not None:
-            parent_metrics = task_metrics(
-                ctx.task,
-                parent_outputs,
-                data.targets,
-                top_k,
-                parent_outputs if data.targets is None else None,
+        if parent_outputs is None:
+            metrics = task_metrics(ctx.task, outputs, data.targets, top_k)
+        else:
+            compared = compare_with_parent(
+                ctx.task, outputs, parent_outputs, data.targets, (primary, higher_is_better), top_k
             )
-
-        primary, higher_is_better = primary_metric(ctx.task)
+            metrics, parent_metrics, kept = (
+                compared.metrics,
+                compared.parent_metrics,
+                compared.retention,
+            )
         result: dict[str, float] = dict(metrics)
         notes: list[str] = []
         if data.targets is not None:  # without targets the parent is the reference itself
             result.update({f"parent_{k}": v for k, v in parent_metrics.items()})
-        if primary in metrics and primary in parent_metrics:
-            result["retention"] = retention(
-                metrics[primary], parent_metrics[primary], higher_is_better
-            )
+        if kept is not None:
+            result["retention"] = kept
         result["eval_rows"] = float(data.rows)
         # Metrics are stored as JSON and logged to MLflow: a NaN (a model that outputs NaN)
         # is left out and said so in the message instead.
@@ -219,4 +206,4 @@ class Evaluate:
             message += f"; agrees with {parent.key} on {result['agreement'] * 100:.1f}% of rows"
         if notes:
             message += "; " + "; ".join(notes)
-        return timed_result(stage_id, self.name, started, metrics=result, message=message)
+        return StageOutcome(metrics=result, message=message)

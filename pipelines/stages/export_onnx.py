@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
@@ -10,27 +9,25 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 from pydantic import Field
 
+from pipelines.backends.check import cause, run_once
 from pipelines.core import (
     Artifact,
     ModelFormat,
     PipelineContext,
     PipelineError,
     ProgressFn,
-    StageResult,
     StageSettings,
     TensorSpec,
-    timed_result,
 )
+from pipelines.engines import load_engine
 from pipelines.onnx_io import (
-    cpu_session,
     describe_inputs,
     first_error_line,
     model_size_bytes,
     random_inputs,
     read_tensor_specs,
-    session_feeds,
 )
-from pipelines.stages._common import ONNX_FILENAME, coerce_settings, require_format, settings_meta
+from pipelines.stages.base import ONNX_FILENAME, Stage, StageOutcome, settings_meta
 from pipelines.staging import staged_output
 
 # Tolerances of the TorchScript / onnxruntime comparison: fp32 kernels differ in summation order,
@@ -158,7 +155,7 @@ def _compare_outputs(
     return max_abs_diff
 
 
-class ExportOnnx:
+class ExportOnnx(Stage[ExportOnnxSettings]):
     """Export a TorchScript model to ONNX with the legacy TorchScript exporter.
 
     The legacy exporter (``dynamo=False``) is the only one in torch 2.13 that takes a
@@ -174,14 +171,11 @@ class ExportOnnx:
     accepts: ClassVar[tuple[str, ...]] = (ModelFormat.TORCHSCRIPT.value,)
     produces: ClassVar[str | None] = ModelFormat.ONNX.value
 
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult:
+    def _run(
+        self, ctx: PipelineContext, stage_id: str, s: ExportOnnxSettings, progress: ProgressFn
+    ) -> StageOutcome:
         """Export the current TorchScript artifact; the ONNX model becomes the current one."""
-        started = time.perf_counter()
-        s = coerce_settings(ExportOnnxSettings, settings)
         source = ctx.current_artifact
-        require_format(source, self.name, self.accepts)
         if not source.inputs:
             raise PipelineError(
                 "the model declares no inputs: give its input shapes at upload, e.g. "
@@ -256,16 +250,25 @@ class ExportOnnx:
                 ) from exc
 
             progress(0.7, "comparing onnxruntime's outputs with TorchScript's")
+            exported_specs, exported_outputs = read_tensor_specs(tmp_path)
+            candidate = Artifact(
+                key="the exported model",
+                path=str(tmp_path),
+                format=ModelFormat.ONNX.value,
+                precision=source.precision,
+                inputs=exported_specs,
+                outputs=exported_outputs,
+            )
             try:
-                session = cpu_session(tmp_path)
-                exported = session.run(None, session_feeds(session, arrays))
-            except PipelineError:
-                raise
+                engine = load_engine(candidate, "cpu")
+                exported = run_once(engine, arrays)
             except Exception as exc:
+                if isinstance(exc, PipelineError) and exc.__cause__ is None:
+                    raise  # an input the model needs that the artifact does not declare
                 raise PipelineError(
-                    f"onnxruntime cannot run the exported model: {first_error_line(exc)}"
+                    f"onnxruntime cannot run the exported model: {cause(exc)}"
                 ) from exc
-            del session  # release the file before it is renamed (matters on Windows)
+            del engine  # release the file before it is renamed (matters on Windows)
             max_abs_diff = _compare_outputs(reference, exported, output_names)
 
         final = stage_dir / ONNX_FILENAME
@@ -291,10 +294,7 @@ class ExportOnnx:
         ctx.add_artifact(artifact)
         progress(1.0, "exported")
         dynamic = sorted({d for spec in inputs for d in spec.shape if isinstance(d, str)})
-        return timed_result(
-            stage_id,
-            self.name,
-            started,
+        return StageOutcome(
             outputs=[artifact.key],
             metrics={"max_abs_diff": max_abs_diff},
             message=(

@@ -35,13 +35,11 @@ from pipelines.core import (
     PipelineError,
     Precision,
     ProgressFn,
-    StageResult,
     StageSettings,
     TensorSpec,
-    timed_result,
 )
 from pipelines.onnx_io import describe_inputs, first_error_line
-from pipelines.stages._common import coerce_settings, require_format, settings_meta
+from pipelines.stages.base import Stage, StageOutcome, settings_meta
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
 from pipelines.staging import staged_output
 
@@ -685,7 +683,7 @@ class _Trainer:
         return result
 
 
-class Finetune:
+class Finetune(Stage[FinetuneSettings]):
     """Fine-tune a TorchScript model on a dataset; the ONNX export of the result becomes current."""
 
     name: ClassVar[str] = "finetune"
@@ -698,14 +696,11 @@ class Finetune:
     accepts: ClassVar[tuple[str, ...]] = (ModelFormat.TORCHSCRIPT.value,)
     produces: ClassVar[str | None] = ModelFormat.ONNX.value
 
-    def run(
-        self, ctx: PipelineContext, stage_id: str, settings: Any, progress: ProgressFn
-    ) -> StageResult:
+    def _run(
+        self, ctx: PipelineContext, stage_id: str, s: FinetuneSettings, progress: ProgressFn
+    ) -> StageOutcome:
         """Fine-tune the current TorchScript artifact, save it, and export it to ONNX."""
-        started = time.perf_counter()
-        s = coerce_settings(FinetuneSettings, settings)
         source = ctx.current_artifact
-        require_format(source, self.name, self.accepts)
         if ctx.task not in TASKS:
             raise PipelineError("fine-tuning needs a task: classification, regression or embedding")
         if s.label_smoothing and ctx.task != "classification":
@@ -800,10 +795,7 @@ class Finetune:
         )
         stopped = "; stopped early" if st.stopped_early else ""
         all_metrics = {**metrics, "max_abs_diff": exported.metrics.get("max_abs_diff", 0.0)}
-        return timed_result(
-            stage_id,
-            self.name,
-            started,
+        return StageOutcome(
             outputs=[ts_key, onnx_artifact.key],
             metrics=all_metrics,
             history=list(st.history),

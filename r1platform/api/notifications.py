@@ -9,7 +9,7 @@ from django.http import HttpRequest
 from ninja import Router, Schema, Status
 
 from r1platform.api.auth import team_id
-from r1platform.api.schemas import ErrorOut
+from r1platform.api.schemas import ErrorOut, page_limit
 from r1platform.notifications import services
 from r1platform.notifications.models import Delivery, NotificationSettings
 
@@ -22,6 +22,19 @@ class NotificationSettingsOut(Schema):
     emails: list[str]
     events: list[str]
     known_events: list[str]
+
+    @staticmethod
+    def resolve_has_webhook_secret(config: NotificationSettings) -> bool:
+        # The secret itself is never answered, only whether there is one.
+        return bool(config.webhook_secret)
+
+    @staticmethod
+    def resolve_events(config: NotificationSettings) -> list[str]:
+        return [e for e in services.EVENTS if config.is_on(e)]
+
+    @staticmethod
+    def resolve_known_events(config: NotificationSettings) -> list[str]:
+        return list(services.EVENTS)
 
 
 class NotificationSettingsIn(Schema):
@@ -45,16 +58,6 @@ class DeliveryOut(Schema):
     sent_at: datetime | None
 
 
-def _settings_out(config: NotificationSettings) -> dict:
-    return {
-        "webhook_url": config.webhook_url,
-        "has_webhook_secret": bool(config.webhook_secret),
-        "emails": config.emails,
-        "events": [e for e in services.EVENTS if config.is_on(e)],
-        "known_events": list(services.EVENTS),
-    }
-
-
 def _team(request: HttpRequest):
     return request.auth.team  # type: ignore[attr-defined]
 
@@ -62,7 +65,7 @@ def _team(request: HttpRequest):
 @router.get("/notifications", response=NotificationSettingsOut)
 def get_notification_settings(request: HttpRequest):
     """Where the team is told about scheduled runs, and which events are on."""
-    return _settings_out(services.settings_for(_team(request)))
+    return services.settings_for(_team(request))
 
 
 @router.put("/notifications", response={200: NotificationSettingsOut, 400: ErrorOut})
@@ -74,14 +77,13 @@ def put_notification_settings(request: HttpRequest, payload: NotificationSetting
     except ValidationError as exc:
         detail = "; ".join(f"{field}: {' '.join(m)}" for field, m in exc.message_dict.items())
         return Status(400, {"detail": detail})
-    return _settings_out(config)
+    return config
 
 
 @router.get("/notifications/deliveries", response=list[DeliveryOut])
 def list_deliveries(request: HttpRequest, status: str = "", limit: int = 50, offset: int = 0):
     """The team's deliveries, newest first, with their attempts and last error."""
-    limit = max(1, min(limit, 500))
     found = Delivery.objects.filter(team_id=team_id(request))
     if status:
         found = found.filter(status=status)
-    return list(found[offset : offset + limit])
+    return found[offset : offset + page_limit(limit)]

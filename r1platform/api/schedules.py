@@ -1,10 +1,10 @@
 """Pipeline templates and the schedules that run them: ``/api/v1/schedules`` and
 ``/api/v1/templates``.
 
-Same rules as every endpoint in ``api.py``: a team token, the team's objects only, another team's
-id answers 404. Every write is one call to ``schedules.services``; a refusal (a cron expression
-that does not parse, an unknown stage, cron and interval both given) answers 400 with the
-service's message.
+Same rules as every router mounted by ``api.py``: a team token, the team's objects only, another
+team's id answers 404. Every write is one call to ``schedules.services``; a refusal (a cron
+expression that does not parse, an unknown stage, cron and interval both given) answers 400 with
+the service's message.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ninja import Router, Schema, Status
 
 from r1platform.accounts.scoping import get_scoped_or_404
 from r1platform.api.auth import team_id
-from r1platform.api.schemas import ErrorOut, StageIn
+from r1platform.api.schemas import ErrorOut, StageIn, page_limit
 from r1platform.deployments.models import ServingPool
 from r1platform.registry.models import RegisteredModel
 from r1platform.schedules import runs, services
@@ -60,6 +60,10 @@ class TemplateOut(Schema):
     schedule_ids: list[int]
     created_at: datetime
     updated_at: datetime
+
+    @staticmethod
+    def resolve_schedule_ids(template: PipelineTemplate) -> list[int]:
+        return sorted(template.schedules.values_list("pk", flat=True))
 
 
 class ScheduleIn(Schema):
@@ -112,6 +116,27 @@ class RunOut(Schema):
     created_at: datetime
     decided_at: datetime | None
 
+    # A run's job, dataset, champion and challenger may be gone (deleted) or never set.
+    @staticmethod
+    def resolve_job_status(run: ScheduleRun) -> str | None:
+        return run.job.status if run.job else None
+
+    @staticmethod
+    def resolve_dataset_name(run: ScheduleRun) -> str | None:
+        return run.dataset.name if run.dataset else None
+
+    @staticmethod
+    def resolve_dataset_version(run: ScheduleRun) -> int | None:
+        return run.dataset.version if run.dataset else None
+
+    @staticmethod
+    def resolve_champion_number(run: ScheduleRun) -> int | None:
+        return run.champion.number if run.champion else None
+
+    @staticmethod
+    def resolve_challenger_number(run: ScheduleRun) -> int | None:
+        return run.challenger.number if run.challenger else None
+
 
 class LastRunOut(Schema):
     decision: str
@@ -137,57 +162,37 @@ class ScheduleOut(Schema):
     created_at: datetime
     updated_at: datetime
 
+    # A schedule as read by ``schedules_with_last_run``, which annotates its last run.
+    @staticmethod
+    def resolve_model_name(sch: Schedule) -> str:
+        return sch.model.name
 
-# -- answers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def resolve_dataset(sch: Schedule) -> str:
+        return sch.dataset_name
+
+    @staticmethod
+    def resolve_pool(sch: Schedule) -> str:
+        return sch.pool.name
+
+    @staticmethod
+    def resolve_next_run_at(sch: Schedule) -> datetime | None:
+        return next_run_at(sch)
+
+    @staticmethod
+    def resolve_last_run(sch: Schedule) -> dict[str, Any] | None:
+        if not sch.last_decision:  # type: ignore[attr-defined]
+            return None
+        return {"decision": sch.last_decision, "created_at": sch.last_run_at}  # type: ignore[attr-defined]
 
 
-def _template_out(t: PipelineTemplate) -> dict:
-    return {
-        **{f: getattr(t, f) for f in ("id", "name", "description", "stages", "stage_names")},
-        "schedule_ids": sorted(t.schedules.values_list("pk", flat=True)),
-        "created_at": t.created_at,
-        "updated_at": t.updated_at,
-    }
-
-
-def _schedule_out(sch: Schedule) -> dict:
-    """``sch`` as read by ``schedules_with_last_run`` (it carries its last run)."""
-    last = None
-    if sch.last_decision:  # type: ignore[attr-defined]
-        last = {"decision": sch.last_decision, "created_at": sch.last_run_at}  # type: ignore[attr-defined]
-    return {
-        **{f: getattr(sch, f) for f in ("id", "name", "model_id", "eval_split", "cron")},
-        **{f: getattr(sch, f) for f in ("interval_seconds", "timing", "margin", "enabled")},
-        "model_name": sch.model.name,
-        "template": _template_out(sch.template),
-        "dataset": sch.dataset_name,
-        "pool": sch.pool.name,
-        "next_run_at": next_run_at(sch),
-        "last_run": last,
-        "created_at": sch.created_at,
-        "updated_at": sch.updated_at,
-    }
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def _fresh(sch: Schedule) -> Schedule:
     """The schedule read again with its last run, so an answer after a write shows what a GET
     shows."""
     return schedules_with_last_run(Schedule.objects.filter(pk=sch.pk)).get()
-
-
-def _run_out(run: ScheduleRun) -> dict:
-    fields = ("id", "schedule_id", "trigger", "decision", "reason", "job_id", "dataset_id")
-    more = ("champion_id", "challenger_id", "metric", "champion_score", "challenger_score")
-    return {
-        **{f: getattr(run, f) for f in fields + more},
-        "job_status": run.job.status if run.job else None,
-        "dataset_name": run.dataset.name if run.dataset else None,
-        "dataset_version": run.dataset.version if run.dataset else None,
-        "champion_number": run.champion.number if run.champion else None,
-        "challenger_number": run.challenger.number if run.challenger else None,
-        "created_at": run.created_at,
-        "decided_at": run.decided_at,
-    }
 
 
 def _stages(stages: list[StageIn]) -> list[dict]:
@@ -264,7 +269,7 @@ def create_schedule(request: HttpRequest, payload: ScheduleIn):
             )
     except (services.ScheduleRefused, _BadInput) as exc:
         return Status(400, {"detail": str(exc)})
-    return Status(201, _schedule_out(_fresh(schedule)))
+    return Status(201, _fresh(schedule))
 
 
 @router.get("/schedules", response=list[ScheduleOut])
@@ -272,13 +277,13 @@ def list_schedules(request: HttpRequest, model_id: int | None = None):
     found = schedules_with_last_run(Schedule.objects.filter(team_id=team_id(request)))
     if model_id is not None:
         found = found.filter(model_id=model_id)
-    return [_schedule_out(sch) for sch in found.order_by("name")]
+    return found.order_by("name")
 
 
 @router.get("/schedules/{schedule_id}", response={200: ScheduleOut, 404: ErrorOut})
 def get_schedule(request: HttpRequest, schedule_id: int):
     """The schedule's settings, its template's stages, its next tick and its last decision."""
-    return _schedule_out(_get_schedule(request, schedule_id))
+    return _get_schedule(request, schedule_id)
 
 
 def _schedule_changes(request: HttpRequest, schedule: Schedule, given: dict[str, Any]) -> dict:
@@ -328,7 +333,7 @@ def update_schedule(request: HttpRequest, schedule_id: int, payload: SchedulePat
             schedule = services.update_schedule(schedule, **changes)
     except (services.ScheduleRefused, _BadInput) as exc:
         return Status(400, {"detail": str(exc)})
-    return _schedule_out(_fresh(schedule))
+    return _fresh(schedule)
 
 
 @router.delete("/schedules/{schedule_id}", response={204: None, 404: ErrorOut})
@@ -342,9 +347,8 @@ def delete_schedule(request: HttpRequest, schedule_id: int):
 def list_runs(request: HttpRequest, schedule_id: int, limit: int = 50, offset: int = 0):
     """Each run, newest first: its job, the dataset version it trained on, champion against
     challenger with both scores, and the decision with its reason."""
-    limit = max(1, min(limit, 500))
     schedule = _get_schedule(request, schedule_id)
-    return [_run_out(r) for r in runs_of(schedule)[offset : offset + limit]]
+    return runs_of(schedule)[offset : offset + page_limit(limit)]
 
 
 @router.post("/schedules/{schedule_id}/run", response={200: RunOut, 201: RunOut, **Errors})
@@ -359,7 +363,7 @@ def run_now(request: HttpRequest, schedule_id: int):
     if run is None:
         return Status(409, {"detail": f"schedule {schedule.pk} did not run"})
     run = runs_of(schedule).get(pk=run.pk)
-    return Status(201 if run.job_id else 200, _run_out(run))
+    return Status(201 if run.job_id else 200, run)
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -379,18 +383,18 @@ def create_template(request: HttpRequest, payload: TemplateIn):
         )
     except services.ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
-    return Status(201, _template_out(template))
+    return Status(201, template)
 
 
 @router.get("/templates", response=list[TemplateOut])
 def list_templates(request: HttpRequest):
     found = PipelineTemplate.objects.filter(team_id=team_id(request)).order_by("name")
-    return [_template_out(t) for t in found]
+    return found
 
 
 @router.get("/templates/{template_id}", response={200: TemplateOut, 404: ErrorOut})
 def get_template(request: HttpRequest, template_id: int):
-    return _template_out(_get_template(request, template_id))
+    return _get_template(request, template_id)
 
 
 @router.patch("/templates/{template_id}", response={200: TemplateOut, **Errors})
@@ -404,7 +408,7 @@ def update_template(request: HttpRequest, template_id: int, payload: TemplatePat
         template = services.update_template(template, **changes)
     except services.ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
-    return _template_out(template)
+    return template
 
 
 @router.delete("/templates/{template_id}", response={204: None, 404: ErrorOut, 409: ErrorOut})

@@ -7,7 +7,7 @@ from django import forms
 
 from pipelines.certification.profiles import compatibility_problem
 from pipelines.certification.report import Level
-from pipelines.stages.certify import CertifySettings
+from pipelines.certification.settings import CertifySettings
 from r1platform.certification.services import THRESHOLDS
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import dataset_label

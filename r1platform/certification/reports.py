@@ -16,10 +16,10 @@ from typing import Any
 from django.template.loader import render_to_string
 
 from pipelines.certification.report import CHECKS, LEVEL_CHECKS, CheckId, Level
-from r1platform.certification.charts import parity_chart_svg
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.certification.services import REPORT_KINDS, certificate_document
 from r1platform.core import storage
+from r1platform.core.charts.parity import parity_chart_svg
 
 # WeasyPrint and fontTools log every rendering step at INFO; the worker's log is for the job.
 for _noisy in ("weasyprint", "fontTools"):

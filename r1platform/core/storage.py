@@ -18,7 +18,8 @@ from typing import Any
 from django.conf import settings
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 
-CHUNK = 1024 * 1024
+# What a multipart body carries besides the file: the other form fields and the framing.
+FORM_OVERHEAD = 1024 * 1024
 
 
 class HashingUploadHandler(TemporaryFileUploadHandler):
@@ -32,8 +33,7 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
 
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):  # noqa: N803
         limit = settings.R1_MAX_UPLOAD_BYTES
-        # The body also carries the other form fields and multipart framing: allow 1 MiB for them.
-        if content_length and content_length > limit + CHUNK:
+        if content_length and content_length > limit + FORM_OVERHEAD:
             self._refuse(f"the upload is {_human(content_length)}, over the {_human(limit)} limit")
         return None
 
@@ -84,12 +84,10 @@ def _new_name(kind: str, team_id: int, suffix: str) -> str:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
+    """The file's sha256 (hex) and size in bytes."""
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        digest = hashlib.file_digest(f, "sha256")
+        size = os.fstat(f.fileno()).st_size
     return digest.hexdigest(), size
 
 
@@ -149,17 +147,13 @@ def store_copy(src: Path, *, kind: str, team_id: int, suffix: str) -> tuple[str,
     final = media_path(relative)
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".partial")
-    digest = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as fin, open(partial, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
+    shutil.copyfile(src, partial)
+    # The hash is of the copy, so the row describes the bytes that were stored.
+    sha256, size = sha256_file(partial)
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
     partial.replace(final)
-    return relative, digest.hexdigest(), size
+    return relative, sha256, size
 
 
 def remove(relative: str) -> None:
@@ -181,11 +175,6 @@ def spool_local_file(src: Path) -> SpooledFile:
     spool = Path(settings.MEDIA_ROOT) / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
     dest = spool / f"{uuid.uuid4().hex}.upload"
-    digest = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            fout.write(chunk)
-    return SpooledFile(dest, Path(src).name, digest.hexdigest(), size)
+    shutil.copyfile(src, dest)
+    sha256, size = sha256_file(dest)
+    return SpooledFile(dest, Path(src).name, sha256, size)

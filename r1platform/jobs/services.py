@@ -1,25 +1,41 @@
-"""Actions on jobs: launch (idempotent), claim, progress, finish, cancel.
+"""Actions on jobs: launch (idempotent), claim, progress, finish, cancel, and the reaper.
 
 Single-row state changes are conditional UPDATEs so that two workers, or a worker and a user
-pressing cancel, can never both win.
+pressing cancel, can never both win. A job is sent to its worker by task name, and its end is
+announced with ``jobs.signals``: the apps above ``jobs`` listen, ``jobs`` never calls them.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from gpu_workers.queues import profile_of, queue_for
-from pipelines.core import PipelineError, StageConfigError
+from pipelines.certification.profiles import compatibility_problem
+from pipelines.core import DatasetRef, PipelineError, StageConfigError
+from pipelines.datasets import check_compatible
 from pipelines.stages import default_pipeline, validate_pipeline
+from r1platform.celery import app
+from r1platform.datasets.models import Dataset
+from r1platform.datasets.services import dataset_ids_in, dataset_ref
 from r1platform.jobs.models import FINISHED, LOG_TAIL_CHARS, Job, JobStatus
+from r1platform.jobs.signals import certification_reported, job_finished
+from r1platform.queues import TaskName, profile_of, queue_for
 from r1platform.registry.models import ModelVersion
+from r1platform.registry.services import input_specs
+from r1platform.workers.models import HardwareProfile
+from r1platform.workers.services import lost_workers, serving_problem
+
+log = logging.getLogger(__name__)
 
 
 class LaunchRefused(Exception):
@@ -77,11 +93,6 @@ def launch_job(
 
 def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
     """Every dataset the settings name exists in the version's team and fits the model's input."""
-    from pipelines.datasets import check_compatible
-    from r1platform.datasets.models import Dataset
-    from r1platform.datasets.services import dataset_ids_in, dataset_ref
-    from r1platform.registry.services import input_specs
-
     ids = dataset_ids_in(stages)
     found = {d.pk: d for d in Dataset.objects.filter(team_id=version.team_id, pk__in=ids)}
     for dataset_id in ids:
@@ -100,10 +111,6 @@ def check_profile(version: ModelVersion, stages: list[dict]) -> None:
     Where the version itself is what gets certified (certify is the first stage), it must also be
     able to run on that profile: a TensorRT engine on the compute capability it was built for.
     """
-    from pipelines.certification.profiles import compatibility_problem
-    from r1platform.workers.models import HardwareProfile
-    from r1platform.workers.services import serving_problem
-
     key = profile_of(stages)
     if key is None:
         return
@@ -127,9 +134,15 @@ def _same_launch_or_conflict(job: Job, version: ModelVersion, stages: list[dict]
 
 
 def enqueue(job: Job) -> None:
-    from gpu_workers.tasks import run_job
+    # By name: the task module lives with the workers, which this side never imports.
+    app.send_task(TaskName.RUN_JOB.value, args=[job.pk], queue=job.queue)
 
-    run_job.apply_async(args=[job.pk], queue=job.queue)
+
+def dataset_refs(job: Job) -> dict[str, DatasetRef]:
+    """The datasets the job's stage settings name, as the pipeline reads them (by id)."""
+    ids = dataset_ids_in(job.stages)
+    found = Dataset.objects.filter(team_id=job.team_id, pk__in=ids)
+    return {str(d.pk): dataset_ref(d) for d in found}
 
 
 def claim_job(job_id: int, worker_host: str) -> Job | None:
@@ -186,12 +199,33 @@ def cancel_requested(job_id: int) -> bool:
 
 
 def finish_job(job: Job, status: str, error: str = "") -> None:
+    """Record the job's end, then announce it (``jobs.signals.job_finished``)."""
     job.status = status
     job.error = error[:4000]
     job.finished_at = timezone.now()
     if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
     job.save(update_fields=["status", "error", "finished_at", "progress", "log_tail"])
+    for receiver, outcome in job_finished.send_robust(sender=Job, job=job):
+        if isinstance(outcome, Exception):
+            log.error(
+                "job %s: %s could not handle its end",
+                job.pk,
+                getattr(receiver, "__qualname__", receiver),
+                exc_info=outcome,
+            )
+
+
+def report_certification(job: Job, version: ModelVersion, report: Mapping[str, Any]) -> list:
+    """Hand a certify stage's suite report on ``version`` to whoever records certifications.
+
+    Returns what the receivers recorded (a certification); their errors are raised, so a report
+    that cannot be recorded fails the job as the stage itself failing would.
+    """
+    responses = certification_reported.send(
+        sender=Job, job=job, version=version, report=dict(report)
+    )
+    return [recorded for _, recorded in responses]
 
 
 def fail_poison(job_id: int, reason: str) -> None:
@@ -260,3 +294,31 @@ def recover_from_lost_worker(job_id: int, hostname: str) -> Recovered | None:
     if outcome is Recovered.REQUEUED:
         enqueue(job)
     return outcome
+
+
+# -- the reaper --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reaped:
+    job_id: int
+    hostname: str
+    outcome: str  # Recovered: requeued, failed or cancelled
+
+
+def reap_lost_workers() -> list[Reaped]:
+    """Recover the running jobs of every lost worker whose job heartbeat is stale too.
+
+    The worker stays lost (it may come back and beat again). Each job moves by one conditional
+    UPDATE (``recover_from_lost_worker``), so reapers running at once, or a live worker claiming
+    the job meanwhile, never move it twice. It lives with jobs, above the workers' state it reads.
+    """
+    reaped = []
+    for hostname in lost_workers().values_list("hostname", flat=True):
+        running = Job.objects.filter(status=JobStatus.RUNNING, worker_host=hostname)
+        for job_id in running.values_list("pk", flat=True):
+            outcome = recover_from_lost_worker(job_id, hostname)
+            if outcome is not None:
+                log.warning("job %s of lost worker %s: %s", job_id, hostname, outcome)
+                reaped.append(Reaped(job_id, hostname, str(outcome)))
+    return reaped

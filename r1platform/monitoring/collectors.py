@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gpu_workers.queues import Queue
 from r1platform.jobs.models import Job, JobStatus
+from r1platform.queues import Queue
 from r1platform.workers.models import Worker
 from r1platform.workers.services import WorkerState, worker_state
 

@@ -7,7 +7,7 @@ these values.
 
 from __future__ import annotations
 
-from pipelines.stages.certify import CertifySettings
+from pipelines.certification.settings import CertifySettings
 
 _CERTIFY = CertifySettings.model_fields
 

@@ -1,6 +1,6 @@
 """Sending one delivery, a webhook POST or an email, with each attempt recorded on its row.
 
-Runs on a worker (``gpu_workers.tasks.deliver_notification``). A failure worth trying again
+Runs on a worker (``notifications.tasks.deliver_notification``). A failure worth trying again
 (a timeout, a refused connection, a 5xx or 429, an SMTP error) raises ``TransientDeliveryError``
 and the task retries it with exponential backoff; anything else fails the row at once.
 """

@@ -20,7 +20,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from r1platform.accounts.models import Team
+from r1platform.celery import app
 from r1platform.notifications.models import Channel, Delivery, NotificationSettings
+from r1platform.queues import Queue, TaskName
 
 # Events a team can be told about.
 SCHEDULE_RUN_FAILED = "schedule.run.failed"
@@ -184,7 +186,6 @@ def send_test(team: Team, user: object) -> list[Delivery]:
 
 
 def _enqueue(delivery_ids: list[int]) -> None:
-    from gpu_workers.tasks import deliver_notification
-
+    # By name, on the default queue: the task (``notifications.tasks``) imports this module.
     for pk in delivery_ids:
-        deliver_notification.delay(pk)
+        app.send_task(TaskName.DELIVER_NOTIFICATION.value, args=[pk], queue=Queue.CPU.value)

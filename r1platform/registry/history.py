@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1platform.registry.charts import version_history_svg
+from r1platform.core.charts.benchmarks import version_history_svg
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 
 SAME_WITHIN = 0.05

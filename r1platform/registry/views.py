@@ -11,9 +11,9 @@ from django.views.decorators.vary import vary_on_headers
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
+from r1platform.core.charts.benchmarks import latency_chart_svg
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
-from r1platform.registry.charts import latency_chart_svg
 from r1platform.registry.forms import UploadForm
 from r1platform.registry.history import benchmark_history
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel

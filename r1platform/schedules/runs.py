@@ -1,11 +1,12 @@
 """A schedule's runs: one tick, the end of its job, and the champion/challenger decision.
 
 A run goes: ``run_schedule`` (a beat tick or "run now") launches the template's job on the newest
-version of the training dataset, or records why it did not; ``job_ended`` (called by the job
-runner for every job that ends) queues the decision on a worker of the pool's hardware profile;
-``decide_run`` scores champion and challenger there and promotes, requests approval, or keeps the
-champion, always saying why. The Celery tasks ``r1.run_schedule`` and ``r1.decide_schedule_run``
-call ``run_schedule`` and ``decide_run``.
+version of the training dataset, or records why it did not; ``job_ended`` (a receiver of
+``jobs.signals.job_finished``: every job that ends) queues the decision on a worker of the pool's
+hardware profile; ``decide_run`` scores champion and challenger there and promotes, requests
+approval, or keeps the champion, always saying why. The Celery tasks ``r1.run_schedule`` and
+``r1.decide_schedule_run`` (``schedules.tasks``) call ``run_schedule`` and ``decide_run``; the
+decision is sent by task name.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ from django.db import transaction
 from django.urls import NoReverseMatch
 from django.utils import timezone
 
-from gpu_workers.queues import profile_queue
 from pipelines.core import PipelineError
+from r1platform.celery import app
+from r1platform.certification.models import Certification
+from r1platform.certification.services import validity
 from r1platform.datasets.models import Dataset
+from r1platform.datasets.services import dataset_ref
 from r1platform.deployments.models import Stage
+from r1platform.deployments.services import promote
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import LaunchRefused, launch_job
+from r1platform.notifications import services as notifications
+from r1platform.queues import TaskName, profile_queue
+from r1platform.registry.services import version_artifact
 from r1platform.schedules.models import Decision, Schedule, ScheduleRun
 from r1platform.schedules.services import (
     ScheduleRefused,
@@ -164,7 +172,7 @@ def _record(
 
 
 def job_ended(job: Job) -> None:
-    """Called by the runner for every job that ends; for a schedule's job, queue its decision.
+    """Called for every job that ends (``schedules.signals``); a schedule's job queues its decision.
 
     A failed or cancelled job fails its run (and notifies). A succeeded one is decided on a worker
     of the pool's profile: scoring runs the engines on the hardware they will serve on.
@@ -185,10 +193,12 @@ def job_ended(job: Job) -> None:
 
 
 def _queue_decision(run: ScheduleRun) -> None:
-    from gpu_workers.tasks import decide_schedule_run
+    send_decision(run.pk, profile_queue(run.schedule.pool.profile.key))
 
-    queue = profile_queue(run.schedule.pool.profile.key)
-    decide_schedule_run.apply_async(args=[run.pk], queue=queue)
+
+def send_decision(run_id: int, queue: str) -> None:
+    """Send ``r1.decide_schedule_run`` by name (the task lives in ``schedules.tasks``)."""
+    app.send_task(TaskName.DECIDE_SCHEDULE_RUN.value, args=[run_id], queue=queue)
 
 
 def _conclude(run: ScheduleRun, decision: str, reason: str, **fields: Any) -> bool:
@@ -245,11 +255,8 @@ def decide_run(run_id: int) -> ScheduleRun:
 
 def _judge(run: ScheduleRun) -> _Verdict:
     """What the run should decide, before anything is written: challenger, champion, scores."""
+    # Here, not at the top: it loads the engines, which the web process never needs.
     from pipelines.challenge import challenge
-    from r1platform.certification.models import Certification
-    from r1platform.certification.services import validity
-    from r1platform.datasets.services import dataset_ref
-    from r1platform.registry.services import version_artifact
 
     schedule = run.schedule
     profile = schedule.pool.profile
@@ -299,8 +306,6 @@ def _judge(run: ScheduleRun) -> _Verdict:
 
 def _apply(run: ScheduleRun, verdict: _Verdict) -> bool:
     """Promote (when the verdict says so) and record the decision, with the run's row locked."""
-    from r1platform.deployments.services import promote
-
     schedule = run.schedule
     with transaction.atomic():
         locked = ScheduleRun.objects.select_for_update().filter(pk=run.pk).first()
@@ -358,8 +363,6 @@ def notification_payload(run: ScheduleRun) -> dict[str, Any]:
 
 def _notify(run: ScheduleRun) -> None:
     """Tell the team; a notification that cannot be sent is logged and changes no decision."""
-    from r1platform.notifications import services as notifications
-
     events = {
         Decision.FAILED: notifications.SCHEDULE_RUN_FAILED,
         Decision.PROMOTED: notifications.SCHEDULE_RUN_PROMOTED,

@@ -22,20 +22,22 @@ from django_celery_beat import validators
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 from pydantic import ValidationError as SettingsError
 
-from gpu_workers.queues import Queue
 from pipelines.certification.report import level_at_least
 from pipelines.core import StageConfigError
 from pipelines.stages import MAX_STAGES, REGISTRY, validate_pipeline
 from r1platform.accounts.models import Team
 from r1platform.datasets.models import Dataset
 from r1platform.deployments.models import Deployment, ServingPool, Stage
+from r1platform.deployments.services import policy_for
 from r1platform.jobs.services import LaunchRefused, check_datasets
+from r1platform.queues import Queue, TaskName
 from r1platform.registry.models import ModelVersion, RegisteredModel
+from r1platform.registry.services import lineage
 from r1platform.schedules.models import PipelineTemplate, Schedule
 
 log = logging.getLogger(__name__)
 
-RUN_TASK = "r1.run_schedule"
+RUN_TASK = TaskName.RUN_SCHEDULE.value
 PERIODIC_TASK_PREFIX = "r1-schedule-"
 MIN_INTERVAL_SECONDS = 10
 CRON_FIELDS = (
@@ -461,7 +463,7 @@ def plan_run(schedule: Schedule, dataset: Dataset) -> Plan:
     stages = _fill_datasets(stages, newest=dataset.pk, training=training)
     champion = champion_of(schedule.model, schedule.pool)
     if champion is not None:
-        candidates = list(reversed(_lineage(champion)))
+        candidates = list(reversed(lineage(champion)))
     else:
         candidates = list(schedule.model.versions.order_by("-number"))
     if not candidates:
@@ -490,8 +492,6 @@ def plan_run(schedule: Schedule, dataset: Dataset) -> Plan:
 def with_certify(stages: list[dict], pool: ServingPool, team: Team) -> list[dict]:
     """The stages with their certify on the pool's profile at the team's level at least: a
     certify stage is appended when there is none; one naming another profile is refused."""
-    from r1platform.deployments.services import policy_for
-
     profile = pool.profile.key
     level = policy_for(team).required_level
     out = [{"name": s["name"], "settings": dict(s.get("settings") or {})} for s in stages]
@@ -535,9 +535,3 @@ def _fill_datasets(stages: list[dict], *, newest: int, training: set[int]) -> li
                 values[key] = newest
         out.append({"name": name, "settings": values})
     return out
-
-
-def _lineage(version: ModelVersion) -> list[ModelVersion]:
-    from r1platform.registry.services import lineage
-
-    return lineage(version)

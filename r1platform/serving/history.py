@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 
 from django.utils import timezone
 
+from r1platform.core.charts.serving import serving_chart_svg
 from r1platform.deployments.models import Stage
-from r1platform.registry.charts import serving_chart_svg
 from r1platform.registry.models import RegisteredModel
 from r1platform.serving.models import ServingWindow
 from r1platform.serving.stats import histogram_quantile, merge_histograms

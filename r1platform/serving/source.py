@@ -9,16 +9,13 @@ for the load benchmark and tests that need no database.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pipelines.core import Artifact
 from r1platform.accounts.models import hash_token
-
-if TYPE_CHECKING:
-    from r1platform.serving.stats import Window
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,8 @@ class ModelSource(Protocol):
         """The team of every API token that may call, keyed by the token's sha256."""
         ...
 
-    def record_windows(self, windows: list[Window]) -> None:
-        """Keep the serving history's closed windows (``serving.stats``); from its own thread."""
-        ...
+    # A source also takes the serving history's closed windows: ``serving.stats.WindowSink``
+    # (named there, with its windows, so that this module stays below ``stats``).
 
     def close(self) -> None:
         """Release what the calling thread held (a database connection)."""
@@ -104,7 +100,7 @@ class StaticModelSource:
     def token_teams(self) -> dict[str, int]:
         return dict(self._tokens)
 
-    def record_windows(self, windows: list[Window]) -> None:
+    def record_windows(self, windows: Sequence[object]) -> None:
         pass  # no database: a static list keeps no serving history
 
     def close(self) -> None:

@@ -4,9 +4,10 @@ Prometheus metrics live in the serving process's memory, which the dashboard can
 process also accumulates, per served (model, version), the requests it answered, its 4xx and 5xx
 answers, a latency histogram and the batches its engine ran. A flusher thread takes the window's
 counts every ``R1_SERVING_STATS_SECONDS`` (and once more at shutdown, after the engines drained)
-and hands them to the ``ModelSource``: the deployments source writes ``ServingWindow`` rows, a
-static source writes nothing. A write that fails (the database is down) never reaches a request:
-it is logged and the counts are put back, so the next window carries them and its duration.
+and hands them to the source (its ``WindowSink`` side): the deployments source writes
+``ServingWindow`` rows, a static source writes nothing. A write that fails (the database is down)
+never reaches a request: it is logged and the counts are put back, so the next window carries
+them and its duration.
 
 The hot path pays one uncontended lock and a few integer increments per request. Latencies go
 into fixed log-spaced buckets (20 a decade, about 12% wide), so a window's memory is bounded
@@ -21,10 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from r1platform.serving.source import ModelSource, ModelSpec
+# Downward only: ``source`` describes what is served and never names this module's windows.
+from r1platform.serving.source import ModelSource, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,29 @@ class ServingStats:
         return window
 
 
+class WindowSink(Protocol):
+    """Where closed windows go: a model source that keeps a serving history (or drops them)."""
+
+    def record_windows(self, windows: list[Window]) -> None:
+        """Keep the serving history's closed windows; called from the flusher's thread."""
+        ...
+
+    def close(self) -> None:
+        """Release what the calling thread held (a database connection)."""
+        ...
+
+
+class ServingSource(ModelSource, WindowSink, Protocol):
+    """A model source that also keeps the windows (both of the platform's sources do)."""
+
+
 class WindowFlusher:
     """A thread that hands ``stats``' windows to ``source.record_windows`` every ``seconds``."""
 
     def __init__(
         self,
         stats: ServingStats,
-        source: ModelSource,
+        source: WindowSink,
         seconds: float,
         live: Callable[[], Iterable[ModelSpec]] = tuple,
     ) -> None:

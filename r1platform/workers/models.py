@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from r1platform.queues import profile_queue
+
 
 class HardwareProfile(models.Model):
     """One runtime on one kind of device (``pipelines.certification.profiles.HardwareProfile``).
@@ -36,8 +38,6 @@ class HardwareProfile(models.Model):
 
     @property
     def queue(self) -> str:
-        from gpu_workers.queues import profile_queue
-
         return profile_queue(self.key)
 
     @property

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
@@ -15,8 +13,6 @@ from django.utils import timezone
 
 from pipelines.certification.profiles import HardwareProfile as Profile
 from r1platform.workers.models import HardwareProfile, Worker
-
-log = logging.getLogger(__name__)
 
 _PROFILE_FIELDS = (
     "backend", "backend_version", "device_kind", "device_name", "compute_capability",
@@ -95,7 +91,7 @@ def serving_problem(key: str) -> str | None:
     return None
 
 
-# -- state and the reaper ----------------------------------------------------------------------
+# -- state (read by the reaper, in jobs.services) --------------------------------------------------
 
 
 class WorkerState(StrEnum):
@@ -112,31 +108,3 @@ def worker_state(worker: Worker) -> WorkerState:
 
 def lost_workers() -> QuerySet[Worker]:
     return Worker.objects.filter(last_seen__lt=_live_since(), stopped_at__isnull=True)
-
-
-@dataclass(frozen=True)
-class Reaped:
-    job_id: int
-    hostname: str
-    outcome: str  # jobs.services.Recovered: requeued, failed or cancelled
-
-
-def reap_lost_workers() -> list[Reaped]:
-    """Recover the running jobs of every lost worker whose job heartbeat is stale too.
-
-    The worker stays lost (it may come back and beat again). Each job moves by one conditional
-    UPDATE (``jobs.services.recover_from_lost_worker``), so reapers running at once, or a live
-    worker claiming the job meanwhile, never move it twice.
-    """
-    from r1platform.jobs import services as jobs
-    from r1platform.jobs.models import Job, JobStatus
-
-    reaped = []
-    for hostname in lost_workers().values_list("hostname", flat=True):
-        running = Job.objects.filter(status=JobStatus.RUNNING, worker_host=hostname)
-        for job_id in running.values_list("pk", flat=True):
-            outcome = jobs.recover_from_lost_worker(job_id, hostname)
-            if outcome is not None:
-                log.warning("job %s of lost worker %s: %s", job_id, hostname, outcome)
-                reaped.append(Reaped(job_id, hostname, str(outcome)))
-    return reaped

@@ -26,6 +26,7 @@ from pipelines.backends import (
     resolve_backend,
 )
 from pipelines.backends.aotinductor import inductor_cache_env, load_package
+from pipelines.backends.settings import CompileSettings
 from pipelines.core import (
     BenchmarkRow,
     PipelineContext,
@@ -35,7 +36,7 @@ from pipelines.core import (
 )
 from pipelines.latency import measure_latency, measure_windows, p50_spread
 from pipelines.stages import Benchmark, Compile, validate_pipeline
-from pipelines.stages.compile import CompileSettings, choose_backend, onnxruntime_providers
+from pipelines.stages.compile import choose_backend, onnxruntime_providers
 
 from .conftest import ModelFile
 

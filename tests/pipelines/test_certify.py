@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 
 from pipelines.certification.profiles import HardwareProfile, detect_profiles
 from pipelines.certification.report import CHECKS, CheckResult, SuiteReport
+from pipelines.certification.settings import CertifySettings
 from pipelines.certification.suite import find_reference, run_suite
 from pipelines.core import (
     Artifact,
@@ -34,7 +35,7 @@ from pipelines.core import (
 )
 from pipelines.engines import cuda_available
 from pipelines.onnx_io import read_tensor_specs
-from pipelines.stages import Certify, CertifySettings, ExportOnnx, Quantize, validate_pipeline
+from pipelines.stages import Certify, ExportOnnx, Quantize, validate_pipeline
 
 from .conftest import ModelFile
 

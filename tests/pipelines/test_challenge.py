@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.challenge import challenge
 from pipelines.core import DatasetRef, PipelineError
-from pipelines.metrics import predict
+from pipelines.engines import predict
 
 
 @pytest.fixture(scope="module")

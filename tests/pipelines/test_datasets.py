@@ -25,6 +25,7 @@ from pipelines.datasets import (
     load_split,
     split_indices,
 )
+from pipelines.datasets import text as dataset_text
 from pipelines.demo import DIGITS_INPUT, write_digits_dataset
 from pipelines.formats import RejectedUpload
 
@@ -329,7 +330,7 @@ def test_it_refuses_a_truncated_npz_member(tmp_path: Path) -> None:
 def test_it_refuses_an_over_long_line_without_reading_it_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(datasets, "MAX_LINE_CHARS", 100)
+    monkeypatch.setattr(dataset_text, "MAX_LINE_CHARS", 100)
     path = tmp_path / "d.csv"
     path.write_text("a,label\n" + "1" * 500 + ",0\n")
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines import metrics
 from pipelines.core import (
     Artifact,
     Cancelled,
@@ -27,7 +26,9 @@ from pipelines.core import (
 )
 from pipelines.datasets import inspect_dataset
 from pipelines.demo import DIGITS_INPUT, build_digits_classifier, write_digits_dataset
-from pipelines.metrics import predict, primary_metric, retention, task_metrics
+from pipelines.engines import clear_engine_cache, predict
+from pipelines.engines import rows as engine_rows
+from pipelines.metrics import primary_metric, retention, task_metrics
 from pipelines.onnx_io import read_tensor_specs
 from pipelines.stages import REGISTRY, Evaluate, EvaluateSettings, stage_schemas, validate_pipeline
 from pipelines.stages.evaluate import runnable_parent
@@ -233,19 +234,21 @@ def test_it_predicts_with_torchscript(linear: tuple[nn.Module, Path], fixed: boo
 def test_it_caches_loaded_models_per_file(linear: tuple[nn.Module, Path]) -> None:
     module, folder = linear
     artifact = onnx_artifact(export(module, folder / "cached.onnx", 2, dynamic=True))
-    metrics.clear_predict_cache()
+    clear_engine_cache()
     x = np.zeros((2, 64), np.float32)
 
     predict(artifact, {"x": x})
-    first = list(metrics._cache.values())
+    first = list(engine_rows._cache.values())
     predict(artifact, {"x": x})
 
-    assert len(first) == 1 and list(metrics._cache.values()) == first
+    assert len(first) == 1 and list(engine_rows._cache.values()) == first
 
 
 def test_it_refuses_formats_it_cannot_run(tmp_path: Path) -> None:
-    engine = Artifact("02-compile", str(tmp_path / "model.plan"), "tensorrt", "fp16", [], [])
-    with pytest.raises(PipelineError, match="it is a tensorrt model"):
+    # predict runs every tensor engine (TensorRT included, where there is a GPU): a format no
+    # engine runs is refused by name, before its file is looked for.
+    engine = Artifact("02-compile", str(tmp_path / "model.gguf"), "gguf", "fp16", [], [])
+    with pytest.raises(PipelineError, match="no engine runs gguf models"):
         predict(engine, {})
 
 

@@ -30,8 +30,8 @@ from pipelines.core import (
 from pipelines.datasets import load_split
 from pipelines.demo import build_digits_classifier, write_digits_dataset
 from pipelines.onnx_io import cpu_session, read_tensor_specs
+from pipelines.quantization.floats import convert_float
 from pipelines.stages import Quantize, QuantizeSettings, default_pipeline, validate_pipeline
-from pipelines.stages.quantize import convert_float
 from pipelines.staging import PARTIAL_PREFIX
 
 from .conftest import ModelFile

@@ -185,7 +185,7 @@ def test_it_quantizes_the_raw_model_when_preprocessing_fails(
 
     monkeypatch.setattr(shape_inference, "quant_pre_process", broken)
     ctx = make_ctx(onnx_mlp)
-    with caplog.at_level(logging.WARNING, logger="pipelines.stages.quantize"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.quantization.int8"):
         result = Quantize().run(ctx, "01-quantize", {}, noop)
 
     assert ctx.current_artifact.meta["preprocessed"] is False

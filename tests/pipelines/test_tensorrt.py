@@ -27,8 +27,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import pipelines.backends as backends
+import pipelines.backends.catalog as backends
 from pipelines.backends import available_backends
+from pipelines.backends.settings import CompileSettings
 from pipelines.backends.tensorrt import (
     BUILD_MODULE,
     QuantInfo,
@@ -48,7 +49,6 @@ from pipelines.backends.tensorrt import (
 from pipelines.backends.tensorrt_build import main as build_main
 from pipelines.core import Cancelled, PipelineContext, PipelineError, TensorSpec
 from pipelines.stages import Benchmark, Compile
-from pipelines.stages.compile import CompileSettings
 
 from .conftest import ModelFile, _onnx, export_onnx, make_cnn
 
@@ -211,7 +211,7 @@ def test_it_says_no_cuda_gpu_when_tensorrt_is_installed_without_one(
     fake = types.ModuleType("tensorrt")
     fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(backends, "_cuda_reason", lambda: "no CUDA GPU on this worker")
+    monkeypatch.setattr(backends, "cuda_reason", lambda: "no CUDA GPU on this worker")
 
     assert available_backends()["tensorrt"] == "tensorrt: no CUDA GPU on this worker"
     with pytest.raises(PipelineError, match="tensorrt: no CUDA GPU on this worker"):

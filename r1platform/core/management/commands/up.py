@@ -16,10 +16,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from gpu_workers.queues import Queue
 from r1platform.core.demo import DEMO_PASSWORD, DEMO_USER, seed_demo
 from r1platform.monitoring.multiprocess import ENV as METRICS_ENV
 from r1platform.monitoring.multiprocess import wipe as wipe_metrics
+from r1platform.queues import Queue
 from r1platform.workers.services import live_workers
 
 READY_TIMEOUT = 60.0

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from r1platform.workers.services import reap_lost_workers
+from r1platform.jobs.services import reap_lost_workers
 
 
 class Command(BaseCommand):

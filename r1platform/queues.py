@@ -1,4 +1,10 @@
-"""The one place that knows queue names and which queue a pipeline needs."""
+"""Where work is sent: the queues (the one place that knows their names) and the task names.
+
+Services send work by task name (``r1platform.celery.app.send_task``), so no service imports a
+task module and ``r1platform`` never imports ``gpu_workers``; the task modules register under
+these names (``gpu_workers.tasks`` for jobs, each app's ``tasks.py`` for the rest). This module
+imports nothing of the project: settings, services and the worker's lifecycle all read it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,16 @@ from enum import StrEnum
 class Queue(StrEnum):
     CPU = "cpu"
     GPU = "gpu"
+
+
+class TaskName(StrEnum):
+    """The name of every task; changing one strands the messages already queued under it."""
+
+    RUN_JOB = "r1.run_job"
+    REAP = "r1.reap"
+    RUN_SCHEDULE = "r1.run_schedule"
+    DECIDE_SCHEDULE_RUN = "r1.decide_schedule_run"
+    DELIVER_NOTIFICATION = "r1.deliver_notification"
 
 
 # Every worker also consumes one queue per hardware profile it offers: a job that must run on a

@@ -13,7 +13,7 @@ import math
 from html import escape
 from typing import Any
 
-from r1platform.registry.charts import _fmt, _nice_max
+from r1platform.core.charts.svg import fmt, nice_max
 
 WIDTH = 680
 PANEL_H = 170
@@ -66,7 +66,7 @@ def _panel(y0: float, output: str, edges: list[float], counts: list[float]) -> l
     plot_h = PANEL_H - MARGIN_TOP - MARGIN_BOTTOM
     left, top = MARGIN_LEFT, y0 + MARGIN_TOP
     bottom = top + plot_h
-    y_max = _nice_max(max(counts))
+    y_max = nice_max(max(counts))
     step = plot_w / len(counts)
     total = sum(counts)
     out = [f'<g data-output="{escape(output)}">']
@@ -83,7 +83,7 @@ def _panel(y0: float, output: str, edges: list[float], counts: list[float]) -> l
         )
         out.append(
             f'<text x="{left - 6}" y="{y + 3.5:.1f}" text-anchor="end" font-size="10" '
-            f'fill="{MUTED}" {FONT}>{escape(_fmt(value))}</text>'
+            f'fill="{MUTED}" {FONT}>{escape(fmt(value))}</text>'
         )
     for i, count in enumerate(counts):
         height = count / y_max * plot_h

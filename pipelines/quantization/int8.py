@@ -1,0 +1,193 @@
+"""int8: dynamic (weights only, activations quantized per batch at run time) and static QDQ.
+
+Static quantization writes explicit QuantizeLinear/DequantizeLinear pairs, what TensorRT consumes
+now that its implicit INT8 calibrators are deprecated, and what onnxruntime runs: symmetric int8
+weights and activations (TensorRT wants zero points of 0), weights per channel, activation
+ranges from running the model over a calibration dataset's train split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.core import Artifact, PipelineContext, PipelineError, ProgressFn
+from pipelines.onnx_io import first_error_line, fixed_batch, op_types, read_tensor_specs
+from pipelines.quantization.checks import Made
+from pipelines.quantization.graph import dynamic_counts, qdq_counts, zero_points_all_zero
+from pipelines.quantization.settings import QuantizeSettings
+
+if TYPE_CHECKING:
+    from pipelines.calibration import SplitCalibrationReader
+    from pipelines.core import DatasetRef
+    from pipelines.datasets import SplitData
+
+__all__ = ["calibration_reader", "int8_dynamic", "int8_static", "preprocess"]
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess(source: Artifact, scratch: Path, external: bool) -> str | None:
+    """quant_pre_process into ``scratch``; None (and a warning) when the model defeats it.
+
+    Pre-processing (symbolic shape inference + graph cleanup) lets the quantizer see shapes and
+    fused patterns it otherwise misses; an improvement, not a need.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        pre = scratch / "preprocessed.onnx"
+        quant_pre_process(source.path, str(pre), save_as_external_data=external)
+        return str(pre)
+    except Exception as exc:
+        logger.warning(
+            "quantize %s: pre-processing failed (%s); quantizing the model as it is",
+            source.key,
+            first_error_line(exc),
+        )
+        return None
+
+
+def _nothing_quantized(source: Artifact, s: QuantizeSettings) -> PipelineError:
+    present = ", ".join(sorted(Counter(op_types(source.path)))) or "none"
+    wanted = f"the op types {s.op_types}" if s.op_types else "any op type it supports"
+    return PipelineError(
+        f"nothing was quantized: the model has none of {wanted} (its op types: {present})"
+    )
+
+
+def int8_dynamic(
+    source: Artifact, to_quantize: str, out: Path, s: QuantizeSettings, external: bool
+) -> Made:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            to_quantize,
+            str(out),
+            op_types_to_quantize=s.op_types,
+            per_channel=s.effective_per_channel,
+            reduce_range=s.reduce_range,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external,
+        )
+    except Exception as exc:
+        raise PipelineError(f"int8 quantization failed: {first_error_line(exc)}") from exc
+    counts = dynamic_counts(out)
+    if not counts:
+        raise _nothing_quantized(source, s)
+    return Made(counts=counts)
+
+
+def calibration_reader(
+    ref: DatasetRef, to_quantize: str, s: QuantizeSettings
+) -> tuple[SplitCalibrationReader, SplitData]:
+    """A reader over the calibration train split, and the split; a PipelineError if it misfits."""
+    from pipelines.calibration import SplitCalibrationReader, check_fits
+    from pipelines.datasets import load_split
+
+    specs, _ = read_tensor_specs(to_quantize)
+    what = f"calibration dataset {ref.id} (calibration_dataset_id, train split)"
+    try:
+        data = load_split(ref, "train", specs)
+    except PipelineError as exc:  # rows that do not map onto the inputs: it names both shapes
+        raise PipelineError(
+            f"calibration_dataset_id {ref.id} cannot calibrate this model: {exc}; pick a "
+            "dataset whose rows have the model's input shape"
+        ) from exc
+    check_fits(data, specs, what)
+    if data.rows == 0:
+        raise PipelineError(f"{what} has no rows")
+    fixed = fixed_batch(specs)
+    batch = fixed or min(32, s.calibration_samples)
+    reader = SplitCalibrationReader(
+        data,
+        [t.name for t in specs],
+        s.calibration_samples,
+        batch,
+        full_batches=fixed is not None,
+    )
+    if reader.samples == 0:
+        raise PipelineError(
+            f"{what} has {data.rows} rows, fewer than the model's fixed batch of {fixed}"
+        )
+    return reader, data
+
+
+def int8_static(
+    ctx: PipelineContext,
+    source: Artifact,
+    to_quantize: str,
+    out: Path,
+    s: QuantizeSettings,
+    external: bool,
+    progress: ProgressFn,
+) -> Made:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    assert s.calibration_dataset_id is not None  # the settings validator makes sure
+    ref = ctx.dataset(s.calibration_dataset_id, "calibration_dataset_id")
+    reader, data = calibration_reader(ref, to_quantize, s)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[s.calibrate_method]
+    progress(0.3, f"calibrating ({s.calibrate_method}) on {reader.samples} rows")
+    chatter = io.StringIO()  # the histogram calibrators print their progress
+    try:
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                to_quantize,
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=s.op_types,
+                per_channel=s.effective_per_channel,
+                reduce_range=s.reduce_range,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                use_external_data_format=external,
+                # Biases stay float: TensorRT's ONNX parser refuses the int32 DequantizeLinear
+                # nodes ORT writes for quantized biases, and it fuses a float bias itself.
+                extra_options={
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": True,
+                    "QuantizeBias": False,
+                },
+            )
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"int8 static quantization failed: {first_error_line(exc)}") from exc
+    finally:
+        if chatter.getvalue().strip():
+            logger.debug("quantize_static: %s", chatter.getvalue().strip())
+    counts = qdq_counts(out)
+    if not counts:
+        raise _nothing_quantized(source, s)
+    symmetric = zero_points_all_zero(out)
+    notes = [] if symmetric else ["some zero points are not 0: TensorRT will refuse this model"]
+    reader.rewind()
+    return Made(
+        counts=counts,
+        notes=notes,
+        check_feeds=reader.get_next(),  # the first calibration batch
+        meta={
+            "quant_format": "QDQ",
+            "calibrate_method": s.calibrate_method,
+            "calibration_dataset_id": s.calibration_dataset_id,
+            "calibration_rows": reader.samples,
+            "symmetric": symmetric,
+        },
+    )
