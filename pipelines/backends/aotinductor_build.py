@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines.backends.aotinductor import inductor_cache_env
 from pipelines.backends.catalog import CompiledModel
-from pipelines.backends.check import cause
+from pipelines.backends.check import cause, compare_outputs
 from pipelines.backends.settings import CompileSettings
 from pipelines.core import Artifact, ModelFormat, PipelineError, ProgressFn, TensorSpec
 from pipelines.engines import EngineOptions, load_engine, resolve_device
@@ -37,8 +37,6 @@ from pipelines.onnx_io import describe_inputs, first_error_line, random_inputs
 __all__ = ["compile_aotinductor"]
 
 PACKAGE_FILENAME = "model.pt2"
-RTOL = 1e-3
-ATOL = 1e-4
 # Batch size of the example input the program is exported with, and the second size the package
 # is checked at (so a batch dim that is not really dynamic fails here, not in serving).
 EXAMPLE_BATCH = 2
@@ -112,32 +110,6 @@ def dynamic_shapes_for(
                 axes[i] = dim_for(dim)
         shapes.append(axes)
     return tuple(shapes), ranges
-
-
-def compare_outputs(reference: Sequence[Any], got: Sequence[Any], where: str) -> float:
-    """Max abs difference; a PipelineError when a shape or value is out of tolerance."""
-    if len(reference) != len(got):
-        raise PipelineError(
-            f"the AOTInductor package returns {len(got)} outputs at {where} but TorchScript "
-            f"returns {len(reference)}"
-        )
-    worst = 0.0
-    for index, (ref, out) in enumerate(zip(reference, got, strict=True)):
-        ref_np = np.asarray(ref, np.float64)
-        out_np = np.asarray(out, np.float64)
-        if ref_np.shape != out_np.shape:
-            raise PipelineError(
-                f"output {index} of the AOTInductor package has shape {list(out_np.shape)} at "
-                f"{where} but TorchScript's has {list(ref_np.shape)}"
-            )
-        diff = float(np.max(np.abs(ref_np - out_np))) if ref_np.size else 0.0
-        worst = max(worst, diff)
-        if not np.allclose(out_np, ref_np, rtol=RTOL, atol=ATOL, equal_nan=True):
-            raise PipelineError(
-                f"output {index} of the AOTInductor package differs from TorchScript's at {where} "
-                f"(max abs diff {diff:.3g}, tolerance rtol {RTOL:g} atol {ATOL:g})"
-            )
-    return worst
 
 
 def _output_specs(
@@ -286,7 +258,16 @@ def compile_aotinductor(
     max_abs_diff = 0.0
     for batch, ref, out in zip(batches, reference, got, strict=True):
         size = len(next(iter(batch.values())))
-        max_abs_diff = max(max_abs_diff, compare_outputs(ref, out, f"batch {size}"))
+        max_abs_diff = max(
+            max_abs_diff,
+            compare_outputs(
+                ref,
+                out,
+                names=[str(i) for i in range(len(ref))],
+                made=f"the AOTInductor package at batch {size}",
+                source="TorchScript",
+            ),
+        )
     progress(0.95, "compiled package matches TorchScript")
 
     outputs = _output_specs(source.outputs, got[0], got[1] if len(got) > 1 else None, batch_name)

@@ -17,7 +17,12 @@ from pipelines.engines import Engine
 from pipelines.engines.feeds import cast_rows
 from pipelines.onnx_io import first_error_line
 
-__all__ = ["cause", "max_abs_diff", "run_once"]
+__all__ = ["ATOL", "RTOL", "cause", "compare_outputs", "max_abs_diff", "run_once"]
+
+# How close a converted model (an ONNX export, an AOTInductor package) must stay to its source:
+# the same float32 math in another order, not a lower precision.
+RTOL = 1e-3
+ATOL = 1e-4
 
 
 def run_once(
@@ -55,3 +60,37 @@ def max_abs_diff(reference: Sequence[Any], other: Sequence[Any]) -> float:
         if np.asarray(a).size
     ]
     return max(diffs, default=0.0)
+
+
+def compare_outputs(
+    reference: Sequence[Any],
+    got: Sequence[Any],
+    *,
+    names: Sequence[str],
+    made: str,
+    source: str,
+    hint: str = "",
+) -> float:
+    """Max abs difference of ``got`` (what ``made`` returns) against ``reference`` (what
+    ``source`` returns), paired in order; a PipelineError naming the output when a count, shape
+    or value is out of tolerance (``hint``: what to try then)."""
+    if len(reference) != len(got):
+        raise PipelineError(
+            f"{made} returns {len(got)} outputs but {source} returns {len(reference)}"
+        )
+    worst = 0.0
+    for name, ref, out in zip(names, reference, got, strict=True):
+        ref_np, out_np = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        if ref_np.shape != out_np.shape:
+            raise PipelineError(
+                f"output {name!r} of {made} has shape {list(out_np.shape)} but {source}'s has "
+                f"{list(ref_np.shape)}"
+            )
+        diff = float(np.max(np.abs(ref_np - out_np))) if ref_np.size else 0.0
+        worst = max(worst, diff)
+        if not np.allclose(out_np, ref_np, rtol=RTOL, atol=ATOL, equal_nan=True):
+            raise PipelineError(
+                f"output {name!r} of {made} differs from {source}'s (max abs diff {diff:.3g}, "
+                f"tolerance rtol {RTOL:g} atol {ATOL:g}){hint}"
+            )
+    return worst

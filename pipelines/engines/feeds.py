@@ -9,6 +9,7 @@ client, made the arrays.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,6 +114,8 @@ def check_feeds(
 
 def cast_rows(specs: list[TensorSpec], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``arrays`` cast to the inputs' dtypes whatever the values (dataset rows, not requests)."""
+    with contextlib.suppress(ImportError):  # registers bfloat16 with numpy, so a cast can name it
+        import ml_dtypes  # noqa: F401
     cast: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in arrays:

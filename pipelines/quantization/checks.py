@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.backends.check import cause, max_abs_diff, run_once
 from pipelines.core import Artifact, ModelFormat, PipelineError
 from pipelines.engines import Engine, load_engine
-from pipelines.engines.feeds import cast_rows
-from pipelines.onnx_io import CPU_PROVIDERS, first_error_line, random_inputs, read_tensor_specs
+from pipelines.onnx_io import CPU_PROVIDERS, random_inputs, read_tensor_specs
 from pipelines.quantization.settings import INT8_MODES
 
-__all__ = ["Made", "RunFailed", "check_runs", "model_engine", "run_cast"]
+__all__ = ["Made", "RunFailed", "check_runs", "model_engine"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,41 +56,10 @@ class RunFailed(PipelineError):
         self.cause = cause
 
 
-def _cause(exc: BaseException) -> str:
-    """The runtime's own first error line (an engine error wraps it with the model's key)."""
-    return first_error_line(exc.__cause__ or exc)
-
-
 def model_engine(artifact: Artifact, providers: Sequence[str]) -> Engine:
     """``artifact`` loaded on the first of ``providers`` (the CUDA provider: on the GPU)."""
     device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
     return load_engine(artifact, device)
-
-
-def run_cast(engine: Engine, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Every output of one call of ``engine``, the arrays cast to the types its inputs declare.
-
-    The arrays are the platform's own (random rows, calibration rows), so a lossy cast is right:
-    float32 rows for an fp16 or bf16 model whose inputs stayed half precision.
-    """
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so the cast can name it)
-
-    missing = [spec.name for spec in engine.inputs if spec.name not in arrays]
-    if missing:
-        raise PipelineError(
-            f"the ONNX model needs input {missing[0]!r} that the artifact does not declare "
-            f"(declared: {sorted(arrays)})"
-        )
-    return list(engine.run(cast_rows(engine.inputs, arrays)).values())
-
-
-def max_abs_diff(reference: Sequence[Any], other: Sequence[Any]) -> float:
-    diffs = [
-        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-        for a, b in zip(reference, other, strict=False)
-        if np.asarray(a).size
-    ]
-    return max(diffs, default=0.0)
 
 
 def check_runs(
@@ -111,7 +80,7 @@ def check_runs(
         specs, _ = read_tensor_specs(source.path)
         feeds = random_inputs(specs, batch_size=1, default_dim=8)
     try:
-        reference: list[np.ndarray] | None = run_cast(load_engine(source, "cpu"), feeds)
+        reference: list[np.ndarray] | None = run_once(load_engine(source, "cpu"), feeds, cast=True)
     except Exception as exc:
         logger.info("quantize: not comparing outputs, the source model cannot run (%s)", exc)
         reference = None
@@ -127,13 +96,13 @@ def check_runs(
     try:
         engine = model_engine(candidate, providers)
     except Exception as exc:
-        raise RunFailed(mode, _cause(exc)) from exc
+        raise RunFailed(mode, cause(exc)) from exc
     try:
-        produced = run_cast(engine, feeds)
+        produced = run_once(engine, feeds, cast=True)
     except Exception as exc:
         if reference is None:
             return None
-        raise RunFailed(mode, _cause(exc)) from exc
+        raise RunFailed(mode, cause(exc)) from exc
     if reference is None:
         return None
     return max_abs_diff(reference, produced)

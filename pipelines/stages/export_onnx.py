@@ -6,10 +6,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
 
-import numpy as np
 from pydantic import Field
 
-from pipelines.backends.check import cause, run_once
+from pipelines.backends.check import cause, compare_outputs, run_once
 from pipelines.core import (
     Artifact,
     ModelFormat,
@@ -32,8 +31,6 @@ from pipelines.staging import staged_output
 
 # Tolerances of the TorchScript / onnxruntime comparison: fp32 kernels differ in summation order,
 # which moves results by ~1e-6 relative; anything beyond these is a wrong export, not rounding.
-RTOL = 1e-3
-ATOL = 1e-4
 
 # Size of named non-batch dims (sequence length, image side) in the example input when the
 # settings do not give one. Not 1: tracing with a size of 1 lets broadcasting hide a wrong shape.
@@ -125,34 +122,6 @@ def _dynamic_axes(
     if outputs and [spec.name for spec in outputs] == list(output_names):
         result.update({spec.name: axes(spec.shape) for spec in outputs})
     return {name: ax for name, ax in result.items() if ax}
-
-
-def _compare_outputs(
-    reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], names: Sequence[str]
-) -> float:
-    """Max absolute difference over all outputs; a PipelineError if any is out of tolerance."""
-    if len(reference) != len(exported):
-        raise PipelineError(
-            f"the ONNX model has {len(exported)} outputs but the TorchScript model returns "
-            f"{len(reference)}"
-        )
-    max_abs_diff = 0.0
-    for name, ref, got in zip(names, reference, exported, strict=True):
-        got = np.asarray(got).astype(np.float64)
-        if ref.shape != got.shape:
-            raise PipelineError(
-                f"the ONNX model's output {name!r} has shape {list(got.shape)} but TorchScript's "
-                f"has {list(ref.shape)}"
-            )
-        diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-        max_abs_diff = max(max_abs_diff, diff)
-        if not np.allclose(got, ref, rtol=RTOL, atol=ATOL, equal_nan=True):
-            raise PipelineError(
-                f"the ONNX model's output {name!r} differs from TorchScript's (max abs diff "
-                f"{diff:.3g}, tolerance rtol {RTOL:g} atol {ATOL:g}): the exporter does not "
-                "reproduce an operation of this model faithfully; try another opset"
-            )
-    return max_abs_diff
 
 
 class ExportOnnx(Stage[ExportOnnxSettings]):
@@ -269,7 +238,15 @@ class ExportOnnx(Stage[ExportOnnxSettings]):
                     f"onnxruntime cannot run the exported model: {cause(exc)}"
                 ) from exc
             del engine  # release the file before it is renamed (matters on Windows)
-            max_abs_diff = _compare_outputs(reference, exported, output_names)
+            max_abs_diff = compare_outputs(
+                reference,
+                exported,
+                names=output_names,
+                made="the ONNX model",
+                source="the TorchScript model",
+                hint=": the exporter does not reproduce an operation of this model faithfully; "
+                "try another opset",
+            )
 
         final = stage_dir / ONNX_FILENAME
         inputs, outputs = read_tensor_specs(final)
