@@ -13,6 +13,10 @@ Two entry points:
   the warm-up all show up as windows that disagree; one window alone cannot tell them from a
   steady state.
 
+:class:`WindowSettings` holds the windows the platform measures with (``BENCHMARK_WINDOWS``: the
+benchmark stage's defaults); the benchmark stage and certification's performance check both read
+it, so their numbers compare and neither reaches into the other.
+
 Process memory is read from ``/proc/self/status`` (Linux): :func:`rss_mb` (VmRSS, now) and
 :func:`peak_rss_mb` (VmHWM, the high-water mark), which :func:`reset_peak_rss` resets where the
 kernel allows it.
@@ -142,6 +146,36 @@ def p50_spread(p50s: Sequence[float]) -> float:
     if low <= 0:
         return 0.0 if high <= 0 else float("inf")
     return (high - low) / low
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How :func:`measure_windows` times a model: one place for the benchmark and certification.
+
+    The defaults are the benchmark stage's (its settings' defaults read them): 10 untimed calls,
+    then windows of at least 30 calls and 0.1 s, until three agree within 10 % or 10 were timed.
+    """
+
+    warmup: int = 10
+    iterations: int = 30
+    min_seconds: float = 0.1
+    agreement: float = 0.10
+    max_windows: int = 10
+
+    def measure(self, run_once: Callable[[], object]) -> WindowedStats:
+        """:func:`measure_windows` of ``run_once`` with these windows."""
+        return measure_windows(
+            run_once,
+            self.warmup,
+            self.iterations,
+            self.min_seconds,
+            agreement=self.agreement,
+            max_windows=self.max_windows,
+        )
+
+
+# The windows a benchmark row and certification's performance check are measured with.
+BENCHMARK_WINDOWS = WindowSettings()
 
 
 def measure_windows(

@@ -189,14 +189,6 @@ def certify_stage_fixture(monkeypatch):
         monkeypatch.setitem(REGISTRY, "certify", Certify)
 
 
-@pytest.fixture(autouse=True, name="enqueued")
-def enqueued_fixture(monkeypatch) -> list[int]:
-    """No broker here: the job ids that would be sent, in order."""
-    sent: list[int] = []
-    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
-    return sent
-
-
 @pytest.fixture(name="profiles")
 def profiles_fixture(db) -> dict[str, HardwareProfile]:
     """This machine's profiles, served by a live worker: {"onnxruntime": row, "torch": row}."""

@@ -87,6 +87,18 @@ def api(client, token):
     return client
 
 
+@pytest.fixture
+def enqueued(monkeypatch) -> list[int]:
+    """No broker: the ids of the jobs ``jobs.services.enqueue`` would have sent, in order.
+
+    A test asks for it to assert what was queued; a module whose every test must queue nothing
+    for real uses it throughout with ``pytestmark = pytest.mark.usefixtures("enqueued")``.
+    """
+    sent: list[int] = []
+    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
+    return sent
+
+
 @pytest.fixture(scope="session")
 def digits_torchscript(tmp_path_factory) -> Path:
     """The demo's digits classifier, trained once per session (about 3 s)."""

@@ -22,7 +22,6 @@ from r1platform.workers.services import beat
 from tests.certification_data import (  # noqa: F401 - fixtures, registered by name
     WORKER,
     certify_stage_fixture,
-    enqueued_fixture,
     finish,
     ort_fixture,
     profiles_fixture,

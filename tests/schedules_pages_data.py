@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 from r1platform.datasets.models import Dataset
-from r1platform.schedules import services
+from r1platform.schedules import pipeline_templates, services
 from r1platform.schedules.models import PipelineTemplate, Schedule
 from tests.certification_data import make_dataset
 from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     certify_stage_fixture,
-    enqueued_fixture,
     ort_fixture,
     pool_fixture,
     profiles_fixture,
@@ -32,7 +31,7 @@ def training_fixture(team, user, tmp_path) -> Dataset:
 
 @pytest.fixture(name="template")
 def template_fixture(team, user) -> PipelineTemplate:
-    return services.create_template(team=team, user=user, name="nightly", stages=STAGES)
+    return pipeline_templates.create_template(team=team, user=user, name="nightly", stages=STAGES)
 
 
 @pytest.fixture(name="schedule")

@@ -11,13 +11,8 @@ from django.conf import settings
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import ModelVersion, RegisteredModel
 
-
-@pytest.fixture(autouse=True)
-def no_broker(monkeypatch):
-    """These tests check what is queued, not the worker: record enqueues instead of sending."""
-    sent: list[int] = []
-    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
-    return sent
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 
 def stored_files() -> list[Path]:
@@ -152,7 +147,7 @@ def onnx_version(api, mlp_onnx) -> dict:
 
 
 def test_it_launches_the_default_pipeline(
-    api, onnx_version, django_capture_on_commit_callbacks, no_broker
+    api, onnx_version, django_capture_on_commit_callbacks, enqueued
 ):
     with django_capture_on_commit_callbacks(execute=True):
         response = api.post(
@@ -163,7 +158,7 @@ def test_it_launches_the_default_pipeline(
     assert job["status"] == JobStatus.QUEUED
     assert [s["name"] for s in job["stages"]] == ["quantize", "compile", "benchmark"]
     assert job["queue"] == "cpu"
-    assert no_broker == [job["id"]]
+    assert enqueued == [job["id"]]
 
 
 def test_it_makes_one_job_for_a_repeated_key(api, onnx_version):
@@ -194,12 +189,12 @@ def test_it_refuses_a_reused_key_with_other_stages(api, onnx_version):
         ([{"name": "benchmark", "settings": {"typo_setting": 1}}], "typo_setting"),
     ],
 )
-def test_it_refuses_a_bad_pipeline_before_queueing(api, onnx_version, stages, needle, no_broker):
+def test_it_refuses_a_bad_pipeline_before_queueing(api, onnx_version, stages, needle, enqueued):
     payload = {"version_id": onnx_version["id"], "stages": stages}
     response = api.post("/api/v1/jobs", payload, content_type="application/json")
     assert response.status_code == 400
     assert needle in response.json()["detail"]
-    assert not Job.objects.exists() and no_broker == []
+    assert not Job.objects.exists() and enqueued == []
 
 
 def test_it_hides_other_teams_objects(api, client, onnx_version, outsider_token):

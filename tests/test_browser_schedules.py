@@ -13,7 +13,6 @@ from r1platform.workers.services import beat
 from tests.certification_data import WORKER
 from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by name
     certify_stage_fixture,
-    enqueued_fixture,
     ort_fixture,
     pool_fixture,
     profiles_fixture,
@@ -22,7 +21,8 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
 )
 from tests.test_browser import page, sign_in  # noqa: F401 - page is a fixture
 
-pytestmark = [pytest.mark.browser]
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("enqueued")]
 
 ROW = "[data-testid=run-row]"
 

@@ -26,13 +26,15 @@ from r1platform.workers.services import report_worker
 from tests.certification_data import (  # noqa: F401 - fixtures, registered by name
     WORKER,
     certify_stage_fixture,
-    enqueued_fixture,
     finish,
     make_dataset,
     ort_fixture,
     profiles_fixture,
     suite_report,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,13 @@ from r1platform.workers.services import report_worker, worker_stopped
 from tests.certification_data import (  # noqa: F401 - fixtures, registered by name
     WORKER,
     certify_stage_fixture,
-    enqueued_fixture,
     finish,
     ort_fixture,
     profiles_fixture,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 
 def post(api, body: dict):

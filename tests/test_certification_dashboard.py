@@ -24,12 +24,14 @@ from r1platform.workers.services import report_worker
 from tests.certification_data import (  # noqa: F401 - fixtures, registered by name
     WORKER,
     certify_stage_fixture,
-    enqueued_fixture,
     finish,
     make_dataset,
     ort_fixture,
     profiles_fixture,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 HX = {"HTTP_HX_REQUEST": "true"}
 

@@ -22,7 +22,6 @@ from django.utils.html import escape
 from pipelines.core import StageConfigError
 from pipelines.stages import default_pipeline, stage_schemas, validate_pipeline
 from r1platform.accounts.models import Membership, Team
-from r1platform.jobs import services as job_services
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import register_version
@@ -50,14 +49,6 @@ def linear_onnx(tmp_path) -> Path:
         opset_version=17,
     )
     return path
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch) -> list[int]:
-    """Replace the broker hand-off; returns the ids of the jobs that would have been sent."""
-    sent: list[int] = []
-    monkeypatch.setattr(job_services, "enqueue", lambda job: sent.append(job.pk))
-    return sent
 
 
 def make_model(team: Team, name: str = "resnet", **kwargs) -> RegisteredModel:
@@ -412,7 +403,7 @@ def _launch_data(key: str, stages: dict[str, str]) -> dict[str, str]:
 
 
 def test_it_launches_one_job_from_the_form(
-    member_client, user, team, no_enqueue, django_capture_on_commit_callbacks
+    member_client, user, team, enqueued, django_capture_on_commit_callbacks
 ):
     version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
@@ -428,10 +419,10 @@ def test_it_launches_one_job_from_the_form(
     assert [s["name"] for s in job.stages] == ["quantize", "benchmark"]
     assert job.stages[1]["settings"]["iterations"] == 5
     assert job.version == version and job.created_by == user
-    assert no_enqueue == [job.pk]
+    assert enqueued == [job.pk]
 
 
-def test_it_makes_one_job_from_a_double_post_with_the_same_key(member_client, team, no_enqueue):
+def test_it_makes_one_job_from_a_double_post_with_the_same_key(member_client, team, enqueued):
     version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
     data = _launch_data(uuid.uuid4().hex, {"compile": "{}"})
@@ -445,7 +436,7 @@ def test_it_makes_one_job_from_a_double_post_with_the_same_key(member_client, te
     assert "already launched" in followed
 
 
-def test_it_redirects_an_htmx_launch_on_the_client(member_client, team, no_enqueue):
+def test_it_redirects_an_htmx_launch_on_the_client(member_client, team, enqueued):
     version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
@@ -455,7 +446,7 @@ def test_it_redirects_an_htmx_launch_on_the_client(member_client, team, no_enque
     assert response["HX-Redirect"] == Job.objects.get().get_absolute_url()
 
 
-def test_it_names_the_stage_whose_settings_are_not_json(member_client, team, no_enqueue):
+def test_it_names_the_stage_whose_settings_are_not_json(member_client, team, enqueued):
     version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
@@ -472,7 +463,7 @@ def test_it_names_the_stage_whose_settings_are_not_json(member_client, team, no_
     assert not Job.objects.exists()
 
 
-def test_it_refuses_a_stage_combination_the_pipeline_cannot_run(member_client, team, no_enqueue):
+def test_it_refuses_a_stage_combination_the_pipeline_cannot_run(member_client, team, enqueued):
     version = make_version(make_model(team))  # ONNX: export_onnx takes TorchScript only
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
     stages = {"export_onnx": "{}", "benchmark": "{}"}
@@ -486,7 +477,7 @@ def test_it_refuses_a_stage_combination_the_pipeline_cannot_run(member_client, t
     assert not Job.objects.exists()
 
 
-def test_it_refuses_a_launch_with_no_stage_checked(member_client, team, no_enqueue):
+def test_it_refuses_a_launch_with_no_stage_checked(member_client, team, enqueued):
     version = make_version(make_model(team))
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 

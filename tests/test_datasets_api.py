@@ -13,12 +13,8 @@ from pipelines.demo import write_digits_dataset
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 
-
-@pytest.fixture(autouse=True)
-def no_broker(monkeypatch):
-    sent: list[int] = []
-    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
-    return sent
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from django.utils.html import escape
 from r1platform.accounts.models import Team
 from r1platform.core.charts.benchmarks import latency_chart_svg
 from r1platform.datasets.models import Dataset
-from r1platform.jobs import services as job_services
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import register_version
@@ -46,14 +45,6 @@ def digits_csv(tmp_path_factory) -> Path:
     fmt = ["%.1f"] * 64 + ["%d"]
     np.savetxt(path, table, delimiter=",", header=header, comments="", fmt=fmt)
     return path
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch) -> list[int]:
-    """Replace the broker hand-off; returns the ids of the jobs that would have been sent."""
-    sent: list[int] = []
-    monkeypatch.setattr(job_services, "enqueue", lambda job: sent.append(job.pk))
-    return sent
 
 
 def files_under(root: Path) -> list[str]:
@@ -353,7 +344,7 @@ def test_it_answers_404_for_another_teams_dataset(member_client, other_team):
 
 
 def test_it_offers_the_teams_datasets_for_evaluate_and_launches_with_the_pick(
-    member_client, team, other_team, no_enqueue, django_capture_on_commit_callbacks
+    member_client, team, other_team, enqueued, django_capture_on_commit_callbacks
 ):
     version = make_version(team)
     older = make_dataset(team, "digits", 1)
@@ -389,11 +380,11 @@ def test_it_offers_the_teams_datasets_for_evaluate_and_launches_with_the_pick(
         {"name": "evaluate", "settings": {**job.stages[0]["settings"], "dataset_id": older.pk}}
     ]
     assert job.stages[0]["settings"]["split"] == "test"
-    assert no_enqueue == [job.pk]
+    assert enqueued == [job.pk]
 
 
 def test_it_refuses_a_launch_naming_another_teams_dataset(
-    member_client, team, other_team, no_enqueue
+    member_client, team, other_team, enqueued
 ):
     version = make_version(team)
     make_dataset(team, "digits")
@@ -410,10 +401,10 @@ def test_it_refuses_a_launch_naming_another_teams_dataset(
     assert "Select a valid choice" in picked.content.decode()
     assert typed.status_code == 400
     assert f"dataset {theirs.pk} does not exist in this team" in typed.content.decode()
-    assert not Job.objects.exists() and no_enqueue == []
+    assert not Job.objects.exists() and enqueued == []
 
 
-def test_it_asks_for_a_dataset_when_a_team_has_none(member_client, team, no_enqueue):
+def test_it_asks_for_a_dataset_when_a_team_has_none(member_client, team, enqueued):
     version = make_version(team)
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
 
@@ -428,7 +419,7 @@ def test_it_asks_for_a_dataset_when_a_team_has_none(member_client, team, no_enqu
     assert not Job.objects.exists()
 
 
-def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(member_client, team, no_enqueue):
+def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(member_client, team, enqueued):
     version = make_version(team)
     make_dataset(team, "digits")
     url = f"{reverse('jobs:job_new')}?version={version.pk}"
@@ -448,7 +439,7 @@ def test_it_ignores_a_stale_pick_on_a_stage_that_is_not_included(member_client, 
 
 
 def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
-    member_client, team, no_enqueue
+    member_client, team, enqueued
 ):
     version = make_version(
         team,

@@ -56,6 +56,18 @@ WEB_MODULES = {
 # Only a worker loads task modules (by name); work is sent to them by task name.
 TASK_PART = "tasks"
 OUTSIDE_LIBRARIES_OF_PIPELINES = ("django", "celery", "kombu", "r1platform", "gpu_workers")
+# The parts of pipelines the stages are made of: they sit below ``pipelines.stages``, which
+# composes them, so none of them imports a stage (its settings included).
+BELOW_THE_STAGES = (
+    "pipelines.certification",
+    "pipelines.engines",
+    "pipelines.backends",
+    "pipelines.datasets",
+    "pipelines.formats",
+    "pipelines.quantization",
+    "pipelines.finetuning",
+)
+STAGES = "pipelines.stages"
 
 
 @dataclass(frozen=True)
@@ -243,6 +255,23 @@ def test_pipelines_imports_nothing_of_the_platform():
                 where = "in a function" if in_function else "at module level"
                 problems.append(f"{module} imports {name} ({_path(module)}:{line}, {where})")
     _fail("pipelines is the library at the bottom: no Django, Celery or platform code", problems)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_parts_below_the_stages_never_import_them():
+    problems = [
+        str(e)
+        for e in edges()
+        if any(_within(e.source, part) for part in BELOW_THE_STAGES) and _within(e.target, STAGES)
+    ]
+    _fail(
+        "certification, engines, backends, datasets, formats, quantization and finetuning sit "
+        "below the stages: a stage imports them, never the other way",
+        problems,
+    )
 
 
 def test_r1platform_never_imports_gpu_workers():

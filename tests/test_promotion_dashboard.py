@@ -21,7 +21,6 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     carol_fixture,
     certify,
     certify_stage_fixture,
-    enqueued_fixture,
     next_version,
     ort_fixture,
     pool_fixture,
@@ -29,6 +28,9 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     rewrite,
     set_policy,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 HTMX = {"HTTP_HX_REQUEST": "true"}
 

@@ -25,9 +25,9 @@ from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import finish_job
 from r1platform.registry.models import ModelVersion
 from r1platform.registry.services import register_version, upload_model
-from r1platform.schedules import runs, services
+from r1platform.schedules import pipeline_templates, planning, runs, services
+from r1platform.schedules.checks import ScheduleRefused
 from r1platform.schedules.models import Decision, Schedule, ScheduleRun
-from r1platform.schedules.services import ScheduleRefused
 from r1platform.workers.services import beat
 from tests.certification_data import WORKER, suite_report
 from tests.conftest import export_mlp
@@ -35,12 +35,14 @@ from tests.promotion_data import (  # noqa: F401 - fixtures, registered by name
     carol_fixture,
     certify,
     certify_stage_fixture,
-    enqueued_fixture,
     ort_fixture,
     pool_fixture,
     profiles_fixture,
     set_policy,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 COMPILE = [{"name": "compile", "settings": {"backend": "onnxruntime"}}]
 
@@ -83,7 +85,7 @@ def upload_data(team, user, tmp_path, better_onnx):
 
 @pytest.fixture
 def template(team, user):
-    return services.create_template(team=team, user=user, name="compile", stages=COMPILE)
+    return pipeline_templates.create_template(team=team, user=user, name="compile", stages=COMPILE)
 
 
 @pytest.fixture
@@ -203,12 +205,14 @@ def test_it_refuses_a_bad_margin_split_dataset_or_pool(kwargs, pool):
 
 def test_it_refuses_a_template_naming_an_unknown_stage(team, user):
     with pytest.raises(ScheduleRefused) as caught:
-        services.create_template(team=team, user=user, name="t", stages=[{"name": "finetuen"}])
+        pipeline_templates.create_template(
+            team=team, user=user, name="t", stages=[{"name": "finetuen"}]
+        )
     message = str(caught.value)
     assert "stage 1: unknown stage 'finetuen' (did you mean 'finetune'?)" in message
     assert "known stages: export_onnx, quantize, compile" in message
     with pytest.raises(ScheduleRefused, match="epochs"):
-        services.create_template(
+        pipeline_templates.create_template(
             team=team, user=user, name="t", stages=[{"name": "finetune", "settings": {"epochs": 0}}]
         )
     assert not team.pipeline_templates.exists()
@@ -216,12 +220,12 @@ def test_it_refuses_a_template_naming_an_unknown_stage(team, user):
 
 def test_template_names_are_unique_per_team(team, user, template):
     with pytest.raises(ScheduleRefused, match="already has a template named 'compile'"):
-        services.create_template(team=team, user=user, name="compile", stages=COMPILE)
+        pipeline_templates.create_template(team=team, user=user, name="compile", stages=COMPILE)
 
 
 def test_it_refuses_a_template_that_cannot_run_on_the_model(kwargs, team, user):
     # The model is ONNX: finetune needs TorchScript, and no version of the model is one.
-    finetune = services.create_template(
+    finetune = pipeline_templates.create_template(
         team=team, user=user, name="ft", stages=[{"name": "finetune", "settings": {"epochs": 1}}]
     )
     message = refused(kwargs, template=finetune)
@@ -232,7 +236,9 @@ def test_it_refuses_a_template_that_cannot_run_on_the_model(kwargs, team, user):
 def test_it_refuses_a_certify_stage_on_another_profile(kwargs, team, user, profiles):
     other = profiles["torch"].key
     stages = [*COMPILE, {"name": "certify", "settings": {"profile": other}}]
-    elsewhere = services.create_template(team=team, user=user, name="elsewhere", stages=stages)
+    elsewhere = pipeline_templates.create_template(
+        team=team, user=user, name="elsewhere", stages=stages
+    )
     message = refused(kwargs, template=elsewhere)
     assert f"certifies on {other}, but pool cpu-a serves" in message
 
@@ -276,7 +282,7 @@ def test_the_periodic_task_follows_the_schedule(kwargs):
 
 def test_a_template_in_use_cannot_be_deleted(schedule, template):
     with pytest.raises(ScheduleRefused, match="used by schedule"):
-        services.delete_template(template)
+        pipeline_templates.delete_template(template)
 
 
 # -- ticks -----------------------------------------------------------------------------------------
@@ -366,12 +372,14 @@ def test_dataset_settings_are_filled_and_the_start_version_found(
         {"name": "quantize", "settings": {"mode": "int8_static"}},
         {"name": "evaluate", "settings": {"dataset_id": other.pk}},
     ]
-    template = services.create_template(team=team, user=user, name="retrain", stages=stages)
+    template = pipeline_templates.create_template(
+        team=team, user=user, name="retrain", stages=stages
+    )
     schedule = services.create_schedule(
         team=team, user=user, name="digits", model=v1.model, template=template,
         dataset_name="digits-data", pool=pool, cron="0 3 * * *",
     )  # fmt: skip
-    plan = services.plan_run(schedule, newest)
+    plan = planning.plan_run(schedule, newest)
     assert plan.version == v1 and plan.champion is None
     settings = {s["name"]: s["settings"] for s in plan.stages}
     assert settings["finetune"]["dataset_id"] == newest.pk  # an older version of it: the newest

@@ -11,7 +11,6 @@ from r1platform.schedules.models import Decision, PipelineTemplate, Schedule, Sc
 from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by name
     STAGES,
     certify_stage_fixture,
-    enqueued_fixture,
     ort_fixture,
     pool_fixture,
     profiles_fixture,
@@ -19,6 +18,9 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
     template_fixture,
     training_fixture,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 
 def post(client, url: str, body: dict):

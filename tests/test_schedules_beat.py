@@ -15,7 +15,7 @@ from django_celery_beat.models import PeriodicTask
 from r1platform.core.storage import spool_local_file
 from r1platform.deployments.models import ServingPool
 from r1platform.registry.services import upload_model
-from r1platform.schedules import services
+from r1platform.schedules import pipeline_templates, services
 from r1platform.schedules.models import ScheduleRun
 from r1platform.workers.models import HardwareProfile
 from tests.certification_data import make_dataset
@@ -77,7 +77,7 @@ def test_a_second_beat_sends_nothing_until_the_first_stops(worker, team, user, t
     )  # fmt: skip
     make_dataset(team, user, tmp_path, "mlp-data", 16, True)
     pool = ServingPool.objects.create(name="cpu-beat", profile=HardwareProfile.objects.get(key=key))
-    template = services.create_template(
+    template = pipeline_templates.create_template(
         team=team, user=user, name="compile",
         stages=[{"name": "compile", "settings": {"backend": "onnxruntime"}}],
     )  # fmt: skip

@@ -13,13 +13,12 @@ from django_celery_beat.models import PeriodicTask
 
 from r1platform.core.storage import spool_local_file
 from r1platform.registry.services import upload_model
-from r1platform.schedules import services
+from r1platform.schedules import pipeline_templates, services
 from r1platform.schedules.models import Decision, PipelineTemplate, Schedule, ScheduleRun
 from tests.certification_data import make_dataset
 from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by name
     STAGES,
     certify_stage_fixture,
-    enqueued_fixture,
     ort_fixture,
     pool_fixture,
     profiles_fixture,
@@ -27,6 +26,9 @@ from tests.schedules_pages_data import (  # noqa: F401 - fixtures, registered by
     template_fixture,
     training_fixture,
 )
+
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
 
 HTMX = {"HTTP_HX_REQUEST": "true"}
 
@@ -335,7 +337,7 @@ def test_the_model_page_never_shows_another_teams_schedules(
     )
     (tmp_path / "b").mkdir()
     make_dataset(other_team, outsider, tmp_path / "b", "train16", 16, target=True)
-    theirs_template = services.create_template(
+    theirs_template = pipeline_templates.create_template(
         team=other_team, user=outsider, name="theirs", stages=STAGES
     )
     services.create_schedule(

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from r1platform.deployments.models import Deployment, ServingPool
 from r1platform.jobs.models import JobStatus
-from r1platform.schedules import runs, services
+from r1platform.schedules import pipeline_templates, runs, services
 from r1platform.schedules.models import Decision, ScheduleRun
 from r1platform.workers.models import HardwareProfile
 from tests.conftest import wait_for_job
@@ -53,7 +53,7 @@ def test_a_schedule_retrains_certifies_and_promotes(
     v1 = upload(api, digits_torchscript, "digits-retrain", "batch,64")
     _upload_digits(api, tmp_path)
     pool = ServingPool.objects.create(name="cpu-e2e", profile=HardwareProfile.objects.get(key=key))
-    template = services.create_template(
+    template = pipeline_templates.create_template(
         team=team, user=user, name="retrain",
         stages=[{"name": "finetune", "settings": {"epochs": 1}}],
     )  # fmt: skip

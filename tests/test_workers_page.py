@@ -20,6 +20,9 @@ from r1platform.registry.services import register_version
 from r1platform.workers import services
 from r1platform.workers.models import Worker
 
+# No broker here: every job these tests queue is recorded by ``enqueued`` (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("enqueued")
+
 CPU = Profile(
     backend="onnxruntime",
     backend_version="1.31.1",
@@ -29,14 +32,6 @@ CPU = Profile(
     total_memory_mb=1000.0,
 )
 URL = reverse("workers:worker_list")
-
-
-@pytest.fixture(autouse=True)
-def enqueued(monkeypatch) -> list[int]:
-    """Record what the reaper enqueues instead of sending it to a broker."""
-    sent: list[int] = []
-    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
-    return sent
 
 
 def ago(seconds: float):

@@ -2,8 +2,8 @@
 
     python -m pipelines.backends.tensorrt_build --config build.json
 
-``build.json`` (written by :func:`pipelines.backends.tensorrt.build_config`) says everything the
-build depends on; relative paths in it are relative to its folder. The child parses the ONNX
+``build.json`` (written by :func:`pipelines.backends.tensorrt_child.build_config`) says everything
+the build depends on; relative paths in it are relative to its folder. The child parses the ONNX
 file, builds one optimisation profile, loads and saves the per-device timing cache, writes the
 engine and ``engine.json`` (versions, GPU, profile, flags, sha256) atomically, then loads the
 engine back and compares it with onnxruntime on the profile's opt shapes.
@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.backends.tensorrt import ERROR_PREFIX, PROGRESS_PREFIX
+from pipelines.backends.tensorrt_child import ERROR_PREFIX, PROGRESS_PREFIX
 
 HEARTBEAT_S = 10.0
 
@@ -102,7 +102,7 @@ def build(config: dict[str, Any], base: Path) -> dict[str, Any]:
     """Build the engine ``config`` describes; return what engine.json records."""
     import tensorrt as trt
 
-    from pipelines.backends.tensorrt import device_info
+    from pipelines.backends.tensorrt_device import device_info
 
     onnx_path = _resolve(base, config["onnx"])
     engine_path = _resolve(base, config["engine"])
@@ -214,7 +214,7 @@ def verify(config: dict[str, Any], base: Path) -> dict[str, Any]:
     import numpy as np
 
     from pipelines.backends.check import cause, run_once
-    from pipelines.backends.tensorrt import TensorRTEngine
+    from pipelines.backends.tensorrt_engine import TensorRTEngine
     from pipelines.core import Artifact, ModelFormat
     from pipelines.engines import load_engine
     from pipelines.onnx_io import random_array, read_tensor_specs

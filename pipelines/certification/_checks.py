@@ -17,6 +17,7 @@ from pipelines.certification._state import CheckRecord, NotRun, SuiteState
 from pipelines.certification.report import CheckId
 from pipelines.core import PipelineError
 from pipelines.engines import load_engine
+from pipelines.latency import BENCHMARK_WINDOWS, peak_rss_mb, reset_peak_rss
 from pipelines.onnx_io import first_error_line, random_inputs
 
 CUDA_DETERMINISM_ATOL = 1e-5
@@ -177,15 +178,11 @@ def check_determinism(s: SuiteState, c: CheckRecord) -> str:
 
 
 def check_performance(s: SuiteState, c: CheckRecord) -> str:
-    from pipelines.latency import measure_windows, peak_rss_mb, reset_peak_rss
-    from pipelines.stages.benchmark import BenchmarkSettings
-
     engine, settings = s.loaded, s.settings
     batch = settings.serving_batch or s.batches[1]
     problem = engine.batch_problem(batch)
     if problem is not None:
         raise PipelineError(f"serving_batch {batch} is {problem}")
-    windows = BenchmarkSettings()  # the benchmark's windows, so the numbers compare
     feeds = random_inputs(golden_io.batch_first(s.specs), batch, s.dims, default_dim=1, seed=batch)
     cuda = None
     if engine.device == "cuda":
@@ -197,14 +194,8 @@ def check_performance(s: SuiteState, c: CheckRecord) -> str:
     with engine.context():
         run_once = engine.prepare(feeds)
         run_once()
-        stats = measure_windows(
-            run_once,
-            windows.warmup,
-            windows.iterations,
-            windows.min_seconds,
-            agreement=windows.agreement,
-            max_windows=windows.max_windows,
-        )
+        # The benchmark stage's default windows, so a certificate's numbers compare with its rows.
+        stats = BENCHMARK_WINDOWS.measure(run_once)
     if cuda is None:
         peak = peak_rss_mb() or 0.0
         where = "process peak RSS"

@@ -214,7 +214,7 @@ def _gpu_profiles() -> list[HardwareProfile]:
         cuda = str(torch.version.cuda or "")
     except Exception:
         return []
-    from pipelines.backends.tensorrt import nvidia_driver_version
+    from pipelines.backends.tensorrt_device import nvidia_driver_version
 
     common = {
         "device_kind": "cuda",

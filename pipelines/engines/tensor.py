@@ -229,7 +229,7 @@ class _TensorRTEngine(Engine):
         reason = tensorrt_reason()
         if reason is not None:
             raise EngineUnavailable(f"TensorRT engines need a CUDA GPU with TensorRT ({reason})")
-        from pipelines.backends.tensorrt import TensorRTEngine
+        from pipelines.backends.tensorrt_engine import TensorRTEngine
 
         flags = artifact.meta.get("flags") or {}
         self.engine = TensorRTEngine(

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pipelines.backends.settings import CompileSettings
 from pipelines.certification.settings import CertifySettings
 from pipelines.core import ModelFormat, StageConfigError, StageSettings
+from pipelines.finetuning.settings import FinetuneSettings
 from pipelines.quantization.settings import QuantizeSettings
 from pipelines.stages.base import Formats, Stage
 from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
@@ -22,7 +23,7 @@ from pipelines.stages.certify import Certify
 from pipelines.stages.compile import BACKENDS, Compile
 from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
-from pipelines.stages.finetune import Finetune, FinetuneSettings
+from pipelines.stages.finetune import Finetune
 from pipelines.stages.quantize import Quantize
 
 __all__ = [

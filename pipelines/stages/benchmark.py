@@ -43,10 +43,9 @@ from pipelines.engines import (
     resolve_device,
 )
 from pipelines.latency import (
-    LatencyStats,
+    BENCHMARK_WINDOWS,
     WindowedStats,
-    measure_latency,
-    measure_windows,
+    WindowSettings,
     peak_rss_mb,
     reset_peak_rss,
     rss_mb,
@@ -54,15 +53,7 @@ from pipelines.latency import (
 from pipelines.onnx_io import describe_inputs, first_error_line, fixed_batch, random_inputs
 from pipelines.stages.base import Stage, StageOutcome, require_format
 
-__all__ = [
-    "BASELINE",
-    "Benchmark",
-    "BenchmarkSettings",
-    "LatencyStats",
-    "WindowedStats",
-    "measure_latency",
-    "measure_windows",
-]
+__all__ = ["BASELINE", "Benchmark", "BenchmarkSettings"]
 
 # The key of the pipeline's input artifact: the baseline every speedup is relative to.
 BASELINE = "input"
@@ -85,13 +76,13 @@ class BenchmarkSettings(StageSettings):
         ),
     )
     warmup: int = Field(
-        default=10,
+        default=BENCHMARK_WINDOWS.warmup,
         ge=0,
         le=10_000,
         description="Untimed calls before measuring (arena allocation, JIT re-optimisation).",
     )
     iterations: int = Field(
-        default=30,
+        default=BENCHMARK_WINDOWS.iterations,
         ge=5,
         le=100_000,
         description=(
@@ -100,7 +91,7 @@ class BenchmarkSettings(StageSettings):
         ),
     )
     min_seconds: float = Field(
-        default=0.1,
+        default=BENCHMARK_WINDOWS.min_seconds,
         ge=0.0,
         le=600.0,
         description=(
@@ -109,7 +100,7 @@ class BenchmarkSettings(StageSettings):
         ),
     )
     agreement: float = Field(
-        default=0.10,
+        default=BENCHMARK_WINDOWS.agreement,
         ge=0.0,
         le=1.0,
         description=(
@@ -118,7 +109,7 @@ class BenchmarkSettings(StageSettings):
         ),
     )
     max_windows: int = Field(
-        default=10,
+        default=BENCHMARK_WINDOWS.max_windows,
         ge=1,
         le=100,
         description=(
@@ -148,6 +139,16 @@ class BenchmarkSettings(StageSettings):
             "use 1."
         ),
     )
+
+    def windows(self) -> WindowSettings:
+        """The windows these settings time with (certification times with the defaults)."""
+        return WindowSettings(
+            warmup=self.warmup,
+            iterations=self.iterations,
+            min_seconds=self.min_seconds,
+            agreement=self.agreement,
+            max_windows=self.max_windows,
+        )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -335,14 +336,7 @@ def _measure(
                 f"{artifact.key} ({artifact.format}) fails on an input of shape "
                 f"{describe_inputs(arrays)}: {first_error_line(exc)}{hint}"
             ) from exc
-        stats = measure_windows(
-            run_once,
-            settings.warmup,
-            settings.iterations,
-            settings.min_seconds,
-            agreement=settings.agreement,
-            max_windows=settings.max_windows,
-        )
+        stats = settings.windows().measure(run_once)
     gpu_mb = None
     if torch_cuda is not None:
         gpu_mb = round((torch_cuda.max_memory_allocated() + runner.extra_gpu_bytes()) / MIB, 2)

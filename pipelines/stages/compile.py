@@ -31,12 +31,8 @@ from pipelines.backends import (
 from pipelines.backends.aotinductor_build import compile_aotinductor
 from pipelines.backends.check import cause, max_abs_diff, run_once
 from pipelines.backends.settings import CompileSettings
-from pipelines.backends.tensorrt import (
-    check_int8,
-    compile_tensorrt,
-    onnx_quantization,
-    profile_shapes,
-)
+from pipelines.backends.tensorrt import compile_tensorrt
+from pipelines.backends.tensorrt_graph import check_int8, onnx_quantization, profile_shapes
 from pipelines.core import (
     Artifact,
     ModelFormat,

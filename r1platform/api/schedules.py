@@ -2,9 +2,9 @@
 ``/api/v1/templates``.
 
 Same rules as every router mounted by ``api.py``: a team token, the team's objects only, another
-team's id answers 404. Every write is one call to ``schedules.services``; a refusal (a cron
-expression that does not parse, an unknown stage, cron and interval both given) answers 400 with
-the service's message.
+team's id answers 404. Every write is one call to ``schedules.services`` (schedules) or
+``schedules.pipeline_templates`` (templates); a refusal (a cron expression that does not parse,
+an unknown stage, cron and interval both given) answers 400 with the service's message.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from r1platform.api.auth import team_id
 from r1platform.api.schemas import ErrorOut, StageIn, page_limit
 from r1platform.deployments.models import ServingPool
 from r1platform.registry.models import RegisteredModel
-from r1platform.schedules import runs, services
+from r1platform.schedules import pipeline_templates, runs, services
+from r1platform.schedules.checks import ScheduleRefused
 from r1platform.schedules.models import PipelineTemplate, Schedule, ScheduleRun
 from r1platform.schedules.tables import (
     free_name,
@@ -223,7 +224,7 @@ def _pool(name: str) -> ServingPool:
 def _new_template(request: HttpRequest, name: str, stages: list[StageIn]) -> PipelineTemplate:
     """A template for one schedule's stages, named after the schedule (made unique)."""
     team = request.auth.team  # type: ignore[attr-defined]
-    return services.create_template(
+    return pipeline_templates.create_template(
         team=team,
         user=request.user,
         name=free_name(PipelineTemplate.objects.filter(team=team), name),
@@ -267,7 +268,7 @@ def create_schedule(request: HttpRequest, payload: ScheduleIn):
                 enabled=payload.enabled,
                 eval_split=payload.eval_split,
             )
-    except (services.ScheduleRefused, _BadInput) as exc:
+    except (ScheduleRefused, _BadInput) as exc:
         return Status(400, {"detail": str(exc)})
     return Status(201, _fresh(schedule))
 
@@ -329,9 +330,11 @@ def update_schedule(request: HttpRequest, schedule_id: int, payload: SchedulePat
                     name = changes.get("name", schedule.name)
                     changes["template"] = _new_template(request, name, payload.template)
                 else:
-                    services.update_template(schedule.template, stages=_stages(payload.template))
+                    pipeline_templates.update_template(
+                        schedule.template, stages=_stages(payload.template)
+                    )
             schedule = services.update_schedule(schedule, **changes)
-    except (services.ScheduleRefused, _BadInput) as exc:
+    except (ScheduleRefused, _BadInput) as exc:
         return Status(400, {"detail": str(exc)})
     return _fresh(schedule)
 
@@ -358,7 +361,7 @@ def run_now(request: HttpRequest, schedule_id: int):
     schedule = _get_schedule(request, schedule_id)
     try:
         run = runs.run_schedule(schedule.pk, trigger="manual")
-    except services.ScheduleRefused as exc:
+    except ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
     if run is None:
         return Status(409, {"detail": f"schedule {schedule.pk} did not run"})
@@ -374,14 +377,14 @@ def create_template(request: HttpRequest, payload: TemplateIn):
     """A reusable list of stages (as in POST /jobs); dataset ids may be left out: a schedule fills
     them with its training dataset's newest version at each run."""
     try:
-        template = services.create_template(
+        template = pipeline_templates.create_template(
             team=request.auth.team,  # type: ignore[attr-defined]
             user=request.user,
             name=payload.name,
             stages=_stages(payload.stages),
             description=payload.description,
         )
-    except services.ScheduleRefused as exc:
+    except ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
     return Status(201, template)
 
@@ -405,8 +408,8 @@ def update_template(request: HttpRequest, template_id: int, payload: TemplatePat
     if "stages" in changes:
         changes["stages"] = _stages(payload.stages or [])
     try:
-        template = services.update_template(template, **changes)
-    except services.ScheduleRefused as exc:
+        template = pipeline_templates.update_template(template, **changes)
+    except ScheduleRefused as exc:
         return Status(400, {"detail": str(exc)})
     return template
 
@@ -415,7 +418,7 @@ def update_template(request: HttpRequest, template_id: int, payload: TemplatePat
 def delete_template(request: HttpRequest, template_id: int):
     """Delete a template; 409 while a schedule uses it."""
     try:
-        services.delete_template(_get_template(request, template_id))
-    except services.ScheduleRefused as exc:
+        pipeline_templates.delete_template(_get_template(request, template_id))
+    except ScheduleRefused as exc:
         return Status(409, {"detail": str(exc)})
     return Status(204, None)

@@ -104,6 +104,7 @@ def seed_demo() -> ModelVersion:
 def _seed_demo_schedule(team: Team, user: object, model: RegisteredModel, profile: str) -> None:
     """A ``cpu`` pool on the worker's profile and a nightly retraining of the demo model there."""
     from r1platform.deployments.models import ServingPool
+    from r1platform.schedules import pipeline_templates
     from r1platform.schedules import services as schedules
     from r1platform.workers.models import HardwareProfile
 
@@ -114,7 +115,7 @@ def _seed_demo_schedule(team: Team, user: object, model: RegisteredModel, profil
             "description": "the demo worker's onnxruntime",
         },
     )
-    template = schedules.create_template(
+    template = pipeline_templates.create_template(
         team=team,
         user=user,
         name="nightly retrain",

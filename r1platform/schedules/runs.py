@@ -34,13 +34,9 @@ from r1platform.jobs.services import LaunchRefused, launch_job
 from r1platform.notifications import services as notifications
 from r1platform.queues import TaskName, profile_queue
 from r1platform.registry.services import version_artifact
+from r1platform.schedules.checks import ScheduleRefused
 from r1platform.schedules.models import Decision, Schedule, ScheduleRun
-from r1platform.schedules.services import (
-    ScheduleRefused,
-    champion_of,
-    newest_dataset,
-    plan_run,
-)
+from r1platform.schedules.planning import champion_of, newest_dataset, plan_run
 
 log = logging.getLogger(__name__)
 

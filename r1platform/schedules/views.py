@@ -12,7 +12,8 @@ from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
-from r1platform.schedules import runs, services
+from r1platform.schedules import pipeline_templates, runs, services
+from r1platform.schedules.checks import ScheduleRefused
 from r1platform.schedules.forms import ScheduleForm, TemplateForm
 from r1platform.schedules.models import PipelineTemplate, Schedule
 from r1platform.schedules.tables import (
@@ -74,7 +75,7 @@ def schedule_new(request):
             schedule = services.create_schedule(
                 team=model.team, user=request.user, name=name, **form.schedule_fields()
             )
-        except services.ScheduleRefused as exc:
+        except ScheduleRefused as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Schedule “{schedule.name}” created.")
@@ -90,7 +91,7 @@ def schedule_edit(request, pk: int):
         name = form.cleaned_data["name"].strip() or schedule.name
         try:
             services.update_schedule(schedule, name=name, **form.schedule_fields())
-        except services.ScheduleRefused as exc:
+        except ScheduleRefused as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Schedule “{name}” saved.")
@@ -126,7 +127,7 @@ def schedule_detail(request, pk: int):
     return render(request, DETAIL, context)
 
 
-def _refusal(request, exc: services.ScheduleRefused) -> None:
+def _refusal(request, exc: ScheduleRefused) -> None:
     messages.error(request, f"Refused: {exc}")
 
 
@@ -136,7 +137,7 @@ def schedule_toggle(request, pk: int):
     schedule = _get_schedule_for_user(request, pk)
     try:
         schedule = services.update_schedule(schedule, enabled=not schedule.enabled)
-    except services.ScheduleRefused as exc:
+    except ScheduleRefused as exc:
         _refusal(request, exc)
     else:
         state = "resumed" if schedule.enabled else "paused"
@@ -152,7 +153,7 @@ def schedule_run(request, pk: int):
     schedule = _get_schedule_for_user(request, pk)
     try:
         run = runs.run_schedule(schedule.pk, trigger="manual")
-    except services.ScheduleRefused as exc:
+    except ScheduleRefused as exc:
         _refusal(request, exc)
     else:
         if run is None:
@@ -188,14 +189,14 @@ def template_new(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            template = services.create_template(
+            template = pipeline_templates.create_template(
                 team=form.chosen_team(),
                 user=request.user,
                 name=data["name"].strip(),
                 stages=data["stages"],
                 description=data["description"],
             )
-        except services.ScheduleRefused as exc:
+        except ScheduleRefused as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Template “{template.name}” created.")
@@ -210,13 +211,13 @@ def template_edit(request, pk: int):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            services.update_template(
+            pipeline_templates.update_template(
                 template,
                 name=data["name"].strip(),
                 stages=data["stages"],
                 description=data["description"],
             )
-        except services.ScheduleRefused as exc:
+        except ScheduleRefused as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Template “{data['name'].strip()}” saved.")
@@ -230,8 +231,8 @@ def template_edit(request, pk: int):
 def template_delete(request, pk: int):
     template = _get_template_for_user(request, pk)
     try:
-        services.delete_template(template)
-    except services.ScheduleRefused as exc:
+        pipeline_templates.delete_template(template)
+    except ScheduleRefused as exc:
         _refusal(request, exc)
     else:
         messages.success(request, f"Template “{template.name}” deleted.")

@@ -25,19 +25,18 @@ from pipelines.core import (
 )
 from pipelines.datasets import load_split, split_indices
 from pipelines.demo import DIGITS_INPUT, build_digits_classifier, write_digits_dataset
+from pipelines.finetuning.checkpoints import CHECKPOINT_FILENAME, load_checkpoint, save_checkpoint
+from pipelines.finetuning.precision import resolve_precision
+from pipelines.finetuning.schedule import (
+    make_scheduler,
+    optimizer_steps_per_epoch,
+    warmup_steps_for,
+)
+from pipelines.finetuning.settings import FinetuneSettings
 from pipelines.onnx_io import cpu_session
 from pipelines.pipeline import run_pipeline
 from pipelines.stages import REGISTRY, default_pipeline, validate_pipeline
-from pipelines.stages.finetune import Finetune, FinetuneSettings
-from pipelines.training import (
-    CHECKPOINT_FILENAME,
-    load_checkpoint,
-    make_scheduler,
-    optimizer_steps_per_epoch,
-    resolve_precision,
-    save_checkpoint,
-    warmup_steps_for,
-)
+from pipelines.stages.finetune import Finetune
 
 STAGE = "02-finetune"
 DATASET = "7"

@@ -30,23 +30,25 @@ from pydantic import ValidationError
 import pipelines.backends.catalog as backends
 from pipelines.backends import available_backends
 from pipelines.backends.settings import CompileSettings
-from pipelines.backends.tensorrt import (
+from pipelines.backends.tensorrt_build import main as build_main
+from pipelines.backends.tensorrt_child import (
     BUILD_MODULE,
-    QuantInfo,
-    _child_failure,
-    _run_child,
     build_config,
-    check_int8,
     child_command,
     child_env,
-    onnx_quantization,
+    child_failure,
     parse_child_line,
-    profile_shapes,
     reproduce_script,
+    run_child,
     source_root,
-    timing_cache_filename,
 )
-from pipelines.backends.tensorrt_build import main as build_main
+from pipelines.backends.tensorrt_device import timing_cache_filename
+from pipelines.backends.tensorrt_graph import (
+    QuantInfo,
+    check_int8,
+    onnx_quantization,
+    profile_shapes,
+)
 from pipelines.core import Cancelled, PipelineContext, PipelineError, TensorSpec
 from pipelines.stages import Benchmark, Compile
 
@@ -379,7 +381,7 @@ def test_it_relays_child_progress_and_reports_its_error(tmp_path: Path) -> None:
         "raise SystemExit(2)\n"
     )
     with pytest.raises(PipelineError) as caught:
-        _run_child(_child(code), tmp_path, lambda f, m: calls.append((f, m)), tmp_path / "log")
+        run_child(_child(code), tmp_path, lambda f, m: calls.append((f, m)), tmp_path / "log")
 
     assert str(caught.value) == (
         "TensorRT could not build the engine: the ONNX parser failed: unsupported op Foo"
@@ -393,11 +395,11 @@ def test_it_relays_child_progress_and_reports_its_error(tmp_path: Path) -> None:
 def test_it_survives_a_builder_that_crashes(tmp_path: Path) -> None:
     code = "import os, signal\nprint('parsing', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n"
     with pytest.raises(PipelineError) as caught:
-        _run_child(_child(code), tmp_path, noop, tmp_path / "log")
+        run_child(_child(code), tmp_path, noop, tmp_path / "log")
     message = str(caught.value)
     assert message.startswith("the TensorRT builder crashed (SIGSEGV); the worker was not affected")
     assert "reproduce.sh" in message and "parsing" in message
-    assert _child_failure(3, ["a", "b"]) == "the TensorRT builder exited with status 3: a; b"
+    assert child_failure(3, ["a", "b"]) == "the TensorRT builder exited with status 3: a; b"
 
 
 def test_it_stops_the_builder_when_the_job_is_cancelled(tmp_path: Path) -> None:
@@ -412,7 +414,7 @@ def test_it_stops_the_builder_when_the_job_is_cancelled(tmp_path: Path) -> None:
 
     started = time.monotonic()
     with pytest.raises(Cancelled):
-        _run_child(_child(code), tmp_path, cancel, tmp_path / "log")
+        run_child(_child(code), tmp_path, cancel, tmp_path / "log")
     assert time.monotonic() - started < 30
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
@@ -467,7 +469,7 @@ def test_it_builds_an_fp16_engine_that_matches_onnxruntime(
 ) -> None:
     import tensorrt as trt
 
-    from pipelines.backends.tensorrt import TensorRTEngine
+    from pipelines.backends.tensorrt_engine import TensorRTEngine
 
     ctx, calls = fp16_engine
     artifact = ctx.current_artifact
@@ -537,7 +539,7 @@ def test_it_keeps_and_reuses_the_timing_cache_per_device_profile(
 def test_it_builds_a_qdq_int8_engine_that_agrees_with_onnxruntime(
     qdq_cnn: ModelFile, trt_jobs: Path
 ) -> None:
-    from pipelines.backends.tensorrt import TensorRTEngine
+    from pipelines.backends.tensorrt_engine import TensorRTEngine
 
     ctx = _compile(qdq_cnn, trt_jobs, "job-int8", {"int8": True, "fp16": True, "max_batch": 64})
     artifact = ctx.current_artifact
@@ -569,7 +571,7 @@ def test_it_refuses_int8_for_a_model_without_qdq_on_the_gpu(onnx_cnn: ModelFile,
 def test_it_builds_portable_engines_that_load_with_host_code_allowed(
     onnx_cnn: ModelFile, trt_jobs: Path
 ) -> None:
-    from pipelines.backends.tensorrt import TensorRTEngine
+    from pipelines.backends.tensorrt_engine import TensorRTEngine
 
     major, _ = torch.cuda.get_device_capability(0)
     settings = {"version_compatible": True, "hardware_compatible": major >= 8}
