@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,23 @@ def _nothing_quantized(source: Artifact, s: QuantizeSettings) -> PipelineError:
     )
 
 
+def cpu_lacks_vnni() -> bool:
+    """Whether this is an x86 CPU without VNNI, whose u8s8 int8 kernels (vpmaddubsw) saturate
+    at int16 with 8-bit weights: onnxruntime's documented case for 7-bit weights."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags and " amx_int8" not in flags
+
+
+def reduce_range(s: QuantizeSettings) -> bool:
+    """The 7-bit choice: the setting when given, else whether this CPU needs it."""
+    return cpu_lacks_vnni() if s.reduce_range is None else s.reduce_range
+
+
 def int8_dynamic(
     source: Artifact, to_quantize: str, out: Path, s: QuantizeSettings, external: bool
 ) -> Made:
@@ -71,7 +89,7 @@ def int8_dynamic(
             str(out),
             op_types_to_quantize=s.op_types,
             per_channel=s.effective_per_channel,
-            reduce_range=s.reduce_range,
+            reduce_range=reduce_range(s),
             weight_type=QuantType.QInt8,
             use_external_data_format=external,
         )
@@ -80,7 +98,7 @@ def int8_dynamic(
     counts = dynamic_counts(out)
     if not counts:
         raise _nothing_quantized(source, s)
-    return Made(counts=counts)
+    return Made(counts=counts, meta={"reduce_range": reduce_range(s)})
 
 
 def calibration_reader(
@@ -153,7 +171,7 @@ def int8_static(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=s.op_types,
                 per_channel=s.effective_per_channel,
-                reduce_range=s.reduce_range,
+                reduce_range=reduce_range(s),
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
@@ -189,5 +207,6 @@ def int8_static(
             "calibration_dataset_id": s.calibration_dataset_id,
             "calibration_rows": reader.samples,
             "symmetric": symmetric,
+            "reduce_range": reduce_range(s),
         },
     )

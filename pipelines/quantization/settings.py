@@ -64,11 +64,12 @@ class QuantizeSettings(StageSettings):
             "int8_dynamic."
         ),
     )
-    reduce_range: bool = Field(
-        False,
+    reduce_range: bool | None = Field(
+        None,
         description=(
             "int8 modes: quantize weights to 7 bits. Avoids overflow in the int8 kernels of x86 "
-            "CPUs without VNNI; costs some accuracy elsewhere."
+            "CPUs without VNNI; costs some accuracy elsewhere. Unset: 7 bits where the worker "
+            "quantizing is such a CPU (the model is judged there), 8 bits otherwise."
         ),
     )
     op_types: list[OpType] | None = Field(

@@ -251,6 +251,8 @@ class Quantize(Stage[QuantizeSettings]):
         else:
             counts = describe_counts(made.counts)
             return f"{s.mode} conversion: {total} nodes in {s.mode} ({counts})"
+        if made.meta.get("reduce_range"):
+            what += ", 7-bit weights"
         return f"{what}: {total} quantized nodes ({describe_counts(made.counts)})"
 
     @staticmethod
