@@ -714,3 +714,21 @@ def test_it_renders_every_admin_changelist_and_refuses_adding_tokens(
         client.get(reverse("admin:registry_modelversion_change", args=[version.pk])).status_code
         == 200
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "shown"),
+    [
+        (JobStatus.SUCCEEDED, "finished"),
+        (JobStatus.FAILED, "failed during benchmark"),
+        (JobStatus.RUNNING, "benchmark"),
+    ],
+)
+def test_the_job_page_says_finished_not_the_last_stage(member_client, team, status, shown):
+    job = make_job(make_version(make_model(team)), status=status, current_stage="benchmark")
+    if status != JobStatus.RUNNING:
+        Job.objects.filter(pk=job.pk).update(finished_at=timezone.now())
+    body = member_client.get(job.get_absolute_url()).content.decode()
+    stage = body.split('data-testid="current-stage">', 1)[1].split("</dd>", 1)[0]
+    assert stage == shown
+    assert ("Current stage" in body) == (status == JobStatus.RUNNING)

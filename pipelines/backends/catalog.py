@@ -140,15 +140,16 @@ def _aotinductor_reason() -> str | None:
 
 
 def tensorrt_reason() -> str | None:
+    # The GPU first: on a CPU-only machine, advice to install TensorRT would lead nowhere.
+    cuda = cuda_reason()
+    if cuda is not None:
+        return f"tensorrt: {cuda} (TensorRT runs only on NVIDIA GPUs)"
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt: not installed (it is the optional extra: pip install 'r1platform[trt]')"
     try:
         importlib.import_module("tensorrt")
     except Exception as exc:  # installed, but its CUDA libraries do not load
         return f"tensorrt: installed but does not import ({type(exc).__name__}: {exc})"
-    cuda = cuda_reason()
-    if cuda is not None:
-        return f"tensorrt: {cuda}"
     return None
 
 

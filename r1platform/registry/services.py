@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,22 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 class UploadRefused(Exception):
     """The upload cannot become a model; the message says why, and nothing was kept."""
+
+
+# One rule that MLflow's registry (no '/' or ':'), URLs (/v2/models/<name>) and a Triton model
+# repository (a folder per model) all accept.
+MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model, or None when it can."""
+    if MODEL_NAME_RULE.fullmatch(name) and ".." not in name:
+        return None
+    return (
+        f"model name {name[:120]!r} is not allowed: use 1 to 100 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit, without '..' (MLflow, serving URLs and Triton's "
+        "model repository all need such names)"
+    )
 
 
 def mlflow_name(team: Team, name: str) -> str:
@@ -46,8 +63,9 @@ def upload_model(
     temp_path = Path(uploaded.temporary_file_path())
     try:
         name = name.strip()
-        if not name or len(name) > 100:
-            raise UploadRefused("the model needs a name of 1 to 100 characters")
+        problem = model_name_problem(name)
+        if problem is not None:
+            raise UploadRefused(problem)
         if task not in Task.values:
             raise UploadRefused(f"task must be one of {', '.join(Task.values)}")
         if RegisteredModel.objects.filter(team=team, name=name).exists():

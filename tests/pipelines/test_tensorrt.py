@@ -194,7 +194,13 @@ def test_it_says_why_tensorrt_is_not_available_here(onnx_cnn: ModelFile, make_ct
     reason = available_backends()["tensorrt"]
     if reason is None:
         pytest.skip("TensorRT runs on this worker")
-    if "not installed" in reason:
+    from pipelines.backends.catalog import cuda_reason
+
+    if cuda_reason() is not None:
+        # No install advice on a machine where TensorRT could not run anyway.
+        assert "pip install" not in reason
+        assert reason.endswith("(TensorRT runs only on NVIDIA GPUs)")
+    elif "not installed" in reason:
         assert reason == (
             "tensorrt: not installed (it is the optional extra: pip install 'r1platform[trt]')"
         )
@@ -215,7 +221,9 @@ def test_it_says_no_cuda_gpu_when_tensorrt_is_installed_without_one(
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(backends, "cuda_reason", lambda: "no CUDA GPU on this worker")
 
-    assert available_backends()["tensorrt"] == "tensorrt: no CUDA GPU on this worker"
+    assert available_backends()["tensorrt"] == (
+        "tensorrt: no CUDA GPU on this worker (TensorRT runs only on NVIDIA GPUs)"
+    )
     with pytest.raises(PipelineError, match="tensorrt: no CUDA GPU on this worker"):
         backends.resolve_backend("tensorrt")
 
