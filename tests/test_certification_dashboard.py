@@ -105,9 +105,16 @@ def test_the_reports_download_with_their_types_and_names(member_client, passed):
         response = member_client.get(reverse(f"certification:report_{kind}", args=[passed.pk]))
         assert response.status_code == 200, kind
         assert response["Content-Type"].startswith(content_type)
+        disposition = "inline" if kind == "html" else "attachment"
         assert response["Content-Disposition"] == (
-            f'attachment; filename="certificate-{passed.pk}-mlp-v1.{kind}"'
+            f'{disposition}; filename="certificate-{passed.pk}-mlp-v1.{kind}"'
         )
+    saved = member_client.get(
+        reverse("certification:report_html", args=[passed.pk]), {"download": 1}
+    )
+    assert saved["Content-Disposition"].startswith("attachment;")
+    html = member_client.get(reverse("certification:report_html", args=[passed.pk]))
+    assert "default-src 'none'" in html["Content-Security-Policy"]
     pdf = member_client.get(reverse("certification:report_pdf", args=[passed.pk])).content
     assert "passed" in PdfReader(io.BytesIO(pdf)).pages[0].extract_text().lower()
     document = json.loads(

@@ -68,8 +68,10 @@ ROUTES = dashboard_routes()
 
 
 @pytest.fixture
-def objects_a(team, user) -> dict[str, object]:
+def objects_a(team, user, media) -> dict[str, object]:
     """One of each object, all belonging to team A."""
+    (media / "models").mkdir(parents=True, exist_ok=True)
+    (media / "models" / "x.onnx").write_bytes(b"team A's model")
     model = RegisteredModel.objects.create(team=team, name="private", mlflow_name="perm-a.private")
     version = register_version(
         model,
@@ -167,6 +169,7 @@ def objects_a(team, user) -> dict[str, object]:
 OBJECT_FOR = {
     "registry:model_detail": "model",
     "registry:version_detail": "version",
+    "registry:version_download": "version",
     "jobs:job_detail": "job",
     "jobs:job_cancel": "job",
     "datasets:dataset_detail": "dataset",
@@ -281,7 +284,9 @@ def test_it_serves_team_a_objects_to_team_a(client, objects_a, user, route):
     get = client.get(url)
 
     assert get.status_code in (200, 405), route.name
-    if get.status_code == 405:
+    if route.name == "registry:version_download":
+        assert b"".join(get.streaming_content) == b"team A's model"
+    elif get.status_code == 405:
         post = client.post(url)
         assert post.status_code in (200, 302), route.name
     elif route.kwargs or route.name in QUERY_FOR:

@@ -68,7 +68,15 @@ def report_download(request, pk: int, kind: str):
     if report is None:
         raise Http404("this report does not exist yet")
     response = HttpResponse(report.data, content_type=report.content_type)
-    response["Content-Disposition"] = f'attachment; filename="{report.filename}"'
+    # The HTML report opens in the browser (``?download=1`` saves it); the others download.
+    inline = kind == "html" and "download" not in request.GET
+    disposition = "inline" if inline else "attachment"
+    response["Content-Disposition"] = f'{disposition}; filename="{report.filename}"'
+    if kind == "html":
+        # A self-contained document: its own inline styles, nothing to run or fetch.
+        response["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+        )
     return response
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from r1platform.registry import views
+from r1platform.registry import downloads, views
 
 app_name = "registry"
 
@@ -11,4 +11,5 @@ urlpatterns = [
     path("models/upload/", views.model_upload, name="model_upload"),
     path("models/<int:pk>/", views.model_detail, name="model_detail"),
     path("versions/<int:pk>/", views.version_detail, name="version_detail"),
+    path("versions/<int:pk>/download/", downloads.version_download, name="version_download"),
 ]
