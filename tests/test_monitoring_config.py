@@ -9,6 +9,7 @@ import json
 import re
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import promql_parser
 import pytest
@@ -284,9 +285,15 @@ def test_up_starts_everything_in_one_wiped_metrics_folder(settings, monkeypatch)
     stale.write_bytes(b"old run")
     envs: list[dict] = []
     monkeypatch.setattr(up, "_has_cuda", lambda: False)
-    monkeypatch.setattr(up.subprocess, "Popen", lambda cmd, env, **kw: envs.append(env))
 
-    up.Command()._start("127.0.0.1", 8000, 5000)
+    def popen(cmd, env, **kw):
+        envs.append(env)
+        return SimpleNamespace(pid=len(envs))
+
+    monkeypatch.setattr(up.subprocess, "Popen", popen)
+
+    command = up.Command()
+    command._start({}, command._env("127.0.0.1", 5000), "127.0.0.1", 8000, 5000, None)
 
     assert not stale.exists()
     assert len(envs) >= 3  # web, worker, beat (and MLflow's UI)
