@@ -5,7 +5,8 @@ report) and the registry (``registry.registration``: versions, metrics, benchmar
 MLflow helper (one run per job). It calls no other app: what follows a job's end is announced by
 ``jobs.services.finish_job`` and the apps that care listen. A job delivered again after its
 worker died picks up the saved pipeline context, skips the stages already done, and registers
-nothing twice.
+nothing twice. A database outage (a restart) is ridden out: progress lines and heartbeats are
+skipped while it lasts, a stage's result and the job's end are retried (``gpu_workers.dbretry``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection
 
 from gpu_workers import devices
+from gpu_workers.dbretry import best_effort, reset_connection, retry_db
 from pipelines.certification import serving_probe
 from pipelines.core import (
     Artifact,
@@ -48,6 +49,7 @@ serving_probe.register(_serving_probe)
 
 PROGRESS_WRITE_SECONDS = 0.5
 CANCEL_CHECK_SECONDS = 1.0
+MAX_HISTORY = 2000  # training-curve entries kept per stage in the job's stage results
 
 
 class Outcome(Enum):
@@ -59,21 +61,24 @@ class Outcome(Enum):
 
 
 def execute_job(job_id: int, worker_host: str) -> Outcome:
-    # Celery's Django fix-up closes stale database connections before and after each task.
-    job = Job.objects.filter(pk=job_id).first()
+    # Celery's Django fix-up closes stale database connections before and after each task; a
+    # delivery during a database outage waits for it rather than dropping the job.
+    job = retry_db(lambda: Job.objects.filter(pk=job_id).first(), f"reading job {job_id}")
     if job is None or job.is_finished:
         return Outcome.NOTHING
     if job.status == JobStatus.RUNNING and job.attempts >= settings.R1_MAX_JOB_ATTEMPTS:
         # Each earlier attempt ended with its worker dying mid-job: a poison job, stop here.
-        if jobs.claim_job(job_id, worker_host) is not None:
-            jobs.fail_poison(
-                job_id,
+        claimed = jobs.claim_job(job_id, worker_host)
+        if claimed is not None:
+            reason = (
                 f"the worker died {job.attempts} times while running this job "
-                f"(last in stage {job.current_stage or 'start'}); not retried again",
+                f"(last in stage {job.current_stage or 'start'}); not retried again"
             )
+            # The end every job takes: announced, and its MLflow run closed.
+            jobs.end_job(claimed, JobStatus.FAILED, reason)
             return Outcome.FAILED
         return Outcome.BUSY
-    claimed = jobs.claim_job(job_id, worker_host)
+    claimed = retry_db(lambda: jobs.claim_job(job_id, worker_host), f"claiming job {job_id}")
     if claimed is None:
         job.refresh_from_db()
         return Outcome.NOTHING if job.is_finished or job.cancel_requested else Outcome.BUSY
@@ -91,9 +96,9 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopped.wait(settings.R1_HEARTBEAT_SECONDS):
-                jobs.heartbeat(self.job_id)
+                best_effort(lambda: jobs.heartbeat(self.job_id), "beating the job", None)
         finally:
-            connection.close()
+            reset_connection()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -168,12 +173,17 @@ class JobRun:
     def _start_mlflow_run(self, planned) -> None:
         job = self.job
         if not job.mlflow_run_id:
-            experiment = tracking.experiment_id(f"team-{job.team.slug}")
-            run_id = tracking.start_run(
-                experiment,
+            # Best effort: with MLflow down the job runs on without a run; its versions are
+            # mirrored under a run opened after it ends (registry.mirror).
+            experiment, run_id = tracking.open_run(
+                f"team-{job.team.slug}",
                 f"job-{job.pk} {self.version.model.name} v{self.version.number}",
                 {"r1.job_id": str(job.pk), "r1.model": self.version.model.name},
             )
+            if not run_id:
+                self._log("MLflow is unreachable: its run is opened after the job ends")
+                registry.mirror_to_mlflow(self.version)
+                return
             params: dict[str, object] = {
                 "input_version": self.version.number,
                 "input_format": self.version.format,
@@ -195,7 +205,10 @@ class JobRun:
         now = time.monotonic()
         if now - self._last_cancel_check >= CANCEL_CHECK_SECONDS:
             self._last_cancel_check = now
-            if jobs.cancel_requested(self.job.pk):
+            asked = best_effort(
+                lambda: jobs.cancel_requested(self.job.pk), "checking cancel", False
+            )
+            if asked:
                 raise Cancelled()
         if now - self._last_write < PROGRESS_WRITE_SECONDS and fraction not in (0.0, 1.0):
             return
@@ -203,7 +216,11 @@ class JobRun:
         stage = self.job.stages[index]["name"] if index < len(self.job.stages) else ""
         overall = (index + fraction) / self._n_stages
         line = message if fraction in (0.0, 1.0) else None
-        jobs.record_progress(self.job, progress=overall, stage=stage, line=line)
+        best_effort(
+            lambda: jobs.record_progress(self.job, progress=overall, stage=stage, line=line),
+            "writing the job's progress",
+            None,
+        )
 
     def _stage_done(self, result: StageResult, ctx: PipelineContext) -> None:
         produced = [self._register(ctx.artifacts[key]) for key in result.outputs]
@@ -228,12 +245,15 @@ class JobRun:
         summary = f"{result.name}: {result.status.value} in {result.seconds:.1f}s"
         if result.message:
             summary += f" ({result.message})"
-        jobs.record_progress(
-            self.job,
-            progress=(index + 1) / self._n_stages,
-            stage=result.name,
-            line=summary,
-            stage_results=results,
+        retry_db(
+            lambda: jobs.record_progress(
+                self.job,
+                progress=(index + 1) / self._n_stages,
+                stage=result.name,
+                line=summary,
+                stage_results=results,
+            ),
+            f"writing the result of stage {result.stage_id}",
         )
 
     def _record_certification(self, result: StageResult, ctx: PipelineContext) -> None:
@@ -254,6 +274,9 @@ class JobRun:
             "seconds": result.seconds,
             "message": result.message,
             "versions": version_ids,
+            # A training curve, drawn on the job and version pages (bounded: a long run keeps
+            # its last entries).
+            "history": result.history[-MAX_HISTORY:],
         }
         kept = [r for r in self.job.stage_results if r["stage_id"] != result.stage_id]
         return sorted(kept + [entry], key=lambda r: self._stage_index.get(r["stage_id"], 0))
@@ -268,8 +291,10 @@ class JobRun:
     # --- the end ---
 
     def _end(self, status: str, error: str) -> Outcome:
+        """Record the job's end, retried across a database outage so it never stays running."""
         job = self.job
-        job.refresh_from_db(fields=["log_tail", "stage_results", "progress"])
+        fields = ["log_tail", "stage_results", "progress"]
+        retry_db(lambda: job.refresh_from_db(fields=fields), "reading the job before its end")
         if status != JobStatus.SUCCEEDED:
             # The stage that failed (or was cancelled) reported no result: take it from the
             # saved context, so the dashboard shows which stage it was.
@@ -278,19 +303,15 @@ class JobRun:
                 if result.status is StageStatus.FAILED:
                     job.stage_results = self._with_result(result, [])
                     metrics.record_stage(result.name, result.status.value, result.seconds)
-            job.save(update_fields=["stage_results"])
+            retry_db(lambda: job.save(update_fields=["stage_results"]), "saving the failed stage")
         if error:
             self._log(f"{status}: {error}", write=False)
         else:
             self._log("finished", write=False)
-        # Announces the end too: certification and schedules listen (``jobs.signals``).
-        jobs.finish_job(job, status, error)
+        # The end every job takes: recorded, announced (certification and schedules listen),
+        # and its MLflow run closed.
+        retry_db(lambda: jobs.end_job(job, status, error), "recording the job's end")
         metrics.record_job_finished(str(status))
-        if job.mlflow_run_id:
-            try:
-                tracking.finish_run(job.mlflow_run_id, succeeded=status == JobStatus.SUCCEEDED)
-            except Exception as exc:  # noqa: BLE001 - the job's own outcome is already recorded
-                log.warning("could not close MLflow run %s: %s", job.mlflow_run_id, exc)
         return Outcome(status)
 
     def _log(self, line: str, write: bool = True) -> None:

@@ -153,3 +153,8 @@ def test_it_runs_the_demo_pipeline_with_a_dataset(worker, api, digits_torchscrip
 
     history = tracking.client().get_metric_history(job.mlflow_run_id, "01-finetune.val_accuracy")
     assert len(history) >= 2  # one point per epoch, logged at its step
+    # The same curve is kept on the job, and drawn on the job's and the version's pages.
+    finetune = next(r for r in job.stage_results if r["name"] == "finetune")
+    assert [
+        e["metrics"]["val_accuracy"] for e in finetune["history"] if "val_accuracy" in e["metrics"]
+    ] == [h.value for h in sorted(history, key=lambda h: h.step)]

@@ -6,6 +6,7 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
@@ -14,6 +15,7 @@ from pipelines.core import StageConfigError
 from pipelines.stages import default_pipeline, stage_schemas
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
+from r1platform.core.charts.training import stage_training_charts
 from r1platform.core.demo import demo_pipeline
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import LaunchForm, dataset_label
@@ -76,13 +78,16 @@ def _job_context(job: Job) -> dict:
     )
     run_url = ""
     if job.mlflow_run_id and job.mlflow_experiment_id:
-        run_url = tracking.run_url(job.mlflow_experiment_id, job.mlflow_run_id)
+        proxy = reverse("mlflow:job_run", args=[job.pk])
+        run_url = tracking.run_url(job.mlflow_experiment_id, job.mlflow_run_id, proxy)
     return {
         "job": job,
         "stages": stages,
         "produced": produced,
         "benchmarks": benchmarks,
         "run_url": run_url,
+        # Markup built by training_chart_svg, which escapes every piece of text it writes.
+        "training": stage_training_charts(job.stage_results),
     }
 
 

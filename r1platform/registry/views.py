@@ -7,11 +7,13 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.vary import vary_on_headers
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
 from r1platform.core.charts.benchmarks import latency_chart_svg
+from r1platform.core.charts.training import stage_training_charts
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.registry.forms import UploadForm
@@ -153,6 +155,9 @@ def model_detail(request, pk: int):
     context = {
         "model": model,
         "mlflow_name": _mlflow_name(model),
+        "mlflow_model_url": tracking.model_url(
+            _mlflow_name(model), reverse("mlflow:model", args=[model.pk])
+        ),
         "versions": versions,
         "lineage": _lineage(versions),
         "jobs": jobs,
@@ -306,8 +311,14 @@ def version_detail(request, pk: int):
         "latency_chart": latency_chart_svg(chart_rows),
         "chart_job_id": chart_rows[0].job_id if chart_rows else None,
         "evaluation": _evaluation(version),
+        # The training curves of the job that made this version (escaped markup).
+        "training": stage_training_charts(version.job.stage_results) if version.job else [],
         "mlflow_url": (
-            tracking.model_version_url(_mlflow_name(version.model), version.mlflow_version)
+            tracking.model_version_url(
+                _mlflow_name(version.model),
+                version.mlflow_version,
+                reverse("mlflow:model_version", args=[version.pk]),
+            )
             if version.mlflow_version
             else ""
         ),
