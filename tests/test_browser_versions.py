@@ -37,3 +37,25 @@ def test_a_long_name_wraps_and_the_file_downloads(page, user, long_named, tmp_pa
     caught.value.save_as(saved)
     assert caught.value.suggested_filename == f"{LONG}-v1.onnx"
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == long_named.sha256
+
+
+def test_two_versions_are_compared_from_the_model_page(page, user, long_named):  # noqa: F811
+    from tests.test_dashboard import make_version
+
+    make_version(long_named.model, metrics={"accuracy": 0.5})
+    page.set_viewport_size({"width": 1024, "height": 800})
+    sign_in(page)
+    page.goto(long_named.model.get_absolute_url())
+    checks = page.locator("[data-testid=compare-check]")
+    assert checks.count() == 2
+    checks.nth(0).check()
+    checks.nth(1).check()
+    page.click("[data-testid=compare-button]")
+    page.wait_for_url("**/compare/?v=*")
+    assert page.locator("[data-testid=compare-versions] th").count() == 3
+    assert page.locator("[data-testid=metric-line][data-metric=accuracy]").count() == 1
+    wide = page.evaluate(
+        "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 1024)"
+        ".slice(0, 5).map(e => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().right)"
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1024, wide

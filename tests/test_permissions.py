@@ -170,6 +170,7 @@ OBJECT_FOR = {
     "registry:model_detail": "model",
     "registry:version_detail": "version",
     "registry:version_download": "version",
+    "registry:compare": "model",
     "jobs:job_detail": "job",
     "jobs:job_cancel": "job",
     "datasets:dataset_detail": "dataset",
@@ -195,6 +196,11 @@ OBJECT_FOR = {
     "schedules:schedule_delete": "schedule",
     "schedules:template_edit": "template",
     "schedules:template_delete": "template",
+    "mlflow:experiment": "team",
+    "mlflow:job_run": "job",
+    "mlflow:version_run": "version",
+    "mlflow:model_version": "version",
+    "mlflow:model": "model",
 }
 QUERY_FOR = {"jobs:job_new": lambda objs: f"?version={objs['version'].pk}"}
 
