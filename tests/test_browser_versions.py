@@ -11,6 +11,10 @@ from tests.test_browser import page, sign_in  # noqa: F401 - page is a fixture
 
 pytestmark = [pytest.mark.browser]
 
+# What sticks out past 1024 px, for the failure message.
+WIDE = """[...document.querySelectorAll('body *')]
+  .filter(e => e.getBoundingClientRect().right > 1024).slice(0, 5)
+  .map(e => `${e.tagName}.${e.className} ${e.getBoundingClientRect().right}`)"""
 LONG = "a-very-long-model-name-" + "x" * 77  # 100 characters, no space to break at
 
 
@@ -28,7 +32,7 @@ def test_a_long_name_wraps_and_the_file_downloads(page, user, long_named, tmp_pa
         page.goto(url)
         assert LONG in page.inner_text("body")
         width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 1024, f"{url} is {width} px wide at a 1024 px window"
+        assert width <= 1024, f"{url} is {width} px wide at 1024 px: {page.evaluate(WIDE)}"
 
     page.goto(long_named.get_absolute_url())
     with page.expect_download() as caught:
@@ -54,8 +58,4 @@ def test_two_versions_are_compared_from_the_model_page(page, user, long_named): 
     page.wait_for_url("**/compare/?v=*")
     assert page.locator("[data-testid=compare-versions] th").count() == 3
     assert page.locator("[data-testid=metric-line][data-metric=accuracy]").count() == 1
-    wide = page.evaluate(
-        "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 1024)"
-        ".slice(0, 5).map(e => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().right)"
-    )
-    assert page.evaluate("document.documentElement.scrollWidth") <= 1024, wide
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1024, page.evaluate(WIDE)
