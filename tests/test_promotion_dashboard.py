@@ -3,6 +3,8 @@ the audit log page, the admin (which cannot go around the gate) and the manageme
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
@@ -101,6 +103,18 @@ def test_a_refused_promotion_shows_the_gates_reason(member_client, version, pool
     assert 'class="message message-error"' in page
     assert not Deployment.objects.exists()
     assert AuditEvent.objects.get().action == "refused"
+
+
+def test_a_refused_promotion_keeps_what_was_chosen(member_client, version, pool):
+    # Production, not the form's initial staging: kept, not reset.
+    chosen = form(version, stage="production", reason="hotfix for ticket 42")
+    page = member_client.post(promote_url(version), chosen, **HTMX).content.decode()
+
+    assert "Refused:" in page
+    promote = page.split('data-testid="promote-form"', 1)[1].split("</form>", 1)[0]
+    assert "hotfix for ticket 42</textarea>" in promote
+    assert re.search(r'<option value="production"[^>]*selected', promote), promote
+    assert re.search(rf'<option value="{version.pk}"[^>]*selected', promote), promote
 
 
 def test_without_htmx_the_outcome_is_a_message_on_the_model_page(member_client, version, pool):

@@ -92,7 +92,9 @@ def promote(request, pk: int):
         actor=request.user,
         reason=data["reason"],
     )
-    return _answer(request, model, _outcome_text(outcome), LEVEL[outcome.status])
+    # A refusal keeps what was chosen, so the user can fix one thing and send it again.
+    kept = form if outcome.status == "refused" else None
+    return _answer(request, model, _outcome_text(outcome), LEVEL[outcome.status], kept)
 
 
 @login_required
