@@ -13,6 +13,10 @@ bind = os.environ.get("R1_WEB_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("R1_WEB_WORKERS", "3"))
 # Uploads of large models are streamed to disk inside one request.
 timeout = int(os.environ.get("R1_WEB_TIMEOUT", "300"))
+# One request per connection, then the connection is closed ("Connection: close"): a request
+# refused before its body was read (over the size limit, see core.middleware) is never drained.
+# A keep-alive worker class (gthread) would read the refused body to reach the next request.
+worker_class = "sync"
 
 
 def on_starting(server: Any) -> None:

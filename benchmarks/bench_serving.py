@@ -162,7 +162,11 @@ def start_server(model: Path, port: int, batching: bool, args: argparse.Namespac
 
 
 def mean_batch(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+    # A team token sees its own models' series (the metrics token would see every one).
+    scrape = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(scrape, timeout=5) as answer:
         text = answer.read().decode()
     total = re.search(r"^r1_serving_batch_size_sum\{[^}]*\} (\S+)$", text, re.M)
     count = re.search(r"^r1_serving_batch_size_count\{[^}]*\} (\S+)$", text, re.M)

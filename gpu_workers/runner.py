@@ -223,10 +223,18 @@ class JobRun:
         )
 
     def _stage_done(self, result: StageResult, ctx: PipelineContext) -> None:
-        produced = [self._register(ctx.artifacts[key]) for key in result.outputs]
-        self.outputs.sync_metrics(ctx.artifacts)
+        # Each write is safe to repeat (a version is registered once per artifact key, a
+        # benchmark row once per version, backend and batch size): retried across an outage.
+        produced = retry_db(
+            lambda: [self._register(ctx.artifacts[key]) for key in result.outputs],
+            f"registering the outputs of stage {result.stage_id}",
+        )
+        retry_db(lambda: self.outputs.sync_metrics(ctx.artifacts), "saving metrics")
         if result.name == "benchmark":
-            self.outputs.record_benchmarks(ctx.benchmarks, devices.label())
+            retry_db(
+                lambda: self.outputs.record_benchmarks(ctx.benchmarks, devices.label()),
+                "saving benchmark rows",
+            )
         if result.name == "certify" and result.details:
             self._record_certification(result, ctx)
         for entry in result.history if result.status is StageStatus.SUCCEEDED else []:

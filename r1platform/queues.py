@@ -24,6 +24,8 @@ class TaskName(StrEnum):
     RUN_SCHEDULE = "r1.run_schedule"
     DECIDE_SCHEDULE_RUN = "r1.decide_schedule_run"
     DELIVER_NOTIFICATION = "r1.deliver_notification"
+    SEND_UNSENT_JOBS = "r1.send_unsent_jobs"
+    MIRROR_VERSIONS = "r1.mirror_versions"
 
 
 # Every worker also consumes one queue per hardware profile it offers: a job that must run on a

@@ -63,6 +63,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "r1platform.core.middleware.BodyLimitMiddleware",  # first: bodies over the limit stay unread
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -136,6 +137,11 @@ R1_WORK_DIR = env_path("R1_WORK_DIR", R1_HOME / "work")
 
 # --- Celery: broker without a server unless CELERY_BROKER_URL is set. ---
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+# A job's message that the broker does not take within this many seconds is left in the outbox
+# (Job.sent_at empty): the launch answers 503 and the sweep sends it once the broker is back.
+R1_BROKER_TIMEOUT_SECONDS = env_int("R1_BROKER_TIMEOUT_SECONDS", 5, minimum=1)
+# How often beat sweeps the outbox (jobs queued but never taken by the broker).
+R1_OUTBOX_SWEEP_SECONDS = env_int("R1_OUTBOX_SWEEP_SECONDS", 15, minimum=1)
 _broker_dir = R1_HOME / "broker"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("R1_JOB_SOFT_TIME_LIMIT", 6 * 3600, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("R1_JOB_TIME_LIMIT", CELERY_TASK_SOFT_TIME_LIMIT + 300, minimum=1)
@@ -156,7 +162,13 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 else:
     # Redis re-delivers a message not acknowledged within visibility_timeout: keep it above the
     # longest hard limit, or a long job would be run twice at once.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 600}
+    # A Redis that hangs (paused, half-open connection) fails a send or a command after
+    # R1_BROKER_TIMEOUT_SECONDS instead of blocking a web request for ever (kombu's default).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": CELERY_TASK_TIME_LIMIT + 600,
+        "socket_timeout": R1_BROKER_TIMEOUT_SECONDS,
+        "socket_connect_timeout": R1_BROKER_TIMEOUT_SECONDS,
+    }
 # Each job goes to the queue its stages need (r1platform.queues.queue_for); this is the fallback.
 CELERY_TASK_DEFAULT_QUEUE = Queue.CPU.value
 CELERY_TASK_IGNORE_RESULT = True
@@ -175,6 +187,9 @@ R1_HEARTBEAT_SECONDS = env_int("R1_HEARTBEAT_SECONDS", 5, minimum=1)
 R1_HEARTBEAT_STALE = env_int("R1_HEARTBEAT_STALE", 60, minimum=2)
 # A job whose worker died this many times while running it is failed, not tried again (poison).
 R1_MAX_JOB_ATTEMPTS = env_int("R1_MAX_JOB_ATTEMPTS", 3, minimum=1)
+# A worker retries a job's must-land writes (its end, a stage's result) across a database outage
+# (a restart, a fail-over) for this long before giving up on them.
+R1_DB_RETRY_SECONDS = env_int("R1_DB_RETRY_SECONDS", 60, minimum=0)
 # Each worker reports itself (host, queues, hardware profiles) when it starts and beats this
 # often; one silent for R1_WORKER_LOST_SECONDS is shown as lost and its profiles as unserved.
 R1_WORKER_BEAT_SECONDS = env_int("R1_WORKER_BEAT_SECONDS", 10, minimum=1)
@@ -188,6 +203,18 @@ CELERY_BEAT_SCHEDULE = {
     "reap-lost-workers": {
         "task": TaskName.REAP.value,
         "schedule": 60.0,
+        "options": {"expires": 55},
+    },
+    # Jobs whose message the broker did not take (it was down) are sent again.
+    "send-unsent-jobs": {
+        "task": TaskName.SEND_UNSENT_JOBS.value,
+        "schedule": float(R1_OUTBOX_SWEEP_SECONDS),
+        "options": {"expires": R1_OUTBOX_SWEEP_SECONDS},
+    },
+    # Versions whose MLflow mirror is pending (MLflow was down) are mirrored again.
+    "mirror-versions-to-mlflow": {
+        "task": TaskName.MIRROR_VERSIONS.value,
+        "schedule": float(env_int("R1_MLFLOW_MIRROR_SECONDS", 60, minimum=5)),
         "options": {"expires": 55},
     },
 }
@@ -213,6 +240,9 @@ R1_WEBHOOK_MAX_RETRIES = env_int("R1_WEBHOOK_MAX_RETRIES", 6, minimum=0)
 # Retry n waits up to BACKOFF × 2^n seconds (full jitter, at most 10 minutes): with the defaults
 # a receiver has up to about ten minutes (10 + 20 + ... + 320 s) to come back.
 R1_WEBHOOK_BACKOFF_SECONDS = env_int("R1_WEBHOOK_BACKOFF_SECONDS", 10, minimum=1)
+# Webhooks reach public addresses only; these networks (comma-separated CIDRs, e.g.
+# "10.20.0.0/16,fd12::/64") are allowed too, for a receiver inside the platform's network.
+R1_WEBHOOK_ALLOW_NETWORKS = env_list("R1_WEBHOOK_ALLOW_NETWORKS", [])
 # Links in notifications point here.
 R1_PUBLIC_URL = env_str("R1_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 
@@ -231,6 +261,21 @@ MLFLOW_UI_URL = env_str(
     "MLFLOW_UI_URL",
     MLFLOW_TRACKING_URI if MLFLOW_TRACKING_URI.startswith("http") else "http://127.0.0.1:5000",
 ).rstrip("/")
+# MLflow is best effort: each HTTP call gives up after this many seconds with no retry, and a
+# process that found it unreachable skips it for R1_MLFLOW_RETRY_SECONDS (beat's mirror task
+# catches up later). (MLflow's own MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES win when set.)
+R1_MLFLOW_TIMEOUT_SECONDS = env_int("R1_MLFLOW_TIMEOUT_SECONDS", 5, minimum=1)
+R1_MLFLOW_RETRY_SECONDS = env_int("R1_MLFLOW_RETRY_SECONDS", 30, minimum=0)
+# A version MLflow refused (not merely unreachable) this many times is marked failed.
+R1_MLFLOW_MIRROR_ATTEMPTS = env_int("R1_MLFLOW_MIRROR_ATTEMPTS", 5, minimum=1)
+# Where the dashboard's MLflow links go: "ui" = MLflow's own UI at MLFLOW_UI_URL (a laptop);
+# "proxy" = the platform's /mlflow/ pages, which show a team only its own runs, models and
+# artifacts (MLflow itself has no login: keep it on an internal network).
+R1_MLFLOW_LINKS = env_str("R1_MLFLOW_LINKS", "ui")
+if R1_MLFLOW_LINKS not in ("ui", "proxy"):
+    raise ImproperlyConfigured("R1_MLFLOW_LINKS must be 'ui' or 'proxy'")
+# The largest artifact /mlflow/ hands out (bytes).
+R1_MLFLOW_PROXY_MAX_BYTES = env_int("R1_MLFLOW_PROXY_MAX_BYTES", 2 * 1024**3, minimum=1)
 
 LOGGING = {
     "version": 1,

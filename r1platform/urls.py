@@ -15,9 +15,16 @@ urlpatterns = [
     path("workers/", include("r1platform.workers.urls")),
     path("schedules/", include("r1platform.schedules.urls")),
     path("notifications/", include("r1platform.notifications.urls")),
+    path("mlflow/", include("r1platform.core.urls")),
     path("", include("r1platform.monitoring.urls")),
     path("api/v1/", api.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
 ]
+
+# Django's error pages, as JSON under /api/ (an unknown API path, an error outside a view).
+handler400 = "r1platform.api.errors.bad_request"
+handler403 = "r1platform.api.errors.permission_denied"
+handler404 = "r1platform.api.errors.page_not_found"
+handler500 = "r1platform.api.errors.server_error"

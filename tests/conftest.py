@@ -89,13 +89,25 @@ def api(client, token):
 
 @pytest.fixture
 def enqueued(monkeypatch) -> list[int]:
-    """No broker: the ids of the jobs ``jobs.services.enqueue`` would have sent, in order.
+    """No broker: the ids of the jobs ``jobs.services`` would have sent, in order (``enqueue``,
+    and the outbox's ``send_unsent``), each recorded as sent.
 
     A test asks for it to assert what was queued; a module whose every test must queue nothing
     for real uses it throughout with ``pytestmark = pytest.mark.usefixtures("enqueued")``.
     """
+    from django.utils import timezone
+
+    from r1platform.jobs.models import Job
+
     sent: list[int] = []
-    monkeypatch.setattr("r1platform.jobs.services.enqueue", lambda job: sent.append(job.pk))
+
+    def record(job: Job) -> bool:
+        sent.append(job.pk)
+        job.sent_at = timezone.now()
+        Job.objects.filter(pk=job.pk).update(sent_at=job.sent_at)
+        return True
+
+    monkeypatch.setattr("r1platform.jobs.services._send", record)
     return sent
 
 
@@ -177,10 +189,16 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def running_worker(
-    log_path: Path, *, concurrency: int = 1, prefix: str = "test", **env: str
+    log_path: Path,
+    *,
+    concurrency: int = 1,
+    prefix: str = "test",
+    name: str | None = None,
+    **env: str,
 ) -> Iterator[subprocess.Popen]:
     """A real Celery worker process (prefork) on the test database and broker, until the block
-    ends; its log is printed after it stops.
+    ends; its log is printed after it stops. ``name`` fixes its node name (as compose's
+    ``cpu@%h`` does), else it is ``prefix`` and a random part.
 
     The worker and its pool children are killed outright when the block ends, not shut down
     warm: a warm shutdown costs 5-7 s even when idle (the filesystem broker has no event loop,
@@ -191,7 +209,7 @@ def running_worker(
     """
     cmd = [
         sys.executable, "-m", "celery", "-A", "r1platform", "worker", "-Q", "cpu",
-        "-c", str(concurrency), "-n", f"{prefix}-{uuid.uuid4().hex[:8]}@%h",
+        "-c", str(concurrency), "-n", name or f"{prefix}-{uuid.uuid4().hex[:8]}@%h",
         "--without-mingle", "--without-gossip", "--loglevel", "INFO",
     ]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -1,6 +1,8 @@
 """Team notifications: settings validation, the JSON webhook (signed, retried, timed out), email,
-the dashboard page and the API. Webhooks go to a real HTTP server (pytest-httpserver); email to
-Django's locmem backend; the retry path runs on a real Celery worker."""
+the dashboard page and the API. Webhooks go to a real HTTP server (pytest-httpserver) on this
+machine, which R1_WEBHOOK_ALLOW_NETWORKS allows here (tests/test_webhook_addresses.py checks it is
+refused by default); email to Django's locmem backend; the retry path runs on a real Celery
+worker."""
 
 from __future__ import annotations
 
@@ -28,8 +30,16 @@ from r1platform.notifications.services import (
     notify,
 )
 from r1platform.notifications.tasks import deliver_notification
+from tests.conftest import running_worker
 
 PAYLOAD = {"schedule": "nightly digits", "run_id": 7, "reason": "accuracy 0.81 < 0.9"}
+LOOPBACK = "127.0.0.0/8,::1/128"
+
+
+@pytest.fixture(autouse=True)
+def allow_loopback_webhooks(settings):
+    """pytest-httpserver listens on this machine, which webhooks may reach only when allowed."""
+    settings.R1_WEBHOOK_ALLOW_NETWORKS = LOOPBACK
 
 
 def configure(team, **fields) -> NotificationSettings:
@@ -196,8 +206,8 @@ def test_it_fails_a_404_at_once_without_retrying(team, httpserver):
     assert len(httpserver.log) == 1
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.response_status) == ("failed", 1, 404)
-    assert "404" in delivery.last_error and "permanent" in delivery.last_error
-    assert "no such hook" in delivery.last_error
+    assert "404 Not Found" in delivery.last_error and "permanent" in delivery.last_error
+    assert "no such hook" not in delivery.last_error, "the answer's body is never recorded"
 
 
 def test_a_slow_webhook_does_not_hold_up_the_caller_and_records_a_timeout(
@@ -237,9 +247,16 @@ def test_the_delivery_task_retries_transient_errors_only_with_backoff(settings):
     assert (task.acks_late, task.ignore_result) == (True, True)
 
 
+@pytest.fixture
+def loopback_worker(transactional_db, tmp_path):
+    """The ``worker`` fixture's worker, allowed to post to this machine."""
+    with running_worker(tmp_path / "worker.log", R1_WEBHOOK_ALLOW_NETWORKS=LOOPBACK) as proc:
+        yield proc
+
+
 @pytest.mark.worker
 def test_a_webhook_answering_503_twice_is_delivered_by_the_worker_after_retries(
-    worker, team, httpserver
+    loopback_worker, team, httpserver
 ):
     for _ in range(2):
         httpserver.expect_ordered_request("/flaky").respond_with_data("busy", status=503)

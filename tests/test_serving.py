@@ -32,6 +32,7 @@ TEAM_A, TEAM_B = 1, 2
 TOKEN_A, TOKEN_B = "token-of-team-a", "token-of-team-b"
 A = {"Authorization": f"Bearer {TOKEN_A}"}
 B = {"Authorization": f"Bearer {TOKEN_B}"}
+METRICS_TOKEN = "metrics-scrape-token"  # /metrics wants it (or a team token: its models only)
 MAX_BODY = 64 * 1024
 DIGITS_INPUT = TensorSpec(name="input", shape=["batch", 64], dtype="float32")
 
@@ -100,7 +101,8 @@ def server(files) -> str:
         spec(TEAM_B, "mlp", files["mlp"], version=7),
     ]
     source = StaticModelSource(models, {TOKEN_A: TEAM_A, TOKEN_B: TEAM_B})
-    app = build_app(source, ServingOptions(max_body_bytes=MAX_BODY, poll_seconds=0.2))
+    options = ServingOptions(max_body_bytes=MAX_BODY, poll_seconds=0.2, metrics_token=METRICS_TOKEN)
+    app = build_app(source, options)
     with serving_in_thread(app) as url:
         assert app.state.runtime.synced.wait(30)
         yield url
@@ -123,7 +125,8 @@ def mlp_request(x: np.ndarray, nested: bool = False) -> dict:
 
 def metric(url: str, name: str, **labels: str) -> float:
     """A sample's value from /metrics (0 when absent)."""
-    text = requests.get(f"{url}/metrics").text
+    scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    text = requests.get(f"{url}/metrics", headers=scrape).text
     for line in text.splitlines():
         match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
         if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
@@ -261,7 +264,8 @@ def _batches_over(url: str, model: str, rows: int) -> float:
 
 def test_without_batching_each_request_runs_alone(files):
     source = StaticModelSource([spec(TEAM_A, "mlp", files["mlp"])], {TOKEN_A: TEAM_A})
-    app = build_app(source, ServingOptions(batching=False, poll_seconds=0.2))
+    options = ServingOptions(batching=False, poll_seconds=0.2, metrics_token=METRICS_TOKEN)
+    app = build_app(source, options)
     with serving_in_thread(app) as url:
         assert app.state.runtime.synced.wait(30)
         with ThreadPoolExecutor(8) as pool:
@@ -391,14 +395,14 @@ def test_metrics_expose_requests_latency_batches_queue_failures_and_readiness(se
     assert metric(server, "r1_serving_requests_total", **mlp, version="1", status="200") >= 1
     assert metric(server, "r1_serving_request_seconds_count", **mlp) >= 1
     assert metric(server, "r1_serving_batch_size_sum", **mlp) >= 2
-    assert "r1_serving_queue_depth{" in requests.get(f"{server}/metrics").text
+    assert "r1_serving_queue_depth{" in requests.get(f"{server}/metrics", headers=A).text
     assert metric(server, "r1_serving_load_failures_total", model="team-1/corrupt") == 1
     assert metric(server, "r1_serving_models_ready") == 4  # mlp, digits, gather, team B's mlp
 
 
 def test_a_new_version_that_fails_to_load_leaves_the_serving_one_in_place(files):
     source = StaticModelSource([spec(TEAM_A, "mlp", files["mlp"])], {TOKEN_A: TEAM_A})
-    app = build_app(source, ServingOptions(poll_seconds=0.1))
+    app = build_app(source, ServingOptions(poll_seconds=0.1, metrics_token=METRICS_TOKEN))
     with serving_in_thread(app) as url:
         assert app.state.runtime.synced.wait(30)
 

@@ -107,7 +107,8 @@ def promote(deployment: Deployment, version: ModelVersion) -> None:
 
 @pytest.fixture
 def serve_pool(pool):
-    app = build_app(DeploymentSource(POOL), ServingOptions(poll_seconds=0.2))
+    options = ServingOptions(poll_seconds=0.2, metrics_token="scrape")
+    app = build_app(DeploymentSource(POOL), options)
     with serving_in_thread(app) as url:
         assert app.state.runtime.synced.wait(30)
         yield url
@@ -216,7 +217,7 @@ def test_promotion_and_rollback_swap_versions_with_no_failed_request(
         # Each client's requests run one after another: once it saw a swap, never the old again.
         runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
         assert runs == ["1", "2", "1"]
-    ready = requests.get(f"{url}/metrics").text
+    ready = requests.get(f"{url}/metrics", headers={"Authorization": "Bearer scrape"}).text
     assert "r1_serving_models_ready 1.0" in ready
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -13,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from pipelines.core import ModelFormat, Precision, TensorSpec
 from pipelines.formats.errors import ModelInfo, RejectedUpload
+from pipelines.onnx_skeleton import SKELETON_LOCATION, is_stripped, read_skeleton
 
 #: Operator domains onnxruntime implements; a node in any other domain needs a custom-op library.
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -51,12 +53,13 @@ def _clip(text: object, limit: int = 300) -> str:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    """Parse ``path`` as a binary ModelProto, never following external data.
+    """Parse ``path`` as a binary ModelProto without its weights, never following external data.
 
-    The format is forced to protobuf: onnx.load otherwise guesses it from the file's extension.
-    Raises DecodeError (and the like) when the bytes are not a ModelProto.
+    The graph, types and shapes are read; the data of large tensors stays in the file (see
+    :mod:`pipelines.onnx_skeleton`), so memory follows the graph's size, not the weights'.
+    Raises SkeletonError or DecodeError when the bytes are not a ModelProto.
     """
-    return onnx.load(str(path), format="protobuf", load_external_data=False)
+    return read_skeleton(path).model
 
 
 def looks_like_model(model: onnx.ModelProto) -> bool:
@@ -122,6 +125,9 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
+    """Data in another file (a tensor whose data the skeleton left in this file is not)."""
+    if is_stripped(tensor):
+        return False
     return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
 
 
@@ -196,6 +202,34 @@ def check_external_data(model_proto: onnx.ModelProto, model_dir: Path) -> list[P
             raise refuse(f"offset {offset} + length {length} do not fit the file ({size} bytes)")
         found.add(resolved)
     return sorted(found)
+
+
+# -- the checker, without the weights ------------------------------------------------------------
+
+
+def check_skeleton(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on a model read by :func:`load_model`: every check but the weights' bytes.
+
+    The checker wants the file an external tensor names to exist and to be large enough: the
+    skeleton's references get one sparse file of the right size (no disk used), each offset read
+    as 0, next to a copy of the skeleton. Raises ``onnx.checker.ValidationError``.
+    """
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    needed = 0
+    for tensor in iter_tensors(model_copy):
+        if is_stripped(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "offset":
+                    entry.value = "0"
+                elif entry.key == "length":
+                    needed = max(needed, int(entry.value))
+    with tempfile.TemporaryDirectory(prefix="r1-onnx-check-") as folder:
+        with open(Path(folder) / SKELETON_LOCATION, "wb") as placeholder:
+            placeholder.truncate(needed)
+        path = Path(folder) / "skeleton.onnx"
+        path.write_bytes(model_copy.SerializeToString())
+        onnx.checker.check_model(str(path))
 
 
 # -- description --------------------------------------------------------------------------------
@@ -307,7 +341,7 @@ def inspect_onnx(path: Path, model: onnx.ModelProto) -> ModelInfo:
             )
 
     try:
-        onnx.checker.check_model(str(path))
+        check_skeleton(model)
     except (onnx.checker.ValidationError, RuntimeError, ValueError, DecodeError) as exc:
         raise _invalid(f"onnx.checker: {_clip(exc)}") from None
 

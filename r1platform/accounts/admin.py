@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
 
 from r1platform.accounts.models import ApiToken, Membership, Team
 
@@ -30,14 +33,23 @@ class MembershipAdmin(admin.ModelAdmin):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    """Tokens are issued by the API or `manage.py`; the admin can read and revoke, not create."""
+    """Tokens are issued by the API or `manage.py`; the admin can read and revoke, not create.
 
-    list_display = ["prefix", "name", "user", "team", "created_at", "last_used_at"]
-    list_filter = ["team"]
+    Removing a member or deactivating a user revokes their tokens (``accounts.signals``).
+    """
+
+    list_display = ["prefix", "name", "user", "team", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["team", ("revoked_at", admin.EmptyFieldListFilter)]
     list_select_related = ["user", "team"]
     search_fields = ["prefix", "name", "user__username", "team__slug"]
     raw_id_fields = ["user", "team"]
-    readonly_fields = ["prefix", "token_hash", "created_at", "last_used_at"]
+    readonly_fields = ["prefix", "token_hash", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"{count} token(s) revoked; they stop working at once.")
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -5,6 +5,7 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 TOKEN_PREFIX = "r1_"
@@ -38,8 +39,20 @@ def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
+    def usable(self) -> ApiTokenQuerySet:
+        """The tokens that may call: not revoked, of an active user who is still a member of the
+        token's team. The one definition the API and the serving processes check against."""
+        member = Membership.objects.filter(team=OuterRef("team_id"), user=OuterRef("user_id"))
+        return self.filter(Exists(member), revoked_at__isnull=True, user__is_active=True)
+
+
 class ApiToken(models.Model):
-    """A bearer token acting as ``user`` within ``team``; only its sha256 is stored."""
+    """A bearer token acting as ``user`` within ``team``; only its sha256 is stored.
+
+    It works only while :meth:`ApiTokenQuerySet.usable` says so. Leaving the team or being
+    deactivated also sets ``revoked_at`` (``accounts.signals``), so the admin shows why.
+    """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="tokens")
@@ -48,6 +61,9 @@ class ApiToken(models.Model):
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user} in {self.team})"

@@ -13,6 +13,7 @@ from ninja.operation import Operation
 from r1platform.api import (
     certification,
     datasets,
+    errors,
     jobs,
     notifications,
     promotion,
@@ -53,3 +54,6 @@ api = PlatformAPI(
 )
 for module in ROUTERS:
     api.add_router("", module.router)
+# Any other exception a view raises is a JSON 500 too (ninja's default leaves it to Django's HTML
+# page); the more specific handlers (404, HttpError, validation) still win.
+api.add_exception_handler(Exception, errors.unexpected)

@@ -1,4 +1,5 @@
-"""Bearer-token auth for the API: a token acts as one user within one team."""
+"""Bearer-token auth for the API: a token acts as one user within one team, and only while
+``ApiToken.objects.usable()`` says so (not revoked, its user active and still a member)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from r1platform.accounts.models import ApiToken, hash_token
 class TeamToken(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> ApiToken | None:
         found = (
-            ApiToken.objects.select_related("team", "user")
-            .filter(token_hash=hash_token(token), user__is_active=True)
+            ApiToken.objects.usable()
+            .select_related("team", "user")
+            .filter(token_hash=hash_token(token))
             .first()
         )
         if found is None:

@@ -13,12 +13,12 @@ from ninja import Field, Router, Schema, Status
 
 from r1platform.accounts.scoping import get_scoped_or_404
 from r1platform.api.auth import team_id
+from r1platform.api.errors import Unsent, unsent
 from r1platform.api.schemas import ErrorOut, Errors, page_limit, username
 from r1platform.certification import services as certification
 from r1platform.certification.models import Certification
 from r1platform.certification.reports import stored_report
 from r1platform.jobs import services as jobs
-from r1platform.jobs.models import Job
 from r1platform.registry.models import ModelVersion
 from r1platform.workers.models import HardwareProfile
 from r1platform.workers.services import live_profiles
@@ -169,18 +169,21 @@ def list_profiles(request: HttpRequest, served: bool | None = None):
     return found
 
 
-@router.post("/certifications", response={200: CertificationOut, 201: CertificationOut, **Errors})
-def create_certification(request: HttpRequest, payload: CertificationIn):
+@router.post(
+    "/certifications",
+    response={200: CertificationOut, 201: CertificationOut, **Errors, **Unsent},
+)
+def create_certification(request: HttpRequest, payload: CertificationIn, response: HttpResponse):
     """Queue the certification suite on a version for one profile; refused with 400 up front.
 
-    The same idempotency_key again returns the first certification (200).
+    The same idempotency_key again returns the first certification (200). 503 (with Retry-After)
+    when it is stored but the broker cannot take its job now: it is sent once the broker is back.
     """
     team = team_id(request)
     version = get_scoped_or_404(ModelVersion.objects.all(), [team], pk=payload.version_id)
     key = (payload.idempotency_key or "").strip()
-    repeated = bool(key) and Job.objects.filter(team_id=team, idempotency_key=key).exists()
     try:
-        cert = certification.launch_certification(
+        cert, created = certification.launch_or_get_certification(
             version=version,
             profile_key=payload.profile,
             level=payload.level,
@@ -193,7 +196,9 @@ def create_certification(request: HttpRequest, payload: CertificationIn):
         return Status(409, {"detail": str(exc)})
     except jobs.LaunchRefused as exc:
         return Status(400, {"detail": str(exc)})
-    return Status(200 if repeated else 201, cert)
+    if cert.job is not None and jobs.waits_for_broker(cert.job):
+        return unsent(cert.job, response)
+    return Status(201 if created else 200, cert)
 
 
 @router.get("/certifications", response=list[CertificationOut])

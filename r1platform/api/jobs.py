@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.http import HttpRequest
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from ninja import Router, Schema, Status
 
 from pipelines.stages import stage_schemas
 from r1platform.api.auth import team_id
+from r1platform.api.errors import Unsent, unsent
 from r1platform.api.schemas import ErrorOut, Errors, StageIn, page_limit
 from r1platform.core import tracking
 from r1platform.jobs import services as jobs
@@ -60,7 +63,8 @@ class JobOut(Schema):
     def resolve_mlflow_run_url(job: Job) -> str | None:
         if not job.mlflow_run_id:
             return None
-        return tracking.run_url(job.mlflow_experiment_id, job.mlflow_run_id)
+        proxy = settings.R1_PUBLIC_URL + reverse("mlflow:job_run", args=[job.pk])
+        return tracking.run_url(job.mlflow_experiment_id, job.mlflow_run_id, proxy)
 
     @staticmethod
     def resolve_produced_version_ids(job: Job) -> list[int]:
@@ -81,9 +85,13 @@ class StageSchemaOut(Schema):
         return stage["settings"]
 
 
-@router.post("/jobs", response={200: JobOut, 201: JobOut, **Errors})
-def create_job(request: HttpRequest, payload: JobIn):
-    """Queue a pipeline on a version; the same idempotency_key twice returns the first job."""
+@router.post("/jobs", response={200: JobOut, 201: JobOut, **Errors, **Unsent})
+def create_job(request: HttpRequest, payload: JobIn, response: HttpResponse):
+    """Queue a pipeline on a version; the same idempotency_key twice returns the first job.
+
+    503 (with Retry-After) when the job is stored but the broker cannot take it now: it is sent
+    once the broker is back, and the same idempotency_key again answers with it then.
+    """
     version = get_object_or_404(ModelVersion, pk=payload.version_id, team_id=team_id(request))
     stages = None if payload.stages is None else [st.dict() for st in payload.stages]
     try:
@@ -97,6 +105,8 @@ def create_job(request: HttpRequest, payload: JobIn):
         return Status(409, {"detail": str(exc)})
     except jobs.LaunchRefused as exc:
         return Status(400, {"detail": str(exc)})
+    if jobs.waits_for_broker(job):
+        return unsent(job, response)
     return Status((201 if created else 200), job)
 
 

@@ -67,7 +67,12 @@ class CertAnswer:
 # -- launch ----------------------------------------------------------------------------------------
 
 
-def launch_certification(
+def launch_certification(**launch: Any) -> Certification:
+    """``launch_or_get_certification``'s certification alone."""
+    return launch_or_get_certification(**launch)[0]
+
+
+def launch_or_get_certification(
     *,
     version: ModelVersion,
     profile_key: str,
@@ -76,11 +81,13 @@ def launch_certification(
     thresholds: dict | None = None,
     golden_dataset_id: int | None = None,
     idempotency_key: str | None = None,
-) -> Certification:
+) -> tuple[Certification, bool]:
     """Queue the suite on ``version`` for one profile; the same idempotency key gives it back.
 
-    Raises CertificationRefused (or launch_job's LaunchRefused / IdempotencyConflict) with a
-    message a user can act on; then no job and no certification exist.
+    Returns the certification and whether this call launched it (False: the key's first launch,
+    even when that one committed a moment ago in a concurrent request). Raises
+    CertificationRefused (or launch_job's LaunchRefused / IdempotencyConflict) with a message a
+    user can act on; then no job and no certification exist.
     """
     settings = _certify_settings(profile_key, level, thresholds, golden_dataset_id)
     profile = _served_profile(profile_key)
@@ -91,7 +98,7 @@ def launch_certification(
     stages = [{"name": CERTIFY_STAGE, "settings": settings}]
     # One transaction: the worker that takes the job (enqueued on commit) finds the row.
     with transaction.atomic():
-        job, _ = launch_job(
+        job, created = launch_job(
             version=version, user=user, stages=stages, idempotency_key=idempotency_key
         )
         cert, _ = Certification.objects.get_or_create(
@@ -106,7 +113,7 @@ def launch_certification(
                 "created_by": user if getattr(user, "is_authenticated", False) else None,
             },
         )
-    return cert
+    return cert, created
 
 
 def _certify_settings(

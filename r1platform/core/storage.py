@@ -1,7 +1,8 @@
 """The one storage helper: streamed uploads, generated names, hashing, paths inside MEDIA_ROOT.
 
 Uploads never sit whole in memory: :class:`HashingUploadHandler` spools every chunk to a temporary
-file on the storage volume, hashing as it goes, and stops reading once the size limit is passed.
+file on the storage volume, hashing as it goes, and stops reading once the size limit is passed
+(a body declared over the limit is refused before this, unread, by ``core.middleware``).
 Stored files always get generated names; the user's file name is kept only for display.
 """
 
@@ -26,7 +27,9 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     """Streams each uploaded file to a temp file, computing sha256 and enforcing the size limit.
 
     A refusal is recorded on ``request.upload_refusal`` so the view can say why the file is
-    missing; the temporary file is removed by Django when the upload is interrupted.
+    missing. Refusing stops the parse where it is (``connection_reset``: the rest of the body is
+    not drained; the middleware closes the connection instead) and closes the temporary file,
+    which deletes it: no half-written file is left.
     """
 
     chunk_size = 256 * 1024
@@ -34,12 +37,14 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):  # noqa: N803
         limit = settings.R1_MAX_UPLOAD_BYTES
         if content_length and content_length > limit + FORM_OVERHEAD:
-            self._refuse(f"the upload is {_human(content_length)}, over the {_human(limit)} limit")
+            self._refuse(
+                f"the upload is {human_size(content_length)}, over the {human_size(limit)} limit"
+            )
         return None
 
     def new_file(self, *args: Any, **kwargs: Any) -> None:
         if getattr(self.request, "upload_refusal", None):
-            raise StopUpload(connection_reset=False)
+            raise StopUpload(connection_reset=True)
         super().new_file(*args, **kwargs)
         self._sha = hashlib.sha256()
         self._size = 0
@@ -47,8 +52,8 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
         self._size += len(raw_data)
         if self._size > settings.R1_MAX_UPLOAD_BYTES:
-            self._refuse(f"the file is over the {_human(settings.R1_MAX_UPLOAD_BYTES)} limit")
-            raise StopUpload(connection_reset=False)
+            self._refuse(f"the file is over the {human_size(settings.R1_MAX_UPLOAD_BYTES)} limit")
+            raise StopUpload(connection_reset=True)
         self._sha.update(raw_data)
         self.file.write(raw_data)
 
@@ -61,7 +66,8 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         self.request.upload_refusal = reason
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """``n`` bytes for people: 512 B, 1.5 MiB, 3.0 GiB."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -49,6 +49,10 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The outbox: when the broker last took the job's message (null: not sent yet, or the last
+    # send failed; ``send_unsent_jobs`` sends it again), and how many sends were tried.
+    sent_at = models.DateTimeField(null=True, blank=True)
+    send_attempts = models.PositiveIntegerField(default=0)
 
     class Meta:
         constraints = [

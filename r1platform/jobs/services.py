@@ -11,13 +11,13 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from pipelines.certification.profiles import compatibility_problem
@@ -25,6 +25,7 @@ from pipelines.core import DatasetRef, PipelineError, StageConfigError
 from pipelines.datasets import check_compatible
 from pipelines.stages import default_pipeline, validate_pipeline
 from r1platform.celery import app
+from r1platform.core import tracking
 from r1platform.datasets.models import Dataset
 from r1platform.datasets.services import dataset_ids_in, dataset_ref
 from r1platform.jobs.models import FINISHED, LOG_TAIL_CHARS, Job, JobStatus
@@ -55,7 +56,9 @@ def launch_job(
 ) -> tuple[Job, bool]:
     """Validate the stages and queue a job; the same key twice gives the first job back.
 
-    Returns the job and whether it was created by this call.
+    Returns the job and whether it was created by this call. The job's message is sent when the
+    transaction commits; if the broker does not take it, the job stays stored and unsent
+    (``is_unsent``) and is sent again by ``send_unsent_jobs``, or by the same key asked again.
     """
     if stages is None:
         stages = default_pipeline(version.format, version.precision)
@@ -72,7 +75,7 @@ def launch_job(
 
     existing = Job.objects.filter(team_id=version.team_id, idempotency_key=key).first()
     if existing is not None:
-        return _same_launch_or_conflict(existing, version, normalized), False
+        return _launched_again(existing, version, normalized), False
     try:
         with transaction.atomic():
             job = Job.objects.create(
@@ -87,7 +90,7 @@ def launch_job(
     except IntegrityError:
         # A concurrent request with the same key won the insert.
         existing = Job.objects.get(team_id=version.team_id, idempotency_key=key)
-        return _same_launch_or_conflict(existing, version, normalized), False
+        return _launched_again(existing, version, normalized), False
     return job, True
 
 
@@ -133,9 +136,114 @@ def _same_launch_or_conflict(job: Job, version: ModelVersion, stages: list[dict]
     return job
 
 
-def enqueue(job: Job) -> None:
-    # By name: the task module lives with the workers, which this side never imports.
-    app.send_task(TaskName.RUN_JOB.value, args=[job.pk], queue=job.queue)
+def _launched_again(job: Job, version: ModelVersion, stages: list[dict]) -> Job:
+    """The job a key already launched; if the broker never took it, its send is tried again."""
+    job = _same_launch_or_conflict(job, version, stages)
+    if is_unsent(job):
+        transaction.on_commit(lambda: send_unsent(job))
+    return job
+
+
+# -- sending: the outbox -------------------------------------------------------------------------
+#
+# A job is stored first and sent when its transaction commits. ``sent_at`` records that the
+# broker took the message; while it is empty (the broker was down, the process died mid-send) the
+# sweep sends it again. A job sent twice runs once: ``claim_job`` is a conditional UPDATE.
+
+
+def is_unsent(job: Job) -> bool:
+    """Whether the job waits in the queue without the broker having taken its message."""
+    return job.status == JobStatus.QUEUED and job.sent_at is None
+
+
+def waits_for_broker(job: Job) -> bool:
+    """Whether the job's send was tried and the broker did not take it (it is down): the job is
+    stored, and the sweep sends it once the broker is back. (A job whose transaction has not
+    committed yet has not been tried: it is not waiting.)"""
+    return is_unsent(job) and job.send_attempts > 0
+
+
+def enqueue(job: Job) -> bool:
+    """Send the job's message to its queue now; whether the broker took it. Never raises.
+
+    Sent by task name (the task module lives with the workers, which this side never imports),
+    with no retry: a broker that refuses fails at once, one that hangs after
+    ``R1_BROKER_TIMEOUT_SECONDS``. A failed send leaves ``sent_at`` empty for the sweep.
+    """
+    Job.objects.filter(pk=job.pk).update(send_attempts=F("send_attempts") + 1)
+    job.send_attempts += 1
+    return _send(job)
+
+
+def _send(job: Job) -> bool:
+    try:
+        app.send_task(
+            TaskName.RUN_JOB.value,
+            args=[job.pk],
+            queue=job.queue,
+            retry=True,
+            retry_policy={"max_retries": 0},
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the job for the sweep
+        Job.objects.filter(pk=job.pk).update(sent_at=None)
+        job.sent_at = None
+        log.warning(
+            "job %s: the broker did not take its message (send %s): %s; it stays queued and "
+            "is sent again when the broker is back",
+            job.pk,
+            job.send_attempts,
+            exc,
+        )
+        return False
+    job.sent_at = timezone.now()
+    Job.objects.filter(pk=job.pk).update(sent_at=job.sent_at)
+    return True
+
+
+def send_unsent(job: Job) -> bool:
+    """Send an unsent job unless someone else is sending it now; whether this call sent it.
+
+    Whoever moves ``send_attempts`` on from what it read takes the send (a conditional UPDATE),
+    so two sweeps, or a sweep and a retried launch, do not both send it.
+    """
+    return _take_send(job) and _send(job)
+
+
+def _take_send(job: Job) -> bool:
+    taken = Job.objects.filter(
+        pk=job.pk,
+        status=JobStatus.QUEUED,
+        sent_at__isnull=True,
+        send_attempts=job.send_attempts,
+    ).update(send_attempts=F("send_attempts") + 1)
+    if taken != 1:
+        job.refresh_from_db(fields=["status", "sent_at", "send_attempts"])
+        return False
+    job.send_attempts += 1
+    return True
+
+
+def send_unsent_jobs(limit: int = 500) -> int:
+    """Send again the queued jobs the broker never took (beat, and each worker once it is ready);
+    how many were sent.
+
+    A job younger than twice ``R1_BROKER_TIMEOUT_SECONDS`` may still be being sent by the request
+    that launched it, and is left for the next sweep.
+    """
+    young = timezone.now() - timedelta(seconds=2 * settings.R1_BROKER_TIMEOUT_SECONDS)
+    unsent = Job.objects.filter(
+        status=JobStatus.QUEUED, sent_at__isnull=True, created_at__lt=young
+    ).order_by("send_attempts", "created_at")
+    sent = 0
+    for job in unsent[:limit]:
+        if not _take_send(job):
+            continue  # sent or being sent by someone else
+        if not _send(job):
+            break  # the broker is still down: the next sweep goes on
+        sent += 1
+    if sent:
+        log.info("sent %s queued job(s) the broker had not taken", sent)
+    return sent
 
 
 def dataset_refs(job: Job) -> dict[str, DatasetRef]:
@@ -248,11 +356,25 @@ def cancel_job(job: Job) -> Job:
 
 
 class Recovered(StrEnum):
-    """What became of a job whose worker was lost (``recover_from_lost_worker``)."""
+    """What became of a job whose worker died under it (lost, or restarted under its name)."""
 
     REQUEUED = "requeued"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+def end_job(job: Job, status: str, error: str = "") -> None:
+    """Every end of a job, whoever ends it (its worker, the reaper, a restarted worker).
+
+    Records and announces it (``finish_job``: certification and schedules listen), then closes
+    its MLflow run, best effort: the job's own outcome is already recorded.
+    """
+    finish_job(job, status, error)
+    if job.mlflow_run_id:
+        try:
+            tracking.finish_run(job.mlflow_run_id, succeeded=status == JobStatus.SUCCEEDED)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s: could not close MLflow run %s: %s", job.pk, job.mlflow_run_id, exc)
 
 
 def recover_from_lost_worker(job_id: int, hostname: str) -> Recovered | None:
@@ -261,38 +383,70 @@ def recover_from_lost_worker(job_id: int, hostname: str) -> Recovered | None:
     Only a job still running on ``hostname`` whose heartbeat is older than
     ``R1_HEARTBEAT_STALE`` moves, and the UPDATE's WHERE clause is the lock: a job a live worker
     claimed meanwhile (its heartbeat is fresh) or one another reaper moved first is left alone.
-    It goes back to the queue and is enqueued again, unless it has been claimed
-    ``R1_MAX_JOB_ATTEMPTS`` times already (failed as poison) or its cancel was asked (cancelled).
     """
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.R1_HEARTBEAT_STALE)
+    stale = timezone.now() - timedelta(seconds=settings.R1_HEARTBEAT_STALE)
     left = Job.objects.filter(
         pk=job_id, status=JobStatus.RUNNING, worker_host=hostname, heartbeat_at__lt=stale
     )
+    return _recover(left, f"worker {hostname} lost", f"the worker {hostname} was lost")
+
+
+def recover_restarted_worker(hostname: str, started_at: datetime) -> list[tuple[int, Recovered]]:
+    """Move the jobs the previous process named ``hostname`` held when it died.
+
+    A worker that starts holds nothing, so every job still running under its name that was
+    claimed before ``started_at`` (when this process started) was left by an earlier process of
+    that name, killed before it could hand the job back: compose restarts ``cpu@%h`` under the
+    same name, and the reaper, which looks for lost workers, never sees one. The broker would
+    deliver its unacknowledged message again only after the visibility timeout (hours); when it
+    does, the job has moved on and that delivery finds nothing to do (``claim_job``).
+    """
+    held = Job.objects.filter(
+        status=JobStatus.RUNNING, worker_host=hostname, started_at__lt=started_at
+    )
+    moved = []
+    for job_id in held.values_list("pk", flat=True):
+        why = f"worker {hostname} restarted"
+        outcome = _recover(held.filter(pk=job_id), why, f"the {why}")
+        if outcome is not None:
+            log.warning("job %s held by %s before it restarted: %s", job_id, hostname, outcome)
+            moved.append((job_id, outcome))
+    return moved
+
+
+def _recover(left: QuerySet[Job], why: str, event: str) -> Recovered | None:
+    """Move the one job in ``left``, a running job whose worker died (``why`` for its log,
+    ``event`` for its error): back to the queue and enqueued again, unless it has been claimed
+    ``R1_MAX_JOB_ATTEMPTS`` times already (failed as poison) or its cancel was asked (cancelled).
+    An end goes through ``end_job`` like any other. The conditional UPDATE is the lock: a job
+    moved or claimed meanwhile is left alone (None).
+    """
     job = left.first()
     if job is None:
         return None
     if job.cancel_requested:
-        outcome, line = Recovered.CANCELLED, f"cancelled: worker {hostname} lost"
-        values = {"status": JobStatus.CANCELLED, "finished_at": now}
+        outcome, status, error = Recovered.CANCELLED, JobStatus.CANCELLED, ""
     elif job.attempts >= settings.R1_MAX_JOB_ATTEMPTS:
+        outcome, status = Recovered.FAILED, JobStatus.FAILED
         error = (
-            f"the worker {hostname} was lost while running this job; its workers were lost or "
-            f"died {job.attempts} times (R1_MAX_JOB_ATTEMPTS={settings.R1_MAX_JOB_ATTEMPTS}), "
-            "so it is not re-queued again"
+            f"{event} while running this job; its workers were lost or died {job.attempts} times "
+            f"(R1_MAX_JOB_ATTEMPTS={settings.R1_MAX_JOB_ATTEMPTS}), so it is not re-queued again"
         )
-        outcome, line = Recovered.FAILED, f"failed: worker {hostname} lost"
-        values = {"status": JobStatus.FAILED, "error": error, "finished_at": now}
     else:
-        outcome, line = Recovered.REQUEUED, f"re-queued: worker {hostname} lost"
-        values = {"status": JobStatus.QUEUED}
+        outcome, status, error = Recovered.REQUEUED, JobStatus.QUEUED, ""
+    values: dict[str, object] = {"status": status}
+    if status != JobStatus.QUEUED:
+        values.update(error=error, finished_at=timezone.now())
     if left.filter(attempts=job.attempts).update(**values) != 1:
         return None
     job.refresh_from_db()
+    line = f"re-queued: {why}" if outcome is Recovered.REQUEUED else f"{outcome}: {why}"
     append_log(job, line)
-    job.save(update_fields=["log_tail"])
     if outcome is Recovered.REQUEUED:
+        job.save(update_fields=["log_tail"])
         enqueue(job)
+    else:
+        end_job(job, status, error)
     return outcome
 
 
@@ -310,8 +464,10 @@ def reap_lost_workers() -> list[Reaped]:
     """Recover the running jobs of every lost worker whose job heartbeat is stale too.
 
     The worker stays lost (it may come back and beat again). Each job moves by one conditional
-    UPDATE (``recover_from_lost_worker``), so reapers running at once, or a live worker claiming
-    the job meanwhile, never move it twice. It lives with jobs, above the workers' state it reads.
+    UPDATE (``_recover``), so reapers running at once, or a live worker claiming the job
+    meanwhile, never move it twice. It lives with jobs, above the workers' state it reads. A
+    worker restarted under the same name is not lost: it moves what its previous process held
+    itself (``recover_restarted_worker``).
     """
     reaped = []
     for hostname in lost_workers().values_list("hostname", flat=True):

@@ -20,7 +20,7 @@ from r1platform.core.demo import demo_pipeline
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import LaunchForm, dataset_label
 from r1platform.jobs.models import Job, JobStatus
-from r1platform.jobs.services import LaunchRefused, cancel_job, launch_job
+from r1platform.jobs.services import LaunchRefused, cancel_job, launch_job, waits_for_broker
 from r1platform.registry.models import ModelVersion
 
 PAGE_SIZE = 25
@@ -145,7 +145,9 @@ def job_new(request):
             except LaunchRefused as exc:
                 form.add_error(None, str(exc))
             else:
-                if created:
+                if waits_for_broker(job):
+                    messages.warning(request, _unsent_message(job))
+                elif created:
                     messages.success(request, f"Launched job {job.pk} on {version}.")
                 else:
                     messages.info(request, f"Job {job.pk} was already launched with this form.")
@@ -160,6 +162,13 @@ def job_new(request):
     if version.format == "torchscript":
         context["demo_choices"] = [(d.pk, dataset_label(d)) for d in form.datasets]
     return render(request, template_name, context)
+
+
+def _unsent_message(job: Job) -> str:
+    return (
+        f"Job {job.pk} is saved, but the job queue (the broker) cannot be reached right now. "
+        "It will start by itself once the broker is back; nothing else to do."
+    )
 
 
 @login_required

@@ -18,6 +18,7 @@ class NotificationSettingsAdmin(admin.ModelAdmin):
 @admin.register(Delivery)
 class DeliveryAdmin(admin.ModelAdmin):
     list_display = ["created_at", "team", "event", "channel", "target", "status", "attempts"]
+    list_display += ["response_status", "duration_ms"]
     list_filter = ["status", "channel", "event"]
     list_select_related = ["team"]
     search_fields = ["team__slug", "target"]

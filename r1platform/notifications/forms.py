@@ -7,7 +7,7 @@ from r1platform.accounts.models import Team
 from r1platform.notifications import services
 from r1platform.notifications.models import NotificationSettings
 
-URL_HELP = "Each event is POSTed there as JSON. http:// or https:// only."
+URL_HELP = "Each event is POSTed there as JSON. http:// or https:// only, to a public address."
 SECRET_HELP = (
     "When set, each request carries X-R1-Signature: sha256=<HMAC-SHA256 of the body>. "
     "Left blank, the current secret is kept."

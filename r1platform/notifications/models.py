@@ -62,6 +62,8 @@ class Delivery(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
     response_status = models.PositiveIntegerField(null=True, blank=True)
+    # How long the last webhook attempt took to answer (or fail); the answer's body is never kept.
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     sent_at = models.DateTimeField(null=True, blank=True)
 

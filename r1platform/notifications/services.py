@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from r1platform.accounts.models import Team
 from r1platform.celery import app
+from r1platform.notifications import addresses
 from r1platform.notifications.models import Channel, Delivery, NotificationSettings
 from r1platform.queues import Queue, TaskName
 
@@ -48,7 +49,8 @@ def check_webhook_url(url: str) -> str:
     """The URL, stripped, if it is http(s) with a host; ``ValidationError`` saying why if not.
 
     Only http and https are ever requested: a ``file:``, ``ftp:`` or ``javascript:`` URL would
-    make the worker read or run something other than a web request.
+    make the worker read or run something other than a web request. Nor may the host be, or
+    resolve to, an address inside the platform's network (``addresses``).
     """
     url = url.strip()
     if not url:
@@ -70,7 +72,24 @@ def check_webhook_url(url: str) -> str:
         raise ValidationError("The webhook URL has an invalid port.") from None
     if not host:
         raise ValidationError("The webhook URL must name a host, as in https://example.com/hook.")
+    check_webhook_host(host, _port or (443 if parts.scheme.lower() == "https" else 80))
     return url
+
+
+def check_webhook_host(host: str, port: int) -> None:
+    """``ValidationError`` if the host is, or resolves to, an address webhooks may not reach.
+
+    A name that does not resolve now is let through: it cannot be judged, and every delivery
+    resolves and checks it again before sending anything.
+    """
+    try:
+        addresses.vetted(host, port)
+    except addresses.UnresolvedHost:
+        return
+    except addresses.AddressRefused as exc:
+        raise ValidationError(
+            f"The webhook URL points inside the platform's network: {exc}."
+        ) from None
 
 
 def check_emails(emails: str | list[str]) -> list[str]:

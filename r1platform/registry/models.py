@@ -22,6 +22,14 @@ class Format(models.TextChoices):
     TENSORRT = "tensorrt", "TensorRT"
 
 
+class MirrorState(models.TextChoices):
+    """Where a version stands with the MLflow Model Registry (best effort, caught up by beat)."""
+
+    PENDING = "pending"
+    MIRRORED = "mirrored"
+    FAILED = "failed"
+
+
 class RegisteredModel(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="models")
     name = models.CharField(max_length=100)
@@ -77,6 +85,13 @@ class ModelVersion(models.Model):
     )
     mlflow_version = models.CharField(max_length=20, blank=True)
     mlflow_run_id = models.CharField(max_length=64, blank=True)
+    # Pending until mirrored; why the last try did not; failed once MLflow refused it
+    # R1_MLFLOW_MIRROR_ATTEMPTS times (unreachable tries are not counted).
+    mlflow_state = models.CharField(
+        max_length=10, choices=MirrorState.choices, default=MirrorState.PENDING, db_index=True
+    )
+    mlflow_error = models.TextField(blank=True)
+    mlflow_attempts = models.PositiveIntegerField(default=0)
 
     class Meta:
         constraints = [

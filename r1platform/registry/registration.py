@@ -15,13 +15,9 @@ from django.db import IntegrityError
 
 from pipelines.core import Artifact, BenchmarkRow, TensorSpec
 from r1platform.core import storage, tracking
+from r1platform.registry.mirror import mirror_to_mlflow
 from r1platform.registry.models import BenchmarkResult, ModelVersion
-from r1platform.registry.services import (
-    lineage,
-    mirror_to_mlflow,
-    register_version,
-    version_artifact,
-)
+from r1platform.registry.services import lineage, register_version, version_artifact
 
 # BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
 BENCHMARK_FIELDS = (
@@ -92,6 +88,7 @@ class JobOutputs:
                 storage.remove(relative)
                 version = ModelVersion.objects.get(job_id=job.pk, artifact_key=artifact.key)
         self.versions[artifact.key] = version
+        # Best effort: when MLflow is down the version stays pending and is mirrored later.
         mirror_to_mlflow(version, run_id=job.mlflow_run_id)
         return version, fresh
 
@@ -124,7 +121,7 @@ class JobOutputs:
             prefix = f"bench.v{version.number}.b{row.batch_size}"
             metrics.update({f"{prefix}.p50_ms": row.p50_ms, f"{prefix}.p99_ms": row.p99_ms})
             metrics[f"{prefix}.throughput"] = row.throughput
-        if metrics:
+        if metrics:  # best effort; the rows above are what the platform keeps
             tracking.log_metrics(self.job.mlflow_run_id, metrics)
 
 

@@ -13,7 +13,8 @@ from django.utils import timezone
 from pipelines.core import Artifact, TensorSpec
 from pipelines.formats import RejectedUpload, inspect_model, parse_input_shapes, sanitize_filename
 from r1platform.accounts.models import Team
-from r1platform.core import storage, tracking
+from r1platform.core import storage
+from r1platform.registry.mirror import mirror_to_mlflow, mlflow_name  # noqa: F401 - callers
 from r1platform.registry.models import ModelVersion, RegisteredModel, Task
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ def model_name_problem(name: str) -> str | None:
         "starting with a letter or digit, without '..' (MLflow, serving URLs and Triton's "
         "model repository all need such names)"
     )
-
-
-def mlflow_name(team: Team, name: str) -> str:
-    return f"{team.slug}.{name}"
 
 
 def upload_model(
@@ -110,6 +107,8 @@ def upload_model(
     except Exception:
         storage.remove(relative)
         raise
+    # Best effort, bounded by R1_MLFLOW_TIMEOUT_SECONDS: when MLflow is down the version says
+    # its mirror is pending and beat's r1.mirror_versions mirrors it later.
     transaction.on_commit(lambda: mirror_to_mlflow(version))
     return version
 
@@ -160,62 +159,6 @@ def register_version(
             metrics=metrics or {},
             created_by=user,
         )
-
-
-def mirror_to_mlflow(version: ModelVersion, run_id: str | None = None) -> str:
-    """Register the version's file in the MLflow Model Registry (once) and remember its number.
-
-    An uploaded version has no job run, so it gets an "upload" run of its own holding the file.
-    A tracking store that is down must not lose the upload: the failure is logged and the next
-    job on this version mirrors it again.
-    """
-    if version.mlflow_version:
-        return version.mlflow_version
-    model = version.model
-    try:
-        if run_id is None:
-            experiment = tracking.experiment_id(f"team-{model.team.slug}")
-            run_id = tracking.start_run(
-                experiment, f"upload {model.name} v{version.number}", {"r1.kind": "upload"}
-            )
-            tracking.log_params(run_id, {"sha256": version.sha256, "format": version.format})
-            source = tracking.log_artifact(
-                run_id, storage.media_path(version.file), f"versions/v{version.number}"
-            )
-            tracking.finish_run(run_id, succeeded=True)
-        else:
-            source = tracking.log_artifact(
-                run_id, storage.media_path(version.file), f"versions/v{version.number}"
-            )
-        number = tracking.register_model_version(
-            model.mlflow_name or mlflow_name(model.team, model.name),
-            source=source,
-            run_id=run_id,
-            tags=mlflow_tags(version),
-        )
-    except Exception as exc:  # noqa: BLE001 - the tracking store is optional for the upload to land
-        log.warning("could not mirror %s to MLflow: %s", version, exc)
-        return ""
-    ModelVersion.objects.filter(pk=version.pk).update(mlflow_version=number, mlflow_run_id=run_id)
-    version.mlflow_version, version.mlflow_run_id = number, run_id
-    return number
-
-
-def mlflow_tags(version: ModelVersion) -> dict[str, str]:
-    tags = {
-        "r1.version_id": str(version.pk),
-        "r1.version": str(version.number),
-        "format": version.format,
-        "precision": version.precision,
-        "sha256": version.sha256,
-    }
-    if version.backend:
-        tags["backend"] = version.backend
-    if version.parent_id:
-        tags["parent_version"] = str(version.parent.number)
-    if version.job_id:
-        tags["r1.job_id"] = str(version.job_id)
-    return tags
 
 
 def input_specs(version: ModelVersion) -> list[TensorSpec]:

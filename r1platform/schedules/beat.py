@@ -10,6 +10,9 @@ correctness does not rest on the lease alone.
 
 Set as ``CELERY_BEAT_SCHEDULER``; the static ``CELERY_BEAT_SCHEDULE`` entries (the reaper) are
 stored as PeriodicTask rows by the parent class and sent by the leader like every schedule.
+
+A database outage (a PostgreSQL restart) never stops beat: a tick that cannot reach the database
+logs it, drops the connection and sends nothing; the next tick, on a new connection, tries again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import Error, IntegrityError, close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django_celery_beat.schedulers import SCHEDULE_SYNC_MAX_INTERVAL, DatabaseScheduler
@@ -78,18 +81,38 @@ class LeaderScheduler(DatabaseScheduler):
     def tick(self, *args: Any, **kwargs: Any) -> float:
         # Renew often enough that a leader between two ticks never lets its lease lapse.
         renew_every = max(0.5, self.lease_seconds / 3)
-        if not self._lead():
+        try:
+            if not self._lead():
+                return renew_every
+            return min(super().tick(*args, **kwargs), renew_every)
+        except Error as exc:  # the parent reads and writes its entries outside any try
+            log.warning(
+                "beat %s: the database failed during a tick (%s); trying again in %.1f s",
+                self.holder,
+                exc,
+                renew_every,
+            )
+            self._drop_connection()
+            self._reload()  # the entries may be half-read: read them whole next time
             return renew_every
-        return min(super().tick(*args, **kwargs), renew_every)
+
+    def _drop_connection(self) -> None:
+        try:
+            connection.close()
+        except Error as exc:
+            log.debug("beat %s: closing a broken connection: %s", self.holder, exc)
 
     def _lead(self) -> bool:
         try:
             close_old_connections()
             leading = take_lease(self.holder, self.lease_seconds)
-        except DatabaseError as exc:
-            # Without the database no one can tell who leads: send nothing until it is back.
+        except Error as exc:
+            # Without the database no one can tell who leads: send nothing until it is back,
+            # then read every entry afresh, as a standby taking over does.
             log.warning("beat %s: cannot reach the lease (%s); sending nothing", self.holder, exc)
-            leading = False
+            self._drop_connection()
+            self.leading = False
+            return False
         if leading and self.leading is False:
             # Standby until now: the entries' last runs were written by the previous leader.
             self._reload()
@@ -131,5 +154,5 @@ class LeaderScheduler(DatabaseScheduler):
             try:
                 release_lease(self.holder)
                 log.info("beat %s: stopped, lease released", self.holder)
-            except DatabaseError as exc:
+            except Error as exc:
                 log.warning("beat %s: could not release the lease: %s", self.holder, exc)

@@ -16,6 +16,7 @@ from pydantic import ValidationError as SettingsError
 
 from pipelines.stages import MAX_STAGES, REGISTRY
 from r1platform.accounts.models import Team
+from r1platform.datasets.models import Dataset
 from r1platform.schedules.checks import ScheduleRefused, clean_name, creator
 from r1platform.schedules.models import PipelineTemplate
 from r1platform.schedules.planning import CERTIFY, fill_datasets
@@ -26,7 +27,7 @@ def create_template(
     *, team: Team, user: object, name: str, stages: list[dict], description: str = ""
 ) -> PipelineTemplate:
     name = clean_name(name, "template")
-    stages = check_template_stages(stages)
+    stages = check_template_stages(stages, team)
     if PipelineTemplate.objects.filter(team=team, name=name).exists():
         raise ScheduleRefused(f"{team} already has a template named {name!r}")
     try:
@@ -56,7 +57,7 @@ def update_template(template: PipelineTemplate, **changes: Any) -> PipelineTempl
                 f"{template.team} already has a template named {changes['name']!r}"
             )
     if "stages" in changes:
-        changes["stages"] = check_template_stages(changes["stages"])
+        changes["stages"] = check_template_stages(changes["stages"], template.team)
     if "description" in changes:
         changes["description"] = (changes["description"] or "").strip()[:300]
     with transaction.atomic():
@@ -89,9 +90,10 @@ def delete_template(template: PipelineTemplate) -> None:
     template.delete()
 
 
-def check_template_stages(stages: Any) -> list[dict]:
-    """The template's stages as ``[{"name", "settings"}]``, each stage known and its settings
-    valid once the run fills the dataset (and the certify profile) in; ScheduleRefused if not.
+def check_template_stages(stages: Any, team: Team) -> list[dict]:
+    """The template's stages as ``[{"name", "settings"}]``, each stage known, its settings
+    valid once the run fills the dataset (and the certify profile) in, and each dataset it
+    names one of ``team``'s; ScheduleRefused if not.
 
     Whether the stages fit a model's format is checked per schedule, where the model is known.
     """
@@ -105,6 +107,7 @@ def check_template_stages(stages: Any) -> list[dict]:
         raise ScheduleRefused(f"the template has {len(stages)} stages; at most {MAX_STAGES}")
     errors: list[str] = []
     cleaned: list[dict] = []
+    numbered: list[tuple[int, dict]] = []  # the valid stages, by their place in the template
     for index, item in enumerate(stages, start=1):
         name = item.get("name") if isinstance(item, dict) else None
         raw = item.get("settings", {}) if isinstance(item, dict) else None
@@ -134,6 +137,33 @@ def check_template_stages(stages: Any) -> list[dict]:
                 errors.append(f"stage {index} ({name}): {field}: {error['msg']}")
             continue
         cleaned.append({"name": name, "settings": dict(raw)})
+        numbered.append((index, cleaned[-1]))
+    errors += foreign_datasets(numbered, team)
     if errors:
         raise ScheduleRefused("\n".join(errors))
     return cleaned
+
+
+def foreign_datasets(stages: list[tuple[int, dict]], team: Team) -> list[str]:
+    """An error for each dataset id the (numbered) stages name that is not one of ``team``'s.
+
+    Another team's id and an id that does not exist get the same answer, so a template cannot
+    be used to learn which datasets other teams have.
+    """
+    named: list[tuple[int, str, str, int]] = []
+    for index, stage in stages:
+        for key, value in stage["settings"].items():
+            if not key.endswith("dataset_id") or value is None or isinstance(value, bool):
+                continue
+            try:
+                named.append((index, stage["name"], key, int(value)))
+            except (TypeError, ValueError):
+                continue  # not an id: the stage's settings check says so
+    ids = {dataset_id for *_, dataset_id in named}
+    own = set(Dataset.objects.filter(team=team, pk__in=ids).values_list("pk", flat=True))
+    return [
+        f"stage {index} ({name}): {key} {dataset_id} is not one of {team}'s datasets; use an id "
+        "from its dataset list, or leave it out where the run fills in the training dataset"
+        for index, name, key, dataset_id in named
+        if dataset_id not in own
+    ]

@@ -193,8 +193,21 @@ def _queue_decision(run: ScheduleRun) -> None:
 
 
 def send_decision(run_id: int, queue: str) -> None:
-    """Send ``r1.decide_schedule_run`` by name (the task lives in ``schedules.tasks``)."""
-    app.send_task(TaskName.DECIDE_SCHEDULE_RUN.value, args=[run_id], queue=queue)
+    """Send ``r1.decide_schedule_run`` by name (the task lives in ``schedules.tasks``).
+
+    Never raises: with the broker down the decision is not sent, and the schedule's next tick
+    asks again once the run has waited ``DECISION_LOST_SECONDS`` (``_still_going``).
+    """
+    try:
+        app.send_task(
+            TaskName.DECIDE_SCHEDULE_RUN.value,
+            args=[run_id],
+            queue=queue,
+            retry=True,
+            retry_policy={"max_retries": 0},
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the next tick asks again
+        log.warning("schedule run %s: its decision could not be queued now: %s", run_id, exc)
 
 
 def _conclude(run: ScheduleRun, decision: str, reason: str, **fields: Any) -> bool:

@@ -8,10 +8,13 @@
 | `GET /v2/models/{name}[/versions/{v}]` | token | model metadata; 503 when not ready |
 | `GET /v2/models/{name}[/versions/{v}]/ready` | token | 200, or 503 with the reason |
 | `POST /v2/models/{name}[/versions/{v}]/infer` | token | outputs; 400 bad input, 500 failed |
-| `GET /metrics` | none | Prometheus metrics |
+| `GET /metrics` | metrics token or token | Prometheus metrics (a team token: its models only) |
 
 Model names are a team's registered model names: a token sees only its own team's models, and
-another team's model does not exist for it (404). Errors are ``{"error": "..."}``.
+another team's model does not exist for it (404). Errors are ``{"error": "..."}``. A token works
+while it is usable (``serving.tokens``: read again every second, refused with 503 when the
+database could not be read for ``token_max_age_seconds``). ``/metrics`` also takes
+``R1_METRICS_TOKEN`` as a bearer token, which sees every series.
 
 Every answer of a served model is also counted in the serving history (``serving.stats``), which
 a thread writes to the database per window for the model page's charts.
@@ -39,7 +42,8 @@ from starlette.routing import Route
 
 from pipelines.core import PipelineError
 from pipelines.engines import EngineInputError
-from r1platform.serving.metrics import ServingMetrics
+from r1platform.serving.memory import BodyBudget
+from r1platform.serving.metrics import ServingMetrics, is_metrics_token
 from r1platform.serving.protocol import (
     JSON_LENGTH_HEADER,
     ProtocolError,
@@ -51,6 +55,12 @@ from r1platform.serving.protocol import (
 from r1platform.serving.runtime import ModelRuntime, ServedModel
 from r1platform.serving.source import ModelSource, ModelSpec
 from r1platform.serving.stats import ServingStats, WindowFlusher
+from r1platform.serving.tokens import (
+    DEFAULT_MAX_AGE_SECONDS,
+    TokenCache,
+    TokenRefresher,
+    TokensUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +73,16 @@ PARSE_IN_THREAD_BYTES = 1024 * 1024
 class ServingOptions:
     batching: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Large bodies (over PARSE_IN_THREAD_BYTES) held at once, all requests together; the next
+    # one waits, unread, for room (see serving.memory).
+    max_body_bytes_in_flight: int = 4 * DEFAULT_MAX_BODY_BYTES
     poll_seconds: float = 1.0
     # How often the serving history is written (None: R1_SERVING_STATS_SECONDS).
     stats_seconds: float | None = None
+    # Tokens that could not be read again for this long are all refused (503).
+    token_max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS
+    # The bearer token /metrics takes for every series (None: R1_METRICS_TOKEN; "": none).
+    metrics_token: str | None = None
 
 
 class ServingError(Exception):
@@ -86,9 +103,16 @@ def json_response(payload: object) -> Response:
 
 
 class _Api:
-    def __init__(self, runtime: ModelRuntime, metrics: ServingMetrics, options: ServingOptions):
-        self.runtime, self.metrics, self.options = runtime, metrics, options
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        metrics: ServingMetrics,
+        options: ServingOptions,
+        tokens: TokenCache,
+    ) -> None:
+        self.runtime, self.metrics, self.options, self.tokens = runtime, metrics, options, tokens
         self.stats = runtime.stats
+        self.bodies = BodyBudget(max(options.max_body_bytes_in_flight, options.max_body_bytes))
         try:
             self.server_version = package_version("r1platform")
         except PackageNotFoundError:
@@ -128,7 +152,18 @@ class _Api:
         return Response(status_code=200)
 
     async def metrics_page(self, request: Request) -> Response:
-        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        """Every series for the metrics token; a team's token: its own models' series only."""
+        expected = self.options.metrics_token
+        if expected is None:
+            expected = settings.R1_METRICS_TOKEN
+        if is_metrics_token(_bearer(request), expected):
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        try:
+            team = self._team(request)
+        except ServingError as exc:
+            return error_response(exc.status, str(exc))
+        slugs = {m.spec.team for m in self.runtime.served() if m.spec.team_id == team}
+        return Response(self.metrics.exposition(slugs), media_type=CONTENT_TYPE_LATEST)
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -141,23 +176,26 @@ class _Api:
             spec = served.spec
             label, version = spec.label, str(spec.version)
             _ready(served)
-            body = await self._body(request)
-            header_length = request.headers.get(JSON_LENGTH_HEADER)
-            if len(body) > PARSE_IN_THREAD_BYTES:
-                parsed = await asyncio.to_thread(parse_infer_request, body, header_length)
-            else:
-                parsed = parse_infer_request(body, header_length)
-            # Looked up again after the awaits: a swap may have happened while the body came in.
-            # From here to submit nothing awaits, so the request joins the engine it was checked
-            # against, and a swap cannot slip in between.
-            served = _ready(self._find(request))
-            spec = served.spec
-            label, version = spec.label, str(spec.version)
-            assert served.engine is not None and served.batcher is not None
-            check_request(parsed, served.inputs, served.output_names)
-            arrays = served.engine.validate(parsed.inputs)
-            outputs = await served.batcher.submit(arrays)
-            content, headers = encode_infer_response(parsed, served.spec.name, version, outputs)
+            async with self.bodies.hold(self._large_body_size(request)):
+                body = await self._body(request)
+                header_length = request.headers.get(JSON_LENGTH_HEADER)
+                if len(body) > PARSE_IN_THREAD_BYTES:
+                    parsed = await asyncio.to_thread(parse_infer_request, body, header_length)
+                else:
+                    parsed = parse_infer_request(body, header_length)
+                # Looked up again after the awaits: a swap may have happened while the body came
+                # in. From here to submit nothing awaits, so the request joins the engine it was
+                # checked against, and a swap cannot slip in between.
+                served = _ready(self._find(request))
+                spec = served.spec
+                label, version = spec.label, str(spec.version)
+                assert served.engine is not None and served.batcher is not None
+                check_request(parsed, served.inputs, served.output_names)
+                arrays = served.engine.validate(parsed.inputs)
+                del body  # the arrays keep what they use of it
+                outputs = await served.batcher.submit(arrays)
+                content, headers = encode_infer_response(parsed, spec.name, version, outputs)
+                del parsed, arrays, outputs
             status = 200
             return Response(content, headers=headers)
         except ServingError as exc:
@@ -196,28 +234,46 @@ class _Api:
         return served
 
     def _team(self, request: Request) -> int:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = _bearer(request)
+        if not token:
             raise ServingError(401, "send a team API token: Authorization: Bearer <token>")
-        team = self.runtime.team_for(token.strip())
+        try:
+            team = self.tokens.team_for(token)
+        except TokensUnavailable as exc:
+            raise ServingError(503, str(exc)) from None
         if team is None:
-            raise ServingError(401, "this API token is not known")
+            raise ServingError(
+                401,
+                "this API token is not valid: unknown, revoked, or its user left the team or "
+                "was deactivated; ask a team member for a new one",
+            )
         return team
 
-    async def _body(self, request: Request) -> bytes:
+    def _large_body_size(self, request: Request) -> int:
+        """What this body takes from the budget: 0 when small, the limit when of unknown size."""
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else self.options.max_body_bytes
+        return min(size, self.options.max_body_bytes) if size > PARSE_IN_THREAD_BYTES else 0
+
+    async def _body(self, request: Request) -> bytearray:
+        """The body in one buffer (no list of chunks joined into a second copy)."""
         limit = self.options.max_body_bytes
         too_large = ServingError(413, f"the request body is over the {limit} byte limit")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
-        chunks: list[bytes] = []
-        size = 0
+        body = bytearray()
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if len(body) + len(chunk) > limit:
                 raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body += chunk
+        return body
+
+
+def _bearer(request: Request) -> str:
+    """The request's bearer token, "" when it sends none."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _ready(served: ServedModel) -> ServedModel:
@@ -236,7 +292,9 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     )
     stats_seconds = options.stats_seconds or settings.R1_SERVING_STATS_SECONDS
     flusher = WindowFlusher(stats, source, stats_seconds, live=runtime.ready_specs)
-    api = _Api(runtime, metrics, options)
+    tokens = TokenCache(options.token_max_age_seconds)
+    refresher = TokenRefresher(source, tokens, every=min(options.poll_seconds, 1.0))
+    api = _Api(runtime, metrics, options, tokens)
     models, versions = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     # Routes are matched in order: inference, the hot path, first.
     routes = [
@@ -254,11 +312,13 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(refresher.start)  # waits (briefly) for the first read
         runtime.start(asyncio.get_running_loop())
         flusher.start()
         try:
             yield
         finally:
+            await asyncio.to_thread(refresher.stop)
             await runtime.stop()
             # After the drain, so the last window holds the answers the drain gave.
             await asyncio.to_thread(flusher.stop)
@@ -271,5 +331,6 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.runtime = runtime
     app.state.metrics = metrics
+    app.state.tokens = tokens
     app.state.stats_flusher = flusher
     return app

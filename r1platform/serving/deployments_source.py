@@ -1,8 +1,8 @@
 """The ``ModelSource`` of `manage.py serve`: one pool's deployments at one stage, and the tokens.
 
-Read by the serving process's poller thread once a second: two small queries, the deployments
-(with their versions and pool) and every API token's hash and team. The stats thread writes the
-serving history here too (``record_windows``), on its own connection.
+Read once a second: the deployments (with their versions and pool) by the serving process's
+poller thread, the usable API tokens' hashes and teams by its tokens thread. The stats thread
+writes the serving history here too (``record_windows``), on its own connection.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ class DeploymentSource:
         return [model_spec(d) for d in pool_deployments(self.pool, self.stage)]
 
     def token_teams(self) -> dict[str, int]:
-        return dict(ApiToken.objects.values_list("token_hash", "team_id"))
+        """Only usable tokens: not revoked, of active users still in the token's team."""
+        # Read from the tokens thread (``serving.tokens``), on its own connection.
+        close_old_connections()
+        return dict(ApiToken.objects.usable().values_list("token_hash", "team_id"))
 
     def record_windows(self, windows: list[Window]) -> None:
         """One ``ServingWindow`` row per model version; rows past ``KEEP_DAYS`` go, hourly."""

@@ -2,11 +2,18 @@
 
 Model labels are ``team/name``: model names are unique only within a team. Requests for models
 that are not served are counted under ``model=""``, so a caller cannot grow the label set.
+
+``/metrics`` names teams and models, so it wants a bearer token: ``R1_METRICS_TOKEN`` (what
+Prometheus sends) sees every series; a team's API token sees only its own models' series.
 """
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Collection, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -51,5 +58,31 @@ class ServingMetrics:
             "r1_serving_models_ready", "Models loaded and answering", registry=self.registry
         )
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, teams: Collection[str] | None = None) -> bytes:
+        """Every series, or (``teams`` given, as slugs) only those of these teams' models."""
+        if teams is None:
+            return generate_latest(self.registry)
+        prefixes = tuple(f"{team}/" for team in teams)
+        return generate_latest(_OnlyModels(self.registry, prefixes))  # type: ignore[arg-type]
+
+
+class _OnlyModels:
+    """A view of a registry holding only the series whose ``model`` label has a prefix."""
+
+    def __init__(self, registry: CollectorRegistry, prefixes: tuple[str, ...]) -> None:
+        self.registry, self.prefixes = registry, prefixes
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            samples = [
+                s for s in family.samples if s.labels.get("model", "").startswith(self.prefixes)
+            ]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
+
+def is_metrics_token(given: str, expected: str) -> bool:
+    """Whether ``given`` is the metrics token; never when none is set."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())

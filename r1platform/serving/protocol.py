@@ -77,7 +77,7 @@ class InferRequest:
     binary_outputs: bool  # the default for outputs not asked for by name
 
 
-def parse_infer_request(body: bytes, json_length: str | None) -> InferRequest:
+def parse_infer_request(body: bytes | bytearray, json_length: str | None) -> InferRequest:
     """A request body (and its ``Inference-Header-Content-Length`` header, if any) as arrays."""
     header, binary = _split_body(body, json_length)
     try:
@@ -175,7 +175,9 @@ def error_body(message: str) -> bytes:
 # -- pieces ----------------------------------------------------------------------------------------
 
 
-def _split_body(body: bytes, json_length: str | None) -> tuple[bytes, memoryview]:
+def _split_body(
+    body: bytes | bytearray, json_length: str | None
+) -> tuple[bytes | bytearray, memoryview]:
     if json_length is None:
         return body, memoryview(b"")
     try:

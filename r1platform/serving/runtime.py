@@ -25,7 +25,6 @@ from pathlib import Path
 from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
 from pipelines.engines import Engine, load_engine
 from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
-from r1platform.accounts.models import hash_token
 from r1platform.core.storage import sha256_file
 from r1platform.serving.batcher import DynamicBatcher
 from r1platform.serving.metrics import ServingMetrics
@@ -143,7 +142,7 @@ def load_model(spec: ModelSpec) -> ServedModel:
 
 
 class ModelRuntime:
-    """What the HTTP app asks: which models serve, in which state, and whose token is whose."""
+    """What the HTTP app asks: which models serve, and in which state (tokens: ``tokens``)."""
 
     def __init__(
         self,
@@ -159,9 +158,8 @@ class ModelRuntime:
         self.stats = stats or ServingStats()
         self.batching = batching
         self.poll_seconds = poll_seconds
-        # Read by the event loop, replaced whole by the loop (models) or the poller (tokens).
+        # Read by the event loop, replaced whole by the loop.
         self._models: dict[tuple[int, str], ServedModel] = {}
-        self._token_teams: dict[str, int] = {}
         self._attempted: dict[tuple[int, str], tuple[object, ...]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,11 +169,12 @@ class ModelRuntime:
 
     # -- what the event loop reads -----------------------------------------------------------------
 
-    def team_for(self, raw_token: str) -> int | None:
-        return self._token_teams.get(hash_token(raw_token))
-
     def lookup(self, team_id: int, name: str) -> ServedModel | None:
         return self._models.get((team_id, name))
+
+    def served(self) -> list[ServedModel]:
+        """Every model of the pool, ready or not."""
+        return list(self._models.values())
 
     def ready_specs(self) -> list[ModelSpec]:
         """The models answering now (read from the stats thread: the dict is replaced whole)."""
@@ -211,9 +210,8 @@ class ModelRuntime:
     # -- the poller thread -------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Load what changed, drop what is gone, refresh the tokens. Poller thread only."""
+        """Load what changed, drop what is gone. Poller thread only."""
         specs = {spec.key: spec for spec in self.source.models()}
-        self._token_teams = self.source.token_teams()
         for key, spec in specs.items():
             if self._stop.is_set():
                 return

@@ -70,7 +70,8 @@ class ModelSource(Protocol):
         ...
 
     def token_teams(self) -> dict[str, int]:
-        """The team of every API token that may call, keyed by the token's sha256."""
+        """The team of every API token that may call, keyed by the token's sha256; read from
+        the tokens thread (``serving.tokens``) about once a second."""
         ...
 
     # A source also takes the serving history's closed windows: ``serving.stats.WindowSink``
