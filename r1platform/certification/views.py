@@ -55,6 +55,8 @@ def certification_detail(request, pk: int):
     cert = _get_cert_for_user(request, pk)
     context = _detail_context(cert)
     if _wants_partial(request):
+        # The last poll clears the flash messages ("queued"), which are over by then.
+        context["clear_messages"] = cert.status != CertStatus.PENDING
         html = render_to_string(DETAIL + "#cert-live", context, request=request)
         if cert.status != CertStatus.PENDING:
             return HttpResponseStopPolling(html)  # 286: the final state, and polling stops

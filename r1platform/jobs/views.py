@@ -177,6 +177,8 @@ def job_detail(request, pk: int):
     job = _get_job_for_user(request, pk)
     context = _job_context(job)
     if _wants_partial(request):
+        # The last poll clears the flash messages, which described the job before its end.
+        context["clear_messages"] = job.is_finished
         html = render_to_string(DETAIL + "#job-live", context, request=request)
         if job.is_finished:
             # 286: htmx swaps in this final state and stops polling; the final markup carries
