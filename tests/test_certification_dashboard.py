@@ -295,3 +295,14 @@ def test_posts_need_the_csrf_token(user, passed, ort):
     token = page.cookies[settings.CSRF_COOKIE_NAME].value
     response = strict.post(certify, form, HTTP_X_CSRFTOKEN=token)
     assert response.status_code == 302 and Certification.objects.count() == 2
+
+
+def test_the_thresholds_show_the_golden_rows_actually_used(member_client, passed):
+    # A real suite records every setting as a threshold (suite.py dumps CertifySettings): the
+    # golden set is capped at 256 rows, and the generated set had 64.
+    passed.report["thresholds"]["golden_rows"] = 256
+    passed.save(update_fields=["report"])
+    assert passed.report["golden"]["rows"] == 64
+    page = member_client.get(passed.get_absolute_url()).content.decode()
+    section = page.split("<h2>Thresholds</h2>", 1)[1].split("</section>", 1)[0]
+    assert "<code>golden_rows</code></td><td>64 used (at most 256)</td>" in section

@@ -93,6 +93,17 @@ def _pairs(data: dict | None) -> list[tuple[str, str]]:
     return [(str(k), show(v)) for k, v in (data or {}).items()]
 
 
+def _thresholds(doc: dict) -> list[tuple[str, str]]:
+    """The thresholds in force; ``golden_rows`` (a cap) with the rows the check actually used."""
+    pairs = _pairs(doc["thresholds"])
+    used = (doc.get("golden") or {}).get("rows")
+    if used is None:
+        return pairs
+    return [
+        (k, f"{show(used)} used (at most {v})" if k == "golden_rows" else v) for k, v in pairs
+    ]
+
+
 def _histograms(checks: list[dict]) -> Any:
     parity = next((c for c in checks if c["id"] == CheckId.PARITY), None)
     return (parity or {}).get("details", {}).get("histograms")
@@ -113,7 +124,7 @@ def report_context(cert: Certification, *, live: bool = False) -> dict:
         "counts": {VERDICT_TEXT[v]: n for v, n in counts.items() if n},
         "missing": [CHECKS[c] for c in expected if c.value not in {x["id"] for x in checks}],
         "chart": parity_chart_svg(_histograms(doc["checks"])),
-        "thresholds": _pairs(doc["thresholds"]),
+        "thresholds": _thresholds(doc),
         "reference": _pairs(doc["reference"]),
         "golden": _pairs(doc["golden"]),
         "engine": _pairs((cert.report or {}).get("engine")),
