@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from r1platform.registry import compare, downloads, views
+from r1platform.registry import downloads, views
 
 app_name = "registry"
 
@@ -10,7 +10,7 @@ urlpatterns = [
     path("", views.model_list, name="model_list"),
     path("models/upload/", views.model_upload, name="model_upload"),
     path("models/<int:pk>/", views.model_detail, name="model_detail"),
-    path("models/<int:pk>/compare/", compare.compare, name="compare"),
+    path("models/<int:pk>/compare/", views.compare, name="compare"),
     path("versions/<int:pk>/", views.version_detail, name="version_detail"),
     path("versions/<int:pk>/download/", downloads.version_download, name="version_download"),
 ]

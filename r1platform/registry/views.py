@@ -16,6 +16,7 @@ from r1platform.core.charts.benchmarks import latency_chart_svg
 from r1platform.core.charts.training import stage_training_charts
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
+from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
 from r1platform.registry.history import benchmark_history
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
@@ -327,3 +328,24 @@ def version_detail(request, pk: int):
         ],
     }
     return render(request, "registry/version_detail.html", context)
+
+
+@login_required
+def compare(request, pk: int):
+    qs = RegisteredModel.objects.select_related("team")
+    model = get_scoped_or_404(qs, teams_for(request.user), pk=pk)
+    versions, problem = compare_tables.chosen_versions(model, request.GET.getlist("v"))
+    context = {
+        "model": model,
+        "all_versions": model.versions.order_by("-number"),
+        "chosen": {v.pk for v in versions},
+        "versions": versions,
+        "problem": problem,
+    }
+    if len(versions) >= 2:
+        context |= {
+            "metrics": compare_tables.metric_lines(versions),
+            "benchmarks": compare_tables.benchmark_lines(versions),
+            "certifications": compare_tables.certification_lines(versions),
+        }
+    return render(request, "registry/compare.html", context)

@@ -1,5 +1,5 @@
-"""Versions of one model side by side: metrics, benchmark rows at the same batch and device, and
-certifications.
+"""The compare page's tables: versions of one model side by side (metrics, benchmark rows at
+the same batch and device, and certifications).
 
 Only rows measured alike are put in one line: the same batch size on the same device, each
 version's row from the latest job that benchmarked it. A row whose timing windows disagreed is
@@ -12,10 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
-
-from r1platform.accounts.scoping import get_scoped_or_404, teams_for
 from r1platform.certification.models import Certification
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 
@@ -101,24 +97,3 @@ def chosen_versions(model: RegisteredModel, raw_ids: list[str]) -> tuple[list[Mo
     if len(versions) < 2:
         return versions, "pick two or more versions of this model to compare them"
     return versions, ""
-
-
-@login_required
-def compare(request, pk: int):
-    qs = RegisteredModel.objects.select_related("team")
-    model = get_scoped_or_404(qs, teams_for(request.user), pk=pk)
-    versions, problem = chosen_versions(model, request.GET.getlist("v"))
-    context = {
-        "model": model,
-        "all_versions": model.versions.order_by("-number"),
-        "chosen": {v.pk for v in versions},
-        "versions": versions,
-        "problem": problem,
-    }
-    if len(versions) >= 2:
-        context |= {
-            "metrics": metric_lines(versions),
-            "benchmarks": benchmark_lines(versions),
-            "certifications": certification_lines(versions),
-        }
-    return render(request, "registry/compare.html", context)
