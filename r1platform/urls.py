@@ -15,6 +15,7 @@ urlpatterns = [
     path("workers/", include("r1platform.workers.urls")),
     path("schedules/", include("r1platform.schedules.urls")),
     path("notifications/", include("r1platform.notifications.urls")),
+    path("teams/", include("r1platform.accounts.urls")),
     path("mlflow/", include("r1platform.core.urls")),
     path("", include("r1platform.monitoring.urls")),
     path("api/v1/", api.urls),

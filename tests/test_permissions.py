@@ -17,6 +17,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.urls.resolvers import RoutePattern
 
+from r1platform.accounts.models import ApiToken
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.core import storage
 from r1platform.datasets.models import Dataset
@@ -162,6 +163,7 @@ def objects_a(team, user, media) -> dict[str, object]:
         "template": template,
         "schedule": schedule,
         "team": team,
+        "token": ApiToken.issue(user, team, name="private")[0],
     }
 
 
@@ -171,6 +173,7 @@ OBJECT_FOR = {
     "registry:version_detail": "version",
     "registry:version_download": "version",
     "registry:compare": "model",
+    "accounts:revoke": "token",
     "jobs:job_detail": "job",
     "jobs:job_cancel": "job",
     "datasets:dataset_detail": "dataset",

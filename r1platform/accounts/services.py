@@ -13,3 +13,18 @@ def revoke_tokens(user_id: int, team_id: int | None = None) -> int:
     if team_id is not None:
         tokens = tokens.filter(team_id=team_id)
     return tokens.update(revoked_at=timezone.now())
+
+
+def issue_token(user: object, team_id: int, name: str) -> tuple[ApiToken, str]:
+    """A new token for ``user`` in one of their teams, and its raw value (shown once)."""
+    from r1platform.accounts.models import Membership, Team
+
+    if not Membership.objects.filter(user=user, team_id=team_id).exists():
+        raise PermissionError("you can make tokens only for a team you belong to")
+    return ApiToken.issue(user, Team.objects.get(pk=team_id), name=name.strip()[:100])
+
+
+def revoke_own_token(user: object, token_id: int) -> bool:
+    """Revoke one of ``user``'s own tokens; False if there is no such usable token."""
+    tokens = ApiToken.objects.filter(pk=token_id, user=user, revoked_at__isnull=True)
+    return tokens.update(revoked_at=timezone.now()) == 1

@@ -47,7 +47,10 @@ api = PlatformAPI(
     description=(
         "Upload models, launch pipelines, read versions, jobs and benchmarks; certify versions "
         "on hardware profiles and read their certificates; promote certified versions to "
-        "serving pools, roll them back, approve promotions and read the audit log."
+        "serving pools, roll them back, approve promotions and read the audit log.\n\n"
+        "**Authorize**: every call takes a team token as `Authorization: Bearer <token>`. Make "
+        "one on the dashboard's [API tokens](/teams/tokens/) page (or `manage.py issue_token "
+        "<user> <team>`), then press *Authorize* above and paste it."
     ),
     auth=TeamToken(),
     urls_namespace="api",
