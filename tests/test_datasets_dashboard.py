@@ -460,7 +460,9 @@ def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
     picker = re.search(r'<select name="dataset_finetune_dataset_id".*?</select>', form, re.S)
     assert f'<option value="{dataset.pk}" selected>' in picker.group(0)
     finetune_json = page.context["form"]["settings_finetune"].value()
-    assert json.loads(finetune_json) == {"epochs": 3}, "the picker, not the JSON, holds the id"
+    # The picker holds the id and a field the epochs: nothing is left for the JSON box.
+    assert json.loads(finetune_json) == {}, "the picker, not the JSON, holds the id"
+    assert page.context["form"]["set_finetune_epochs"].value() == 3
 
     data = {"idempotency_key": uuid.uuid4().hex}
     for name in checked:
@@ -468,12 +470,16 @@ def test_it_prefills_the_demo_pipeline_and_runs_its_stages_in_pipeline_order(
         data[f"settings_{name}"] = page.context["form"][f"settings_{name}"].value()
     for field in re.findall(r'<select name="(dataset_\w+)"', form):
         data[field] = page.context["form"][field].value() or ""
+    for field in re.findall(r'name="(set_\w+)"', form):
+        value = page.context["form"][field].value()
+        data[field] = "" if value is None else value
     response = member_client.post(f"{url}?version={version.pk}", data)
 
     assert response.status_code == 302, response.content.decode()[-2000:]
     stages = Job.objects.get().stages
     assert [s["name"] for s in stages] == checked
     assert stages[0]["settings"]["dataset_id"] == dataset.pk
+    assert stages[0]["settings"]["epochs"] == 3
     assert stages[1]["settings"]["calibration_dataset_id"] == dataset.pk
     assert stages[3]["settings"]["dataset_id"] == dataset.pk
 

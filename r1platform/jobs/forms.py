@@ -5,6 +5,8 @@ import uuid
 
 from django import forms
 
+from r1platform.jobs.launch_fields import SettingField, read_value, setting_fields
+
 
 def _settings_summary(schema: dict) -> list[dict]:
     """The settings a stage takes, from its JSON schema: name, type, default, description."""
@@ -70,11 +72,20 @@ class LaunchForm(forms.Form):
     idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
 
     def __init__(
-        self, *args, schemas: list[dict], defaults: list[dict], datasets=(), **kwargs
+        self,
+        *args,
+        schemas: list[dict],
+        defaults: list[dict],
+        datasets=(),
+        unfit_datasets=(),
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.schemas = pipeline_order(schemas)
         self.datasets = list(datasets)
+        # The team's datasets that cannot feed this model, with the reason: shown, not offered.
+        self.unfit_datasets = [(dataset_label(d), reason) for d, reason in unfit_datasets]
+        self.setting_fields: dict[str, list[SettingField]] = {}
         if not self.is_bound:
             # A fresh key per rendered form: a double click posts the same key, so one job.
             self.initial["idempotency_key"] = uuid.uuid4().hex
@@ -91,10 +102,18 @@ class LaunchForm(forms.Form):
             self.fields[f"include_{name}"] = forms.BooleanField(
                 required=False, initial=name in default_settings, label=name
             )
+            # A field per plain setting; the JSON box holds what has no field (objects).
+            generated = setting_fields(schema, prefilled)
+            self.setting_fields[name] = generated
+            for item in generated:
+                self.fields[self._setting(name, item.setting)] = item.field
+            covered = {item.setting for item in generated}
             self.fields[f"settings_{name}"] = forms.CharField(
                 required=False,
                 label=f"{name} settings",
-                initial=json.dumps(prefilled, indent=2),
+                initial=json.dumps(
+                    {k: v for k, v in prefilled.items() if k not in covered}, indent=2
+                ),
                 widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "mono"}),
             )
             for setting in dataset_settings(schema):
@@ -105,6 +124,10 @@ class LaunchForm(forms.Form):
     @staticmethod
     def _picker(stage: str, setting: str) -> str:
         return f"dataset_{stage}_{setting}"
+
+    @staticmethod
+    def _setting(stage: str, setting: str) -> str:
+        return f"set_{stage}_{setting}"
 
     def _dataset_field(self, setting: dict, initial) -> forms.Field:
         choices = [(d.pk, dataset_label(d)) for d in self.datasets]
@@ -129,6 +152,15 @@ class LaunchForm(forms.Form):
                 "include": self[f"include_{schema['name']}"],
                 "settings": self[f"settings_{schema['name']}"],
                 "settings_help": _settings_summary(schema),
+                # Open when it holds something or has an error: never hide what will be sent.
+                "advanced_open": self._advanced_open(schema["name"]),
+                "fields": [
+                    {
+                        "setting": item.setting,
+                        "field": self[self._setting(schema["name"], item.setting)],
+                    }
+                    for item in self.setting_fields[schema["name"]]
+                ],
                 "datasets": [
                     {**setting, "field": self[self._picker(schema["name"], setting["name"])]}
                     for setting in dataset_settings(schema)
@@ -158,6 +190,27 @@ class LaunchForm(forms.Form):
                 ok = False
         return ok
 
+    def _advanced_open(self, stage: str) -> bool:
+        bound = self[f"settings_{stage}"]
+        text = "".join(str(bound.value() or "").split())
+        return bool(bound.errors) or text not in ("", "{}")
+
+    def _field_settings(self, stage: str, cleaned: dict) -> dict | None:
+        """The settings the stage's fields set (blank ones keep the default); None on an error."""
+        out: dict = {}
+        for item in self.setting_fields[stage]:
+            key = self._setting(stage, item.setting)
+            if key in self.errors:
+                return None
+            try:
+                given, value = read_value(item, cleaned.get(key))
+            except forms.ValidationError as exc:
+                self.add_error(key, exc)
+                return None
+            if given:
+                out[item.setting] = value
+        return out
+
     def clean(self) -> dict:
         cleaned = super().clean()
         stages: list[dict] = []
@@ -167,6 +220,8 @@ class LaunchForm(forms.Form):
                 # A stale pick on a stage that does not run is no reason to refuse the launch.
                 for setting in dataset_settings(schema):
                     self._errors.pop(self._picker(name, setting["name"]), None)
+                for item in self.setting_fields[name]:
+                    self._errors.pop(self._setting(name, item.setting), None)
                 continue
             field = f"settings_{name}"
             raw = (cleaned.get(field) or "").strip() or "{}"
@@ -184,9 +239,11 @@ class LaunchForm(forms.Form):
                     field, f'{name}: the settings must be a JSON object, like {{"key": 1}}'
                 )
                 continue
-            if not self._merge_datasets(schema, settings, cleaned):
+            from_fields = self._field_settings(name, cleaned)
+            if from_fields is None or not self._merge_datasets(schema, settings, cleaned):
                 continue
-            stages.append({"name": name, "settings": settings})
+            # The JSON box is for advanced use: what it names wins over the fields.
+            stages.append({"name": name, "settings": {**from_fields, **settings}})
         if not self.errors and not stages:
             raise forms.ValidationError("Include at least one stage.")
         cleaned["stages"] = stages

@@ -19,9 +19,11 @@ from r1platform.core.charts.training import stage_training_charts
 from r1platform.core.demo import demo_pipeline
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import LaunchForm, dataset_label
+from r1platform.jobs.launch_fields import split_datasets
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import LaunchRefused, cancel_job, launch_job, waits_for_broker
 from r1platform.registry.models import ModelVersion
+from r1platform.registry.services import input_specs
 
 PAGE_SIZE = 25
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -43,11 +45,7 @@ def _get_version_for_user(request, raw_pk: str | None) -> ModelVersion:
 
 def _team_datasets(version: ModelVersion):
     """The datasets a launch on ``version`` may name: its team's, for the pickers."""
-    return (
-        Dataset.objects.filter(team_id=version.team_id)
-        .only("pk", "name", "version", "rows", "format")
-        .order_by("name", "-version")
-    )
+    return Dataset.objects.filter(team_id=version.team_id).order_by("name", "-version")
 
 
 def _demo_preset(request, version: ModelVersion, datasets, schemas) -> list[dict] | None:
@@ -58,7 +56,7 @@ def _demo_preset(request, version: ModelVersion, datasets, schemas) -> list[dict
     raw = request.GET.get("dataset", "")
     if request.GET.get("preset") != "demo" or version.format != "torchscript" or not raw.isdigit():
         return None
-    dataset = datasets.filter(pk=int(raw)).first()
+    dataset = next((d for d in datasets if d.pk == int(raw)), None)
     if dataset is None:
         return None
     known = {s["name"] for s in schemas}
@@ -128,12 +126,14 @@ def job_new(request):
         defaults = default_pipeline(version.format, version.precision)
     except StageConfigError:  # a compiled engine (TensorRT, AOTInductor) has no default pipeline
         defaults = []
-    datasets = _team_datasets(version)
+    # Only the datasets that fit the model are offered; the others are listed with the reason.
+    datasets, unfit = split_datasets(_team_datasets(version), input_specs(version))
+    pickers = {"datasets": datasets, "unfit_datasets": unfit}
     template_name = "jobs/job_new.html"
     if _wants_partial(request):
         template_name += "#launch-form"
     if request.method == "POST":
-        form = LaunchForm(request.POST, schemas=schemas, defaults=defaults, datasets=datasets)
+        form = LaunchForm(request.POST, schemas=schemas, defaults=defaults, **pickers)
         if form.is_valid():
             try:
                 job, created = launch_job(
@@ -157,7 +157,7 @@ def job_new(request):
         context = {"form": form, "version": version}
         return render(request, template_name, context, status=400)
     preset = _demo_preset(request, version, datasets, schemas)
-    form = LaunchForm(schemas=schemas, defaults=preset or defaults, datasets=datasets)
+    form = LaunchForm(schemas=schemas, defaults=preset or defaults, **pickers)
     context = {"form": form, "version": version, "preset": "demo" if preset else ""}
     if version.format == "torchscript":
         context["demo_choices"] = [(d.pk, dataset_label(d)) for d in form.datasets]
