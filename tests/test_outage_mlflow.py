@@ -65,7 +65,7 @@ def test_an_upload_lands_fast_and_says_its_mirror_is_pending(
 ):
     started = time.monotonic()
     with django_capture_on_commit_callbacks(execute=True):
-        response = upload(api, mlp_onnx, "mlp")
+        response = upload(api, mlp_onnx, "mlp-down")
     elapsed = time.monotonic() - started
 
     assert response.status_code == 201, response.content
@@ -133,3 +133,33 @@ def test_a_job_runs_to_its_end_with_mlflow_down_and_is_mirrored_when_it_is_back(
     registered = tracking.client().get_model_version(source.model.mlflow_name, "2")
     assert registered.tags["r1.job_id"] == str(job.pk)
     assert mirror_versions.apply().get() == 0, "nothing left pending"
+
+
+def test_the_version_page_retries_a_failed_mirror_now(
+    api, member_client, mlp_onnx, refused_url, settings, tmp_path
+):
+    settings.MLFLOW_TRACKING_URI = refused_url
+    tracking.reset()
+    uploaded = upload(api, mlp_onnx, "mlp-retry")
+    version = ModelVersion.objects.get(pk=uploaded.json()["versions"][0]["id"])
+    ModelVersion.objects.filter(pk=version.pk).update(
+        mlflow_state=MirrorState.FAILED, mlflow_error="RESOURCE_EXHAUSTED", mlflow_attempts=5
+    )
+    page = member_client.get(version.get_absolute_url()).content.decode()
+    assert 'data-testid="mirror-retry"' in page and "mirror failed" in page
+
+    url = f"/versions/{version.pk}/mirror/"
+    still_down = member_client.post(url, follow=True).content.decode()
+    assert "did not take v1 yet" in still_down
+    version.refresh_from_db()
+    assert version.mlflow_state == MirrorState.PENDING  # failed no more: beat keeps trying
+
+    settings.MLFLOW_TRACKING_URI = f"sqlite:///{tmp_path / 'mlflow-back' / 'mlflow.db'}"
+    settings.MLFLOW_ARTIFACT_ROOT = tmp_path / "mlflow-back" / "artifacts"
+    tracking.reset()
+    back = member_client.post(url, follow=True).content.decode()
+    version.refresh_from_db()
+    assert version.mlflow_state == MirrorState.MIRRORED and version.mlflow_version == "1"
+    assert "is MLflow model version 1" in back
+    assert 'data-testid="mirror-retry"' not in back
+    tracking.reset()

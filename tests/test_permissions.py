@@ -172,6 +172,7 @@ OBJECT_FOR = {
     "registry:model_detail": "model",
     "registry:version_detail": "version",
     "registry:version_download": "version",
+    "registry:version_mirror": "version",
     "registry:compare": "model",
     "accounts:revoke": "token",
     "jobs:job_detail": "job",

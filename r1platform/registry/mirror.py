@@ -71,6 +71,15 @@ def mirror_to_mlflow(version: ModelVersion, run_id: str | None = None) -> str:
     return number
 
 
+def retry_mirror(version: ModelVersion) -> str:
+    """Mirror one version now, a failed one too (its refusals are counted afresh)."""
+    ModelVersion.objects.filter(pk=version.pk, mlflow_version="").update(
+        mlflow_state=MirrorState.PENDING, mlflow_attempts=0
+    )
+    version.refresh_from_db()
+    return mirror_to_mlflow(version)
+
+
 def mirror_pending(limit: int = MIRROR_BATCH) -> int:
     """Mirror the versions still pending, oldest first; how many got an MLflow number."""
     pending = (

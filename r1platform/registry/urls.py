@@ -13,4 +13,5 @@ urlpatterns = [
     path("models/<int:pk>/compare/", views.compare, name="compare"),
     path("versions/<int:pk>/", views.version_detail, name="version_detail"),
     path("versions/<int:pk>/download/", downloads.version_download, name="version_download"),
+    path("versions/<int:pk>/mirror/", views.version_mirror, name="version_mirror"),
 ]

@@ -8,6 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 from django.views.decorators.vary import vary_on_headers
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
@@ -19,6 +20,7 @@ from r1platform.jobs.models import Job
 from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
 from r1platform.registry.history import benchmark_history
+from r1platform.registry.mirror import retry_mirror
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
 from r1platform.schedules.tables import schedules_with_last_run
@@ -349,3 +351,21 @@ def compare(request, pk: int):
             "certifications": compare_tables.certification_lines(versions),
         }
     return render(request, "registry/compare.html", context)
+
+
+@login_required
+@require_POST
+def version_mirror(request, pk: int):
+    """Try the version's MLflow mirror again now (a failed one included); say how it went."""
+    version = _get_version_for_user(request, pk)
+    number = retry_mirror(version)
+    if number:
+        messages.success(request, f"v{version.number} is MLflow model version {number}.")
+    else:
+        version.refresh_from_db()
+        messages.warning(
+            request,
+            f"MLflow did not take v{version.number} yet ({version.mlflow_error or 'unreachable'}); "
+            "beat tries again every minute.",
+        )
+    return redirect(version)
