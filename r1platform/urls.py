@@ -2,11 +2,19 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic.base import RedirectView
 
 from r1platform.api.api import api
 
 urlpatterns = [
+    # Browsers ask for /favicon.ico on pages without a <link rel="icon"> (reports, API docs).
+    path(
+        "favicon.ico",
+        RedirectView.as_view(url=static("r1/favicon.svg"), permanent=True),
+        name="favicon",
+    ),
     path("", include("r1platform.registry.urls")),
     path("jobs/", include("r1platform.jobs.urls")),
     path("datasets/", include("r1platform.datasets.urls")),

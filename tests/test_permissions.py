@@ -32,7 +32,7 @@ from tests.certification_data import suite_report
 SKIPPED_PREFIXES = ("admin/", "api/")  # covered by Django's admin and tests/test_api.py
 # /metrics is for Prometheus, not a dashboard page: no login, an optional bearer token of its
 # own (tests/test_metrics.py checks that rule).
-SKIPPED_NAMES = {"login", "logout", "metrics"}
+SKIPPED_NAMES = {"login", "logout", "metrics", "favicon"}
 
 
 @dataclass(frozen=True)

@@ -31,3 +31,10 @@ def test_a_missing_file_is_a_404_not_a_500(member_client, version, media):
     (media / version.file).unlink()
     url = reverse("registry:version_download", args=[version.pk])
     assert member_client.get(url).status_code == 404
+
+
+def test_the_favicon_is_linked_and_answers_at_the_browsers_default_path(member_client, media):
+    page = member_client.get("/").content.decode()
+    assert 'rel="icon" href="/static/r1/favicon.svg"' in page
+    answer = member_client.get("/favicon.ico")
+    assert answer.status_code == 301 and answer["Location"] == "/static/r1/favicon.svg"
