@@ -169,7 +169,7 @@ class _Walker:
         """A large tensor: everything but its data; the data becomes a reference."""
         head = bytearray()
         data: list[tuple[int, int, int]] = []  # (field number, payload start, payload end)
-        for number, wire, field_start, payload, field_end in self.fields_of(start, end):
+        for number, _wire, field_start, payload, field_end in self.fields_of(start, end):
             if number in _DATA_FIELDS:
                 data.append((number, payload, field_end))
             else:

@@ -80,6 +80,16 @@ def test_changing_a_template_to_another_teams_dataset_is_refused(team, user, the
     assert template.stages == STAGES
 
 
+def test_each_refusal_names_the_stage_by_its_place_in_the_template(team, user, theirs):
+    stages = [{"name": "distill"}, *evaluate_on(theirs.pk)]
+
+    with pytest.raises(ScheduleRefused) as refused:
+        pipeline_templates.create_template(team=team, user=user, name="x", stages=stages)
+
+    assert "stage 1: unknown stage 'distill'" in str(refused.value)
+    assert f"stage 2 (evaluate): dataset_id {theirs.pk} is not one" in str(refused.value)
+
+
 def test_the_api_refuses_it_with_a_400(api, team, theirs):
     created = api.post(
         "/api/v1/templates",

@@ -14,9 +14,10 @@ import pytest
 from django.urls import reverse
 
 from r1platform.core import tracking
+from r1platform.core.storage import spool_local_file
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.registry.mirror import mirror_to_mlflow
-from r1platform.registry.models import ModelVersion
+from r1platform.registry.services import upload_model
 
 
 @pytest.fixture
@@ -25,9 +26,18 @@ def proxy_links(settings):
 
 
 @pytest.fixture
-def mirrored(version: ModelVersion, tmp_path) -> dict[str, object]:
+def mirrored(team, user, mlp_onnx, tmp_path) -> dict[str, object]:
     """Team A's uploaded version mirrored to MLflow, and a job with a run holding a file."""
     tracking.reset()
+    # A name of its own: the MLflow store lives for the whole session (other tests count on
+    # their model's MLflow version numbers).
+    version = upload_model(
+        team=team,
+        user=user,
+        name=f"proxy-{uuid.uuid4().hex[:8]}",
+        task="classification",
+        uploaded=spool_local_file(mlp_onnx),
+    )
     assert mirror_to_mlflow(version)
     job = Job.objects.create(
         team=version.team,

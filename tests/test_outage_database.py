@@ -109,6 +109,12 @@ def test_a_database_restart_mid_job_is_survived(own_postgres, mlp_onnx, tmp_path
             )
             finished = _query(url, "SELECT finished_at FROM jobs_job WHERE id = %s", job_id)[0]
             assert finished is None, "the job ended before the outage: make it longer"
+            # Recorded even though it was ready before its tables existed (the seed ran late).
+            _wait(
+                "the worker to be recorded",
+                lambda: _query(url, "SELECT count(*) FROM workers_worker")[0] == 1,
+                10,
+            )
 
             own_postgres.stop()
             time.sleep(OUTAGE_SECONDS)
@@ -121,13 +127,13 @@ def test_a_database_restart_mid_job_is_survived(own_postgres, mlp_onnx, tmp_path
                 lambda: _query(url, "SELECT max(last_seen) FROM workers_worker")[0] > back,
                 15,
             )
-            # Beat took the lease again, on a new connection.
+            # Beat is still up, and took the lease again on a new connection.
+            assert beat.poll() is None, f"beat exited:\n{beat.log_path.read_text()[-3000:]}"
             _wait(
                 "beat to lead again",
                 lambda: beat.log_path.read_text().count("leader, sending") >= 2,
                 15,
             )
-            assert beat.poll() is None, beat.log_path.read_text()[-3000:]
 
             _wait(
                 "the job's end",

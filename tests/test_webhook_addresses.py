@@ -201,6 +201,15 @@ def test_a_name_that_does_not_resolve_is_judged_when_delivered(team):
         deliver(row.pk)
 
 
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO"])
+def test_a_target_that_is_not_http_is_never_requested(team, url):
+    row = queued(team, url)  # saved by something other than the settings form, say
+
+    assert deliver(row.pk) == DeliveryStatus.FAILED
+    row.refresh_from_db()
+    assert row.last_error.startswith(f"not sent: {url!r} is not an http(s) URL")
+
+
 def test_an_operator_can_allow_a_network(settings):
     settings.R1_WEBHOOK_ALLOW_NETWORKS = "10.20.0.0/16, fd12::/16"
 

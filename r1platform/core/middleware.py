@@ -121,5 +121,7 @@ class BodyLimitMiddleware:
                 f"{human_size(settings.R1_MAX_UPLOAD_BYTES)} limit; upload a smaller file"
             )
         else:
-            message = f"the request body is {human_size(length)}, over the {human_size(limit)} limit"
+            message = (
+                f"the request body is {human_size(length)}, over the {human_size(limit)} limit"
+            )
         return _refusal(request, 413, message)

@@ -134,9 +134,14 @@ def post_webhook(delivery: Delivery) -> int:
         headers["X-R1-Signature"] = sign(body, secret)
     parts = urlsplit(delivery.target)
     https = parts.scheme.lower() == "https"
-    port = parts.port or (443 if https else 80)
     try:
-        ip = addresses.vetted(parts.hostname or "", port)[0]
+        port = parts.port or (443 if https else 80)
+    except ValueError:
+        port = 0
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port:
+        raise PermanentDeliveryError(f"not sent: {delivery.target!r} is not an http(s) URL")
+    try:
+        ip = addresses.vetted(parts.hostname, port)[0]
     except addresses.AddressRefused as exc:
         raise PermanentDeliveryError(f"not sent: {exc}") from None
     except addresses.UnresolvedHost as exc:
@@ -226,9 +231,11 @@ def _phrase(status: int) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    # urllib3 nests the socket's error; its innermost reason is the readable part.
-    inner: Any = exc.args[0] if exc.args else exc
-    return str(getattr(exc, "reason", None) or inner)[:ERROR_LENGTH]
+    # urllib3 names its connection first ("HTTPConnection(host=..., port=...): Failed to ...").
+    text = str(exc)
+    if text.startswith(("HTTPConnection(", "HTTPSConnection(")):
+        text = text.partition("): ")[2] or text
+    return text[:ERROR_LENGTH]
 
 
 def send_email(delivery: Delivery) -> None:

@@ -8,6 +8,7 @@ validates and saves a team's channels (used by the dashboard form and the API).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +25,8 @@ from r1platform.celery import app
 from r1platform.notifications import addresses
 from r1platform.notifications.models import Channel, Delivery, NotificationSettings
 from r1platform.queues import Queue, TaskName
+
+log = logging.getLogger(__name__)
 
 # Events a team can be told about.
 SCHEDULE_RUN_FAILED = "schedule.run.failed"
@@ -207,4 +210,9 @@ def send_test(team: Team, user: object) -> list[Delivery]:
 def _enqueue(delivery_ids: list[int]) -> None:
     # By name, on the default queue: the task (``notifications.tasks``) imports this module.
     for pk in delivery_ids:
-        app.send_task(TaskName.DELIVER_NOTIFICATION.value, args=[pk], queue=Queue.CPU.value)
+        try:
+            app.send_task(
+                TaskName.DELIVER_NOTIFICATION.value, args=[pk], queue=Queue.CPU.value, retry=False
+            )
+        except Exception as exc:  # noqa: BLE001 - a broker outage must not fail what notified
+            log.warning("delivery %s not queued (broker unreachable: %s)", pk, exc)

@@ -42,7 +42,7 @@ from starlette.routing import Route
 
 from pipelines.core import PipelineError
 from pipelines.engines import EngineInputError
-from r1platform.serving.memory import BodyBudget
+from r1platform.serving.memory import BodyBudget, mmap_large_buffers
 from r1platform.serving.metrics import ServingMetrics, is_metrics_token
 from r1platform.serving.protocol import (
     JSON_LENGTH_HEADER,
@@ -285,6 +285,7 @@ def _ready(served: ServedModel) -> ServedModel:
 def build_app(source: ModelSource, options: ServingOptions | None = None) -> Starlette:
     """The HTTP app for ``source``'s models; its poller starts and stops with the app."""
     options = options or ServingOptions()
+    mmap_large_buffers()  # request-sized buffers go back to the system once freed
     metrics = ServingMetrics()
     stats = ServingStats()
     runtime = ModelRuntime(

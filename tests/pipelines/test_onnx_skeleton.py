@@ -140,7 +140,9 @@ def test_large_constants_and_subgraph_weights_are_left_unread(tmp_path):
         [
             helper.make_node("Constant", [], ["k"], value=constant),
             helper.make_node("Mul", ["x0", "k"], ["x"]),
-            helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node(
+                "If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch
+            ),
         ],
         "branches",
         [
