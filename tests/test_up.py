@@ -67,11 +67,30 @@ def test_up_is_quiet_seeds_and_serves_the_demo_pool(tmp_path):
         assert "ready." in worker_log
     finally:
         if proc.poll() is None:
+            # Ctrl-C, and an impatient second one while it stops: the stop still finishes.
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        pids = [
+            int(p) for p in re.findall(r"^started \w+\s+\(pid (\d+)\)$", console.read_text(), re.M)
+        ]
+        left = [pid for pid in pids if _alive(pid)]
+        for pid in left:
+            os.killpg(pid, signal.SIGKILL)
     assert proc.returncode == 0, console.read_text()[-3000:]
-    assert "stopping..." in console.read_text()
+    assert "stopping..." in console.read_text() and "Traceback" not in console.read_text()
+    assert not left, f"services left running after the stop: {left}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie the supervisor did not reap counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

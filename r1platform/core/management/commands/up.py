@@ -285,6 +285,9 @@ def _check_alive(children: Children) -> None:
 
 
 def _stop_all(children: Children) -> None:
+    # A second Ctrl-C (or a SIGTERM after it) must not cut the stop short and leave children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Each main process first, so Celery does a warm shutdown of its own pool; the whole group
     # is killed only if it has not exited in time.
     for proc in children.values():
