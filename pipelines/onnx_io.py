@@ -6,6 +6,7 @@ does, to list stages) costs nothing.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,23 @@ def external_data_files(path: str | Path) -> list[Path]:
                 if entry.key == "location":
                     found[entry.value] = path.parent / entry.value
     return list(found.values())
+
+
+def copy_onnx(path: str | Path, folder: Path, name: str = "input.onnx") -> Path:
+    """The ONNX file copied into ``folder`` with its external data files (same relative places).
+
+    onnxruntime's quantizer writes ``<model>-inferred.onnx`` beside the file it is given, and
+    removes it after: given a stored file, two jobs on one parent would write and delete the same
+    file beside it. A job never writes beside a stored file, so it works on such a copy.
+    """
+    source = Path(path)
+    copied = folder / name
+    shutil.copyfile(source, copied)
+    for data in external_data_files(source):
+        target = folder / data.relative_to(source.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data, target)
+    return copied
 
 
 def model_size_bytes(path: str | Path) -> int:

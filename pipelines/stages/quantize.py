@@ -90,11 +90,13 @@ def _convert(
 
         progress(0.0, f"converting the model to {s.mode}")
         return convert_to_float(source, out, scratch, s, external), None
+    from pipelines.onnx_io import copy_onnx
     from pipelines.quantization.int8 import int8_dynamic, int8_static, preprocess
 
     progress(0.0, "pre-processing the model for quantization")
     pre = preprocess(source, scratch, external)
-    to_quantize = pre or source.path
+    # Never the stored file itself: the quantizer writes beside what it is given.
+    to_quantize = pre or str(copy_onnx(source.path, scratch))
     if s.mode == "int8_dynamic":
         progress(0.3, "quantizing weights to int8")
         made = int8_dynamic(source, to_quantize, out, s, external)

@@ -489,3 +489,39 @@ def test_it_refuses_at_run_time_to_quantize_a_half_precision_model(
         Quantize().run(ctx, STAGE, {}, noop)
     assert ctx.current == "input"
     assert not any(p.name.startswith(PARTIAL_PREFIX) for p in ctx.workdir.rglob("*"))
+
+
+# -- the stored file is never written beside -----------------------------------------------------
+
+
+@pytest.mark.parametrize("preprocessing", ["works", "fails"])
+def test_it_never_writes_beside_the_stored_model(
+    digits_onnx: Path,
+    make_ctx: MakeCtx,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    preprocessing: str,
+) -> None:
+    # onnxruntime's quantizer writes "<model>-inferred.onnx" beside the file it is given and
+    # deletes it after: two jobs on one stored parent collided there.
+    stored = tmp_path / "media" / "models" / "team-1" / "stored.onnx"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(digits_onnx.read_bytes())
+    before = sorted(stored.parent.iterdir())
+    written: list[Path] = []
+    real = onnx.shape_inference.infer_shapes_path
+
+    def spy(model_path: str, output_path: str = "", *args: Any, **kwargs: Any) -> None:
+        written.append(Path(output_path or model_path).resolve())
+        real(model_path, output_path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", spy)
+    if preprocessing == "fails":  # the case that handed the quantizer the stored file itself
+        monkeypatch.setattr("pipelines.quantization.int8.preprocess", lambda *args: None)
+
+    result = Quantize().run(make_ctx(stored), STAGE, {"mode": "int8_dynamic"}, noop)
+
+    assert result.status is StageStatus.SUCCEEDED, result.message
+    assert written, "the quantizer inferred shapes somewhere"
+    assert all(stored.parent.resolve() not in p.parents for p in written), written
+    assert sorted(stored.parent.iterdir()) == before
