@@ -53,9 +53,42 @@ def preprocess(source: Artifact, scratch: Path, external: bool) -> str | None:
         return None
 
 
+def weight_nodes(path: str, op_types: list[str]) -> list[str] | None:
+    """The nodes of ``op_types`` that multiply by a constant (a weight): a Linear's MatMul, not
+    attention's activation-by-activation MatMuls, whose int8 error is what breaks a transformer.
+    None when such a node has no name to select it by (then every node of ``op_types`` is)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:  # Constant nodes, and what is computed from constants alone
+        if node.op_type == "Constant" or (node.input and all(i in constant for i in node.input)):
+            constant.update(node.output)
+    chosen = [
+        node
+        for node in graph.node
+        if node.op_type in op_types and any(i in constant for i in node.input)
+    ]
+    if any(not node.name for node in chosen):
+        return None
+    names = [node.name for node in chosen]
+    # Dynamic int8 first rewrites each Gemm as "<name>_MatMul" (onnx_model.py in onnxruntime).
+    return names + [f"{node.name}_MatMul" for node in chosen if node.op_type == "Gemm"]
+
+
+def _selection(to_quantize: str, s: QuantizeSettings) -> dict[str, list[str] | None]:
+    """The quantizer's op-type and node selection: by default, only the weight-bearing nodes."""
+    op_types = s.effective_op_types
+    nodes = None
+    if s.op_types is None and op_types is not None:
+        nodes = weight_nodes(to_quantize, op_types)
+    return {"op_types_to_quantize": op_types, "nodes_to_quantize": nodes}
+
+
 def _nothing_quantized(source: Artifact, s: QuantizeSettings) -> PipelineError:
     present = ", ".join(sorted(Counter(op_types(source.path)))) or "none"
-    wanted = f"the op types {s.op_types}" if s.op_types else "any op type it supports"
+    chosen = s.effective_op_types
+    wanted = f"the op types {chosen}" if chosen else "any op type it supports"
     return PipelineError(
         f"nothing was quantized: the model has none of {wanted} (its op types: {present})"
     )
@@ -87,7 +120,7 @@ def int8_dynamic(
         quantize_dynamic(
             to_quantize,
             str(out),
-            op_types_to_quantize=s.op_types,
+            **_selection(to_quantize, s),
             per_channel=s.effective_per_channel,
             reduce_range=reduce_range(s),
             weight_type=QuantType.QInt8,
@@ -169,7 +202,7 @@ def int8_static(
                 str(out),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=s.op_types,
+                **_selection(to_quantize, s),
                 per_channel=s.effective_per_channel,
                 reduce_range=reduce_range(s),
                 activation_type=QuantType.QInt8,

@@ -525,3 +525,61 @@ def test_it_never_writes_beside_the_stored_model(
     assert written, "the quantizer inferred shapes somewhere"
     assert all(stored.parent.resolve() not in p.parents for p in written), written
     assert sorted(stored.parent.iterdir()) == before
+
+
+# -- transformers: only the weight-bearing ops by default -----------------------------------------
+
+
+class _EncoderBlock(torch.nn.Module):
+    """One pre-norm transformer block over 8 tokens of 8 features: LayerNorm, Softmax, GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(x.shape[0], 8, 8)
+        h = self.norm(tokens)
+        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + self.mlp(self.norm(tokens))
+        return tokens.reshape(x.shape[0], 64)
+
+
+@pytest.fixture(scope="module")
+def encoder_onnx(digits_dir: Path) -> Path:
+    torch.manual_seed(0)
+    return export(_EncoderBlock().eval(), digits_dir / "encoder.onnx")
+
+
+def _quantized_producers(path: str) -> set[str]:
+    """The op types whose outputs were quantized (each feeds a QuantizeLinear), static Q/DQ."""
+    model = onnx.load(path)
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    return {
+        producer.get(n.input[0], "graph input")
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
+
+
+@pytest.mark.parametrize(("op_types", "attention_float"), [(None, True), (["*"], False)])
+def test_int8_quantizes_only_the_weight_ops_of_a_transformer_by_default(
+    encoder_onnx: Path, make_ctx: MakeCtx, op_types: list[str] | None, attention_float: bool
+) -> None:
+    ctx = make_ctx(encoder_onnx)
+    settings: dict[str, Any] = {"mode": "int8_static", "calibration_dataset_id": 1}
+    if op_types is not None:
+        settings["op_types"] = op_types
+    result = Quantize().run(ctx, STAGE, settings, noop)
+    assert (
+        result.metrics.get("quantized_ops.MatMul", 0) + result.metrics.get("quantized_ops.Gemm", 0)
+        >= 2
+    ), result.metrics
+    # Attention's softmax feeds an activation-by-activation MatMul: by default that one stays
+    # float, so its input (the softmax's output) is never quantized.
+    producers = _quantized_producers(ctx.current_artifact.path)
+    assert ("Softmax" not in producers) is attention_float, producers
