@@ -64,6 +64,7 @@ def bench(version: ModelVersion, job, batch: int, p50: float, device: str = CPU,
         p99_ms=p50 * 1.5,
         throughput=kw.pop("throughput", batch * 1000 / p50),
         iterations=100,
+        **kw,
     )
 
 
@@ -195,3 +196,37 @@ def test_a_gap_in_the_windows_breaks_the_lines(team, pool):
     assert len(gaps) == 1 and history.points[gaps[0] - 1]["at"] < history.points[gaps[0] + 1]["at"]
     assert [label for _, label in history.markers] == ["v1"]
     assert history.requests == 300
+
+
+def test_faster_needs_latency_and_throughput_to_agree_and_steady_rows(team):
+    model = make_model(team, "mixed")
+    v1 = make_version(model)
+    v2 = make_version(model, parent=v1, precision="int8")
+    job1 = make_job(v1, status=JobStatus.SUCCEEDED)
+    job2 = make_job(v2, status=JobStatus.SUCCEEDED)
+    bench(v1, job1, 1, 10.0, throughput=100.0)
+    bench(v2, job2, 1, 7.5, throughput=72.0)  # 1.33x lower p50 at 0.72x the throughput
+    bench(v1, job1, 8, 20.0, throughput=400.0)
+    bench(v2, job2, 8, 0.012, throughput=660_000.0, converged=False)  # a 1667x that cannot be
+
+    verdicts = {c.batch_size: c.verdict for c in benchmark_history(model).comparisons}
+
+    assert verdicts == {1: "mixed", 8: "unsteady"}
+
+
+def test_the_version_page_claims_no_speedup_from_an_unsteady_row(member_client, team):
+    model = make_model(team, "noisy")
+    v1 = make_version(model)
+    v2 = make_version(model, parent=v1, precision="int8")
+    job1 = make_job(v1, status=JobStatus.SUCCEEDED)
+    bench(v1, job1, 1, 10.0)
+    bench(v1, job1, 8, 40.0)
+    job2 = make_job(v2, status=JobStatus.SUCCEEDED)
+    bench(v2, job2, 1, 5.0)
+    bench(v2, job2, 8, 0.01, converged=False)  # "4000x": its windows disagreed
+
+    body = member_client.get(v2.get_absolute_url()).content.decode()
+    speedups = re.findall(r'data-testid="speedup">(.*?)</td>', body, re.S)
+    assert len(speedups) == 2
+    assert "2.00×" in speedups[0]
+    assert "×" not in speedups[1]  # the unsteady batch-8 row: no ratio shown

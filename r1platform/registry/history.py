@@ -6,7 +6,8 @@ device (hardware): the backend may differ, since a version is often another form
 parent (TorchScript exported to ONNX). Where one version has several rows for a batch size and
 device, the fastest stands for it. Speedup is the parent's p50 over the version's: above 1 is
 faster. Within ``SAME_WITHIN`` of 1 it is the same, given that benchmark windows agree only
-within 10%.
+within 10%. A verdict needs latency and throughput to agree (else it is *mixed*), and both rows
+steady (else it is *unsteady*, and no claim is made).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Comparison:
     parent_p50_ms: float
     throughput: float
     parent_throughput: float
+    steady: bool = True  # both rows' timing windows agreed
 
     @property
     def speedup(self) -> float:
@@ -46,11 +48,22 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if self.speedup > 1 + SAME_WITHIN:
-            return "faster"
-        if self.speedup < 1 / (1 + SAME_WITHIN):
-            return "slower"
-        return "same"
+        """faster / slower / same when latency and throughput agree; else mixed. A comparison
+        with a row whose windows disagreed is unsteady: no claim is made from it."""
+        if not self.steady:
+            return "unsteady"
+        by_latency = _direction(self.speedup)
+        ratio = self.throughput_ratio
+        by_throughput = by_latency if ratio is None else _direction(ratio)
+        return by_latency if by_latency == by_throughput else "mixed"
+
+
+def _direction(ratio: float) -> str:
+    if ratio > 1 + SAME_WITHIN:
+        return "faster"
+    if ratio < 1 / (1 + SAME_WITHIN):
+        return "slower"
+    return "same"
 
 
 @dataclass
@@ -105,6 +118,7 @@ def benchmark_history(model: RegisteredModel) -> BenchmarkHistory:
                     parent_p50_ms=base.p50_ms,
                     throughput=row.throughput,
                     parent_throughput=base.throughput,
+                    steady=row.converged and base.converged,
                 )
             )
     comparisons.sort(key=lambda c: (-c.version.number, c.batch_size, c.device))

@@ -287,12 +287,13 @@ def _add_speedups(version: ModelVersion, rows: list[BenchmarkResult]) -> bool:
     )
     parent_p50: dict[int, float] = {}
     for r in parent_rows:
-        if r.p50_ms > 0:
+        if r.p50_ms > 0 and r.converged:  # an unsteady row is no reference for a claim
             parent_p50[r.batch_size] = min(r.p50_ms, parent_p50.get(r.batch_size, math.inf))
     found = False
     for r in rows:
         reference = parent_p50.get(r.batch_size)
-        r.speedup = reference / r.p50_ms if reference and r.p50_ms > 0 else None
+        steady = reference and r.p50_ms > 0 and r.converged
+        r.speedup = reference / r.p50_ms if steady else None
         found = found or r.speedup is not None
     return found
 
