@@ -140,6 +140,7 @@ class BenchmarkRow:
     peak_rss_mb: float = 0.0  # process peak RSS (VmHWM) while loading and measuring this artifact
     model_rss_mb: float = 0.0  # RSS growth from loading the model
     gpu_mem_mb: float | None = None  # peak CUDA memory, for the backends that allocate via torch
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # each input's shape as timed
 
 
 @dataclass

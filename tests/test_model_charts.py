@@ -7,6 +7,7 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.urls import reverse
 from django.utils import timezone
 
 from r1platform.deployments.models import ServingPool
@@ -230,3 +231,20 @@ def test_the_version_page_claims_no_speedup_from_an_unsteady_row(member_client, 
     assert len(speedups) == 2
     assert "2.00×" in speedups[0]
     assert "×" not in speedups[1]  # the unsteady batch-8 row: no ratio shown
+
+
+def test_benchmark_rows_show_their_shapes_and_only_alike_rows_are_compared(member_client, team):
+    model = make_model(team, "shaped")
+    v1 = make_version(model)
+    v2 = make_version(model, parent=v1, precision="int8")
+    job1 = make_job(v1, status=JobStatus.SUCCEEDED)
+    job2 = make_job(v2, status=JobStatus.SUCCEEDED)
+    bench(v1, job1, 32, 40.0, shapes={"x": [32, 128]})
+    bench(v2, job2, 32, 4.0, shapes={"x": [32, 1]})  # a sequence of 1: not the same work
+
+    page = member_client.get(v2.get_absolute_url()).content.decode()
+    assert 'data-testid="bench-shapes">x 32×1<' in page
+    url = reverse("registry:compare", args=[model.pk])
+    compare = member_client.get(url, {"v": [v1.pk, v2.pk]}).content.decode()
+    assert compare.count('data-testid="benchmark-line"') == 2  # never side by side
+    assert 'data-testid="fastest"' not in compare

@@ -150,6 +150,11 @@ def test_it_runs_the_demo_pipeline_with_a_dataset(worker, api, digits_torchscrip
     assert body["metrics"]["accuracy"] == compiled.metrics["accuracy"]
     assert {b["batch_size"] for b in body["benchmarks"]} == {1, 32}
     assert all(b["p90_ms"] is not None for b in body["benchmarks"])
+    # Every row says the shapes it was timed at.
+    assert {(b["batch_size"], tuple(b["shapes"]["input"])) for b in body["benchmarks"]} == {
+        (1, (1, 64)),
+        (32, (32, 64)),
+    }
 
     history = tracking.client().get_metric_history(job.mlflow_run_id, "01-finetune.val_accuracy")
     assert len(history) >= 2  # one point per epoch, logged at its step

@@ -245,7 +245,8 @@ class Benchmark(Stage[BenchmarkSettings]):
                         notes.append(f"{artifact.key}: skipped batch size {batch_size}, {problem}")
                     progress(done / total, f"{artifact.key} batch {batch_size}: skipped")
                     continue
-                stats, gpu_mb = _measure(runner, artifact, specs, batch_size, s)
+                shapes: dict[str, list[int]] = {}
+                stats, gpu_mb = _measure(runner, artifact, specs, batch_size, s, shapes)
                 peak = peak_rss_mb()
                 row = BenchmarkRow(
                     artifact=artifact.key,
@@ -262,6 +263,7 @@ class Benchmark(Stage[BenchmarkSettings]):
                     peak_rss_mb=round(peak, 2) if peak is not None else 0.0,
                     model_rss_mb=round(model_rss, 2),
                     gpu_mem_mb=gpu_mb,
+                    shapes=shapes,
                 )
                 rows.append(row)
                 prefix = f"{artifact.key}.b{batch_size}"
@@ -295,6 +297,13 @@ class Benchmark(Stage[BenchmarkSettings]):
             r for r in ctx.benchmarks if (r.artifact, r.backend, r.batch_size) not in measured
         ] + rows
         message = f"measured {len(rows)} (model, batch size) pairs on {device}"
+        defaulted = _defaulted_dims(ctx.current_artifact.inputs, s)
+        if defaulted:
+            # Said, not hidden: a sequence timed at length 1 is not the model's real cost.
+            notes.append(
+                f"dynamic dims {', '.join(defaulted)} timed at 1 (set dynamic_dims, e.g. "
+                f'{{"{defaulted[0]}": 128}}, for the length you serve)'
+            )
         if notes:
             message += "; " + "; ".join(notes)
         return StageOutcome(metrics=metrics, message=message)
@@ -310,15 +319,25 @@ def _speedups(rows: list[BenchmarkRow]) -> dict[str, float]:
     }
 
 
+def _defaulted_dims(specs: list[TensorSpec], s: BenchmarkSettings) -> list[str]:
+    """The named dims past the batch that no setting sized (random_inputs gives them 1)."""
+    named = {d for spec in specs for d in spec.shape[1:] if isinstance(d, str)}
+    return sorted(named - set(s.dynamic_dims))
+
+
 def _measure(
     runner: Engine,
     artifact: Artifact,
     specs: list[TensorSpec],
     batch_size: int,
     settings: BenchmarkSettings,
+    shapes: dict[str, list[int]] | None = None,
 ) -> tuple[WindowedStats, float | None]:
-    """Windowed latency of one artifact at one batch size, and its peak CUDA memory in MiB."""
+    """Windowed latency of one artifact at one batch size, and its peak CUDA memory in MiB;
+    ``shapes`` (when given) receives each input's shape as timed."""
     arrays = random_inputs(specs, batch_size, settings.dynamic_dims, default_dim=1, seed=batch_size)
+    if shapes is not None:
+        shapes.update({name: [int(d) for d in a.shape] for name, a in arrays.items()})
     torch_cuda = None
     if runner.torch_cuda:
         import torch

@@ -40,6 +40,7 @@ class BenchmarkOut(Schema):
     peak_rss_mb: float | None
     model_rss_mb: float | None
     gpu_mem_mb: float | None
+    shapes: dict[str, list[int]]  # each input's shape as timed
     job_id: int
 
 

@@ -135,6 +135,8 @@ class BenchmarkResult(models.Model):
     peak_rss_mb = models.FloatField(null=True, blank=True)
     model_rss_mb = models.FloatField(null=True, blank=True)
     gpu_mem_mb = models.FloatField(null=True, blank=True)
+    # Each input's shape as timed ({"input_ids": [32, 128]}): dynamic dims included.
+    shapes = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -22,7 +22,7 @@ from r1platform.registry.services import lineage, register_version, version_arti
 # BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
 BENCHMARK_FIELDS = (
     "p50_ms", "p90_ms", "p95_ms", "p99_ms", "throughput", "iterations",
-    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb",
+    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb", "shapes",
 )  # fmt: skip
 
 

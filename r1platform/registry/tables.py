@@ -48,23 +48,33 @@ def metric_lines(versions: list[ModelVersion]) -> list[Line]:
 
 
 def benchmark_lines(versions: list[ModelVersion]) -> list[Line]:
-    """One line per (batch size, device): each version's row from its latest benchmarking job."""
-    latest: dict[tuple[int, int, str], BenchmarkResult] = {}
+    """One line per (batch size, device, input shapes): each version's row from its latest
+    benchmarking job."""
+    latest: dict[tuple[int, int, str, str], BenchmarkResult] = {}
     rows = BenchmarkResult.objects.filter(version__in=versions).order_by("-job_id", "-pk")
     for row in rows:
-        latest.setdefault((row.version_id, row.batch_size, row.device), row)
+        shape = _shape_text(row.shapes)
+        latest.setdefault((row.version_id, row.batch_size, row.device, shape), row)
     order = {v.pk: i for i, v in enumerate(versions)}
-    groups: dict[tuple[int, str], list[BenchmarkResult | None]] = {}
-    for (version_id, batch, device), row in latest.items():
-        groups.setdefault((batch, device), [None] * len(versions))[order[version_id]] = row
+    groups: dict[tuple[int, str, str], list[BenchmarkResult | None]] = {}
+    for (version_id, batch, device, shape), row in latest.items():
+        groups.setdefault((batch, device, shape), [None] * len(versions))[order[version_id]] = row
     lines = []
-    for (batch, device), cells in sorted(groups.items()):
+    for (batch, device, shape), cells in sorted(groups.items()):
         present = [(row.throughput, i, row.converged) for i, row in enumerate(cells) if row]
         # A fastest only among two or more rows, all steady: an unsteady row may be the fastest.
         comparable = len(present) > 1 and all(steady for _, _, steady in present)
         best = max(present)[1] if comparable else None
-        lines.append(Line(f"batch {batch}", cells, best, [device] if device else []))
+        notes = [n for n in (device, shape) if n]
+        lines.append(Line(f"batch {batch}", cells, best, notes))
     return lines
+
+
+def _shape_text(shapes: Any) -> str:
+    """A row's input shapes as text (rows timed at other shapes are never lined up)."""
+    if not isinstance(shapes, dict):
+        return ""
+    return ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sorted(shapes.items()))
 
 
 def certification_lines(versions: list[ModelVersion]) -> list[Line]:

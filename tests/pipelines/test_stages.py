@@ -11,7 +11,15 @@ import onnx
 import pytest
 import torch
 
-from pipelines.core import Cancelled, PipelineError, StageConfigError, StageStatus
+from pipelines.core import (
+    Artifact,
+    Cancelled,
+    PipelineContext,
+    PipelineError,
+    StageConfigError,
+    StageStatus,
+    TensorSpec,
+)
 from pipelines.latency import measure_latency
 from pipelines.onnx_io import cpu_session, first_error_line, read_tensor_specs
 from pipelines.stages import (
@@ -472,3 +480,40 @@ def test_it_keeps_timing_until_the_minimum_window_has_passed():
     assert time.perf_counter() - started >= 0.05
     assert stats.iterations > 5
     assert stats.total_s >= 0.05
+
+
+def _sequence_model(path: Path) -> Artifact:
+    """x [batch, seq, 8] -> mean over the sequence -> y [batch, 8], as ONNX."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)
+    graph = helper.make_graph([node], "seq", [x], [y], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return Artifact(
+        key="input",
+        path=str(path),
+        format="onnx",
+        precision="fp32",
+        inputs=[TensorSpec("x", ["batch", "seq", 8], "float32")],
+        outputs=[TensorSpec("y", ["batch", 8], "float32")],
+    )
+
+
+@pytest.mark.parametrize(("dims", "timed", "said"), [({}, 1, True), ({"seq": 16}, 16, False)])
+def test_every_row_records_the_shapes_it_was_timed_at(
+    tmp_path: Path, dims: dict, timed: int, said: bool
+) -> None:
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    ctx = PipelineContext.start(workdir, _sequence_model(tmp_path / "seq.onnx"))
+    settings = {"batch_sizes": [2], "warmup": 1, "iterations": 5, "min_seconds": 0}
+    result = Benchmark().run(ctx, "01-benchmark", {**settings, "dynamic_dims": dims}, noop)
+
+    assert [r.shapes for r in ctx.benchmarks] == [{"x": [2, timed, 8]}]
+    assert ("dynamic dims seq timed at 1" in result.message) is said, result.message

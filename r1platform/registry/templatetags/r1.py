@@ -74,3 +74,11 @@ def num(value) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     return f"{value:.6g}"
+
+
+@register.filter
+def shapes(value) -> str:
+    """Each input's shape as timed: ``input 32×64`` (several inputs comma-separated)."""
+    if not isinstance(value, dict) or not value:
+        return ""
+    return ", ".join(f"{name} {'×'.join(str(d) for d in dims)}" for name, dims in value.items())
