@@ -248,3 +248,27 @@ def test_benchmark_rows_show_their_shapes_and_only_alike_rows_are_compared(membe
     compare = member_client.get(url, {"v": [v1.pk, v2.pk]}).content.decode()
     assert compare.count('data-testid="benchmark-line"') == 2  # never side by side
     assert 'data-testid="fastest"' not in compare
+
+
+def test_a_version_slower_than_its_upload_is_flagged_on_its_page_and_the_promote_form(
+    member_client, team, pool
+):
+    model = make_model(team, "slowed")
+    v1 = make_version(model)
+    v2 = make_version(model, parent=v1, format="onnx")
+    v3 = make_version(model, parent=v2, precision="int8")  # slower than v1, its upload
+    for version, p50 in ((v1, 10.0), (v2, 9.0), (v3, 14.0)):
+        bench(version, make_job(version, status=JobStatus.SUCCEEDED), 8, p50)
+
+    page = member_client.get(v3.get_absolute_url()).content.decode()
+    flag = page.split('data-testid="slower-than-upload"', 1)[1].split("</div>", 1)[0]
+    assert "slower than v1" in flag and "batch 8" in flag and "0.71×" in flag
+    assert 'data-testid="slower-than-upload"' not in member_client.get(
+        v2.get_absolute_url()
+    ).content.decode()
+
+    section = member_client.get(model.get_absolute_url()).content.decode()
+    options = re.findall(r'<option value="(\d+)"[^>]*>([^<]*)</option>', section)
+    labels = {int(pk): label for pk, label in options}
+    assert "slower than its upload" in labels[v3.pk]
+    assert "slower" not in labels[v2.pk] and "slower" not in labels[v1.pk]

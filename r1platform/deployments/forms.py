@@ -3,6 +3,7 @@ from __future__ import annotations
 from django import forms
 
 from r1platform.deployments.models import ServingPool, Stage
+from r1platform.registry.history import slower_than_upload
 from r1platform.registry.models import ModelVersion, RegisteredModel
 
 REASON_WIDGET = forms.Textarea(attrs={"rows": 2, "placeholder": "why (kept in the audit log)"})
@@ -14,8 +15,11 @@ class PoolChoiceField(forms.ModelChoiceField):
 
 
 class VersionChoiceField(forms.ModelChoiceField):
+    slower: frozenset[int] = frozenset()  # versions slower than their upload (set by the form)
+
     def label_from_instance(self, obj: ModelVersion) -> str:
-        return f"v{obj.number} · {obj.label}"
+        warning = " · ⚠ slower than its upload" if obj.pk in self.slower else ""
+        return f"v{obj.number} · {obj.label}{warning}"
 
 
 class PromoteForm(forms.Form):
@@ -29,6 +33,7 @@ class PromoteForm(forms.Form):
     def __init__(self, *args, model: RegisteredModel, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fields["version"].queryset = model.versions.order_by("-number")
+        self.fields["version"].slower = frozenset(slower_than_upload(model))
 
 
 class RollbackForm(forms.Form):

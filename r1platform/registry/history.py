@@ -48,14 +48,17 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """faster / slower / same when latency and throughput agree; else mixed. A comparison
-        with a row whose windows disagreed is unsteady: no claim is made from it."""
-        if not self.steady:
-            return "unsteady"
-        by_latency = _direction(self.speedup)
-        ratio = self.throughput_ratio
-        by_throughput = by_latency if ratio is None else _direction(ratio)
-        return by_latency if by_latency == by_throughput else "mixed"
+        return verdict(self.speedup, self.throughput_ratio, self.steady)
+
+
+def verdict(speedup: float, throughput_ratio: float | None, steady: bool) -> str:
+    """faster / slower / same when latency and throughput agree; else mixed. A comparison with a
+    row whose windows disagreed is unsteady: no claim is made from it."""
+    if not steady:
+        return "unsteady"
+    by_latency = _direction(speedup)
+    by_throughput = by_latency if throughput_ratio is None else _direction(throughput_ratio)
+    return by_latency if by_latency == by_throughput else "mixed"
 
 
 def _direction(ratio: float) -> str:
@@ -139,3 +142,48 @@ def benchmark_history(model: RegisteredModel) -> BenchmarkHistory:
     return BenchmarkHistory(
         rows=flat, comparisons=comparisons, chart=version_history_svg(chart_rows)
     )
+
+
+@dataclass(frozen=True)
+class AgainstUpload:
+    """A version slower than its model's upload at one batch size and device (steady rows)."""
+
+    batch_size: int
+    device: str
+    speedup: float  # the upload's p50 over the version's: under 1 is slower
+    upload_number: int
+
+
+def slower_than_upload(model: RegisteredModel) -> dict[int, list[AgainstUpload]]:
+    """Per version id of ``model``, where it is slower than the upload it descends from:
+    latency and throughput agreeing, both rows steady, same batch size, device and shapes.
+    Two queries, whatever the number of versions."""
+    parents = dict(model.versions.values_list("pk", "parent_id"))
+    numbers = dict(model.versions.values_list("pk", "number"))
+
+    def root(pk: int) -> int:
+        seen = set()
+        while parents.get(pk) and pk not in seen:
+            seen.add(pk)
+            pk = parents[pk]
+        return pk
+
+    rows = list(BenchmarkResult.objects.filter(version__model=model).select_related("job"))
+    kept = newest_rows(rows)
+    found: dict[int, list[AgainstUpload]] = {}
+    for version_id, mine in kept.items():
+        upload = root(version_id)
+        theirs = kept.get(upload, {})
+        if upload == version_id:
+            continue
+        for key, row in sorted(mine.items()):
+            base = theirs.get(key)
+            if base is None or row.shapes != base.shapes:
+                continue
+            speedup = base.p50_ms / row.p50_ms
+            ratio = row.throughput / base.throughput if base.throughput > 0 else None
+            if verdict(speedup, ratio, row.converged and base.converged) == "slower":
+                found.setdefault(version_id, []).append(
+                    AgainstUpload(row.batch_size, row.device, speedup, numbers[upload])
+                )
+    return found

@@ -19,7 +19,7 @@ from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
-from r1platform.registry.history import benchmark_history
+from r1platform.registry.history import benchmark_history, slower_than_upload
 from r1platform.registry.mirror import retry_mirror
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
@@ -315,6 +315,7 @@ def version_detail(request, pk: int):
         "latency_chart": latency_chart_svg(chart_rows),
         "chart_job_id": chart_rows[0].job_id if chart_rows else None,
         "evaluation": _evaluation(version),
+        "slower_than_upload": slower_than_upload(version.model).get(version.pk, []),
         # The training curves of the job that made this version (escaped markup).
         "training": stage_training_charts(version.job.stage_results) if version.job else [],
         "mlflow_url": (
