@@ -54,6 +54,7 @@ def test_it_uploads_an_onnx_model_as_version_one(api, mlp_onnx, django_capture_o
     body = response.json()
     version = body["versions"][0]
     assert version["number"] == 1 and version["format"] == "onnx"
+    assert body["latest_version"] == 1  # as stored, not the row before the upload's UPDATE
     assert version["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32"}]
     stored = ModelVersion.objects.get(pk=version["id"])
     assert stored.sha256 == __import__("hashlib").sha256(mlp_onnx.read_bytes()).hexdigest()

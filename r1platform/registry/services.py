@@ -110,6 +110,8 @@ def upload_model(
     # Best effort, bounded by R1_MLFLOW_TIMEOUT_SECONDS: when MLflow is down the version says
     # its mirror is pending and beat's r1.mirror_versions mirrors it later.
     transaction.on_commit(lambda: mirror_to_mlflow(version))
+    # register_version moved latest_version with an UPDATE: the caller sees the row as stored.
+    version.model.refresh_from_db(fields=["latest_version", "updated_at"])
     return version
 
 
