@@ -436,3 +436,27 @@ def test_no_profile_row_is_orphaned_by_a_report_from_an_unknown_profile(cert):
     made = recording.record_suite(job, cert.version, report)
     assert made.profile.key == snapshot["key"]
     assert HardwareProfile.objects.filter(key=snapshot["key"]).count() == 1
+
+
+def test_the_scenario_level_takes_a_target_found_as_evaluate_and_quantize_find_it(
+    version, user, team, ort, tmp_path, enqueued
+):
+    import csv
+
+    from r1platform.core.storage import spool_local_file
+    from r1platform.datasets.services import upload_dataset
+
+    path = tmp_path / "auto.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"f{i}" for i in range(16)] + ["label"])
+        for row in range(40):
+            writer.writerow([round((row + i) % 7 / 7, 2) for i in range(16)] + [row % 3])
+    auto = upload_dataset(
+        team=team, user=user, name="auto", uploaded=spool_local_file(path), target="", splits=None
+    )
+    assert not auto.target  # nothing named: the label column is found, as evaluate finds it
+
+    cert = launch(version, ort.key, user, level="scenario", golden_dataset_id=auto.pk)
+
+    assert cert.level == "scenario" and cert.golden_dataset_id == auto.pk

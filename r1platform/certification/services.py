@@ -18,6 +18,7 @@ from pipelines.certification.profiles import HardwareProfile as Profile
 from pipelines.certification.profiles import compatibility_problem
 from pipelines.certification.report import Level, SuiteReport, level_at_least
 from pipelines.certification.settings import CertifySettings
+from pipelines.datasets import TARGET_NAMES
 from r1platform.certification.document import (
     CertificateDocument,
     DatasetRef,
@@ -165,12 +166,22 @@ def _golden_dataset(version: ModelVersion, dataset_id: int | None, level: str) -
     dataset = Dataset.objects.filter(team_id=version.team_id, pk=dataset_id).first()
     if dataset is None:
         raise CertificationRefused(f"dataset {dataset_id} does not exist in this team")
-    if level == Level.SCENARIO and not dataset.target:
+    if level == Level.SCENARIO and not _target_of(dataset):
         raise CertificationRefused(
             f"the scenario level judges the model on expected outputs, and {dataset} has no "
-            "target column; upload it again naming its target, or certify at performance"
+            f"target column (none named, and no {' / '.join(TARGET_NAMES)} column); upload it "
+            "again naming its target, or certify at performance"
         )
     return dataset
+
+
+def _target_of(dataset: Dataset) -> str | None:
+    """The dataset's target: the one named at upload, else the column evaluate and quantize
+    would take (label, target or y), as the suite does."""
+    if dataset.target:
+        return dataset.target
+    names = {c.get("name") for c in (dataset.schema or {}).get("columns", [])}
+    return next((n for n in TARGET_NAMES if n in names), None)
 
 
 # -- the end of a job ------------------------------------------------------------------------------
