@@ -41,6 +41,7 @@ from pipelines.datasets.columns import (
     TARGET_NAMES,
     DatasetInfo,
     SplitData,
+    default_target,
 )
 from pipelines.datasets.inspection import inspect_dataset
 from pipelines.datasets.loading import iter_batches, load_split
@@ -55,6 +56,7 @@ __all__ = [
     "DatasetInfo",
     "SplitData",
     "check_compatible",
+    "default_target",
     "inspect_dataset",
     "iter_batches",
     "load_split",

@@ -8,6 +8,7 @@ what an upload's inspection returns and :class:`SplitData` what a worker's loadi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,11 +20,19 @@ DATASET_FORMATS = ("csv", "jsonl", "npz")
 SPLITS = ("train", "validation", "test", "all")
 # Column names taken as the target when the dataset names none, in this order.
 TARGET_NAMES = ("label", "target", "y")
+
 # A one-input model reads a column/array of this name when none is named after the input.
 FEATURES_NAME = "features"
 MAX_DATASET_BYTES = 4 * 2**30  # the file, and an npz's unpacked members
 MAX_COLUMNS = 100_000
 MAX_RANK = 8  # dims of one value (JSON Lines nesting, npz array rank after the rows)
+
+
+def default_target(names: Iterable[str]) -> str | None:
+    """The column taken as the target when the dataset names none (TARGET_NAMES, in order)."""
+    present = set(names)
+    return next((n for n in TARGET_NAMES if n in present), None)
+
 
 
 @dataclass

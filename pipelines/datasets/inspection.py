@@ -13,9 +13,9 @@ from typing import Any
 
 from pipelines.datasets.columns import (
     MAX_DATASET_BYTES,
-    TARGET_NAMES,
     Column,
     DatasetInfo,
+    default_target,
     refuse,
 )
 from pipelines.datasets.npz import inspect_npz
@@ -105,7 +105,7 @@ def _info(
     fmt: str, rows: int, schema: dict[str, Any], columns: list[Column], details: dict[str, Any]
 ) -> DatasetInfo:
     names = [c.name for c in columns]
-    target = next((n for n in TARGET_NAMES if n in names), None)
+    target = default_target(names)
     details = {**details, "default_target": target}
     return DatasetInfo(format=fmt, rows=rows, schema=schema, details=details)
 

@@ -15,8 +15,8 @@ from pipelines.core import DatasetRef, PipelineError, TensorSpec
 from pipelines.datasets.columns import (
     DATASET_FORMATS,
     FEATURES_NAME,
-    TARGET_NAMES,
     Column,
+    default_target,
     shorten,
 )
 from pipelines.datasets.splits import split_fractions
@@ -119,7 +119,7 @@ def plan_inputs(ref: DatasetRef, columns: list[Column], specs: list[TensorSpec])
             )
         target: str | None = ref.target
     else:
-        target = next((n for n in TARGET_NAMES if n in by_name), None)
+        target = default_target(by_name)
     features = [c for c in columns if c.name != target]
     if not features:
         raise PipelineError(

@@ -18,7 +18,7 @@ from pipelines.certification.profiles import HardwareProfile as Profile
 from pipelines.certification.profiles import compatibility_problem
 from pipelines.certification.report import Level, SuiteReport, level_at_least
 from pipelines.certification.settings import CertifySettings
-from pipelines.datasets import TARGET_NAMES
+from pipelines.datasets import TARGET_NAMES, default_target
 from r1platform.certification.document import (
     CertificateDocument,
     DatasetRef,
@@ -180,8 +180,7 @@ def _target_of(dataset: Dataset) -> str | None:
     would take (label, target or y), as the suite does."""
     if dataset.target:
         return dataset.target
-    names = {c.get("name") for c in (dataset.schema or {}).get("columns", [])}
-    return next((n for n in TARGET_NAMES if n in names), None)
+    return default_target(c.get("name") for c in (dataset.schema or {}).get("columns", []))
 
 
 # -- the end of a job ------------------------------------------------------------------------------

@@ -40,23 +40,23 @@ def _resolve(prop: dict, defs: dict) -> dict:
     return prop
 
 
-def _kind(prop: dict, defs: dict) -> tuple[str | None, dict, bool]:
-    """(kind, the non-null schema, nullable) of a property; kind None: JSON only."""
+def _kind(prop: dict, defs: dict) -> tuple[str | None, dict]:
+    """(kind, the non-null schema) of a property; kind None: JSON only. A nullable setting's
+    blank field is its null default, like any other blank field."""
     prop = _resolve(prop, defs)
     options = [_resolve(p, defs) for p in prop.get("anyOf", [])]
-    nullable = any(p.get("type") == "null" for p in options)
     solid = [p for p in options if p.get("type") != "null"]
     core = {**prop, **solid[0]} if len(solid) == 1 else prop
     if options and len(solid) != 1:
-        return None, core, nullable
+        return None, core
     kind = core.get("type")
     if "enum" in core:
-        return "choice", core, nullable
+        return "choice", core
     if kind in ("boolean", "integer", "number", "string"):
-        return kind, core, nullable
+        return kind, core
     if kind == "array" and (core.get("items") or {}).get("type") == "integer":
-        return "integers", core, nullable
-    return None, core, nullable
+        return "integers", core
+    return None, core
 
 
 def _default_text(prop: dict) -> str:
@@ -65,7 +65,7 @@ def _default_text(prop: dict) -> str:
     return json.dumps(prop["default"])
 
 
-def _field(kind: str, core: dict, prop: dict, nullable: bool, initial: Any) -> forms.Field:
+def _field(kind: str, core: dict, prop: dict, initial: Any) -> forms.Field:
     help_text = prop.get("description", "")
     default = _default_text(prop)
     common = {"required": False, "help_text": help_text, "label": prop.get("title")}
@@ -103,13 +103,11 @@ def setting_fields(schema: dict, prefilled: dict[str, Any]) -> list[SettingField
     for name, prop in (settings_schema.get("properties") or {}).items():
         if name.endswith("dataset_id"):
             continue
-        kind, core, nullable = _kind(prop, defs)
+        kind, core = _kind(prop, defs)
         if kind is None:
             continue
         fields.append(
-            SettingField(
-                name, _field(kind, core, _resolve(prop, defs), nullable, prefilled.get(name)), kind
-            )
+            SettingField(name, _field(kind, core, _resolve(prop, defs), prefilled.get(name)), kind)
         )
     return fields
 

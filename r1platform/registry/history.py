@@ -19,7 +19,14 @@ from r1platform.registry.models import BenchmarkResult, ModelVersion, Registered
 
 SAME_WITHIN = 0.05
 
-Key = tuple[int, str]  # batch size, device
+Key = tuple[int, str, str]  # batch size, device, input shapes (rows timed alike only)
+
+
+def shape_text(shapes: object) -> str:
+    """A row's input shapes as text, ``input 32×64`` (several inputs comma-separated, sorted)."""
+    if not isinstance(shapes, dict):
+        return ""
+    return ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sorted(shapes.items()))
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class BenchmarkHistory:
 
 
 def newest_rows(rows: list[BenchmarkResult]) -> dict[int, dict[Key, BenchmarkResult]]:
-    """Per version id, its newest job's fastest row at each (batch size, device)."""
+    """Per version id, its newest job's fastest row at each (batch size, device, shapes)."""
     newest_job: dict[int, tuple] = {}
     for r in rows:
         mark = (r.job.created_at, r.job_id)
@@ -88,7 +95,7 @@ def newest_rows(rows: list[BenchmarkResult]) -> dict[int, dict[Key, BenchmarkRes
         if r.job_id != newest_job[r.version_id][1] or r.p50_ms <= 0:
             continue
         by_key = kept.setdefault(r.version_id, {})
-        key = (r.batch_size, r.device)
+        key = (r.batch_size, r.device, shape_text(r.shapes))
         if key not in by_key or r.p50_ms < by_key[key].p50_ms:
             by_key[key] = r
     return kept
@@ -178,7 +185,7 @@ def slower_than_upload(model: RegisteredModel) -> dict[int, list[AgainstUpload]]
             continue
         for key, row in sorted(mine.items()):
             base = theirs.get(key)
-            if base is None or row.shapes != base.shapes:
+            if base is None:
                 continue
             speedup = base.p50_ms / row.p50_ms
             ratio = row.throughput / base.throughput if base.throughput > 0 else None

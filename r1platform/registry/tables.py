@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1platform.certification.models import Certification
+from r1platform.registry.history import shape_text
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 
 MAX_VERSIONS = 8
@@ -53,7 +54,7 @@ def benchmark_lines(versions: list[ModelVersion]) -> list[Line]:
     latest: dict[tuple[int, int, str, str], BenchmarkResult] = {}
     rows = BenchmarkResult.objects.filter(version__in=versions).order_by("-job_id", "-pk")
     for row in rows:
-        shape = _shape_text(row.shapes)
+        shape = shape_text(row.shapes)
         latest.setdefault((row.version_id, row.batch_size, row.device, shape), row)
     order = {v.pk: i for i, v in enumerate(versions)}
     groups: dict[tuple[int, str, str], list[BenchmarkResult | None]] = {}
@@ -68,13 +69,6 @@ def benchmark_lines(versions: list[ModelVersion]) -> list[Line]:
         notes = [n for n in (device, shape) if n]
         lines.append(Line(f"batch {batch}", cells, best, notes))
     return lines
-
-
-def _shape_text(shapes: Any) -> str:
-    """A row's input shapes as text (rows timed at other shapes are never lined up)."""
-    if not isinstance(shapes, dict):
-        return ""
-    return ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sorted(shapes.items()))
 
 
 def certification_lines(versions: list[ModelVersion]) -> list[Line]:

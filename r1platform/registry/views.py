@@ -19,7 +19,7 @@ from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
-from r1platform.registry.history import benchmark_history, slower_than_upload
+from r1platform.registry.history import benchmark_history, shape_text, slower_than_upload
 from r1platform.registry.mirror import retry_mirror
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
@@ -285,13 +285,15 @@ def _add_speedups(version: ModelVersion, rows: list[BenchmarkResult]) -> bool:
     parent_rows = _latest_job_rows(
         list(BenchmarkResult.objects.filter(version_id=version.parent_id).select_related("job"))
     )
-    parent_p50: dict[int, float] = {}
+    # At the same batch size and input shapes; an unsteady row is no reference for a claim.
+    parent_p50: dict[tuple[int, str], float] = {}
     for r in parent_rows:
-        if r.p50_ms > 0 and r.converged:  # an unsteady row is no reference for a claim
-            parent_p50[r.batch_size] = min(r.p50_ms, parent_p50.get(r.batch_size, math.inf))
+        if r.p50_ms > 0 and r.converged:
+            key = (r.batch_size, shape_text(r.shapes))
+            parent_p50[key] = min(r.p50_ms, parent_p50.get(key, math.inf))
     found = False
     for r in rows:
-        reference = parent_p50.get(r.batch_size)
+        reference = parent_p50.get((r.batch_size, shape_text(r.shapes)))
         steady = reference and r.p50_ms > 0 and r.converged
         r.speedup = reference / r.p50_ms if steady else None
         found = found or r.speedup is not None

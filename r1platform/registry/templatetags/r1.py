@@ -6,6 +6,8 @@ import json
 
 from django import template
 
+from r1platform.registry.history import shape_text
+
 register = template.Library()
 
 
@@ -79,6 +81,4 @@ def num(value) -> str:
 @register.filter
 def shapes(value) -> str:
     """Each input's shape as timed: ``input 32×64`` (several inputs comma-separated)."""
-    if not isinstance(value, dict) or not value:
-        return ""
-    return ", ".join(f"{name} {'×'.join(str(d) for d in dims)}" for name, dims in value.items())
+    return shape_text(value)
