@@ -257,3 +257,19 @@ def wait_for_job(job_id: int, timeout: float = 240.0):
     raise AssertionError(
         f"job {job_id} did not finish in {timeout} s: {Job.objects.get(pk=job_id)}"
     )
+
+
+def wait_for_run_status(run_id: str, timeout: float = 20.0) -> str:
+    """The MLflow run's status once it is no longer RUNNING (or RUNNING after ``timeout``).
+
+    A worker records the job's end first and closes its MLflow run after, so a test that saw the
+    job end may look at the run a moment before it is closed.
+    """
+    from r1platform.core import tracking
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = tracking.client().get_run(run_id).info.status
+        if status != "RUNNING" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.25)

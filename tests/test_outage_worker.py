@@ -24,7 +24,7 @@ from r1platform.jobs import services as jobs
 from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.signals import job_finished
 from r1platform.registry.models import BenchmarkResult
-from tests.conftest import running_worker, wait_for_job
+from tests.conftest import running_worker, wait_for_job, wait_for_run_status
 
 # A benchmark of the upload alone, about 1 s per batch size: long enough to be killed in.
 SLOW_BENCHMARK = {
@@ -194,7 +194,7 @@ def test_a_worker_restarted_under_its_name_finishes_its_job_once(
         assert f"re-queued: worker {held.worker_host} restarted" in job.log_tail
         rows = BenchmarkResult.objects.filter(job=job)
         assert rows.count() == len(SLOW_BENCHMARK["settings"]["batch_sizes"])
-        assert tracking.client().get_run(job.mlflow_run_id).info.status == "FINISHED"
+        assert wait_for_run_status(job.mlflow_run_id) == "FINISHED"
 
         # The message the killed process held comes back one day (the visibility timeout):
         # that delivery finds the job finished and does nothing.
@@ -227,4 +227,4 @@ def test_a_job_cancelled_while_its_worker_was_dead_ends_when_it_restarts(
         job = wait_for_job(job_id, timeout=20)
     assert job.status == JobStatus.CANCELLED and job.attempts == 1
     assert "restarted" in job.log_tail
-    assert tracking.client().get_run(job.mlflow_run_id).info.status == "FAILED"
+    assert wait_for_run_status(job.mlflow_run_id) == "FAILED"

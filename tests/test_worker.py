@@ -7,7 +7,7 @@ import pytest
 from r1platform.core import tracking
 from r1platform.jobs.models import JobStatus
 from r1platform.registry.models import BenchmarkResult, ModelVersion
-from tests.conftest import wait_for_job
+from tests.conftest import wait_for_job, wait_for_run_status
 
 pytestmark = pytest.mark.worker
 
@@ -53,8 +53,8 @@ def test_it_runs_a_real_job_from_upload_to_versions(worker, api, digits_torchscr
     assert body["produced_version_ids"] == [v.pk for v in produced]
     assert [r["status"] for r in body["stage_results"]] == ["succeeded"] * 4
 
+    assert wait_for_run_status(job.mlflow_run_id) == "FINISHED"
     run = tracking.client().get_run(job.mlflow_run_id)
-    assert run.info.status == "FINISHED"
     assert any(k.startswith("bench.v3.b1.") for k in run.data.metrics)
     registered = tracking.client().search_model_versions(f"name = '{job.team.slug}.digits'")
     assert len(registered) == 4
@@ -71,7 +71,7 @@ def test_it_fails_a_job_whose_stage_raises_and_says_why(worker, api, digits_torc
     assert "shape" in job.error
     assert job.stage_results[0]["status"] == "failed"
     assert not ModelVersion.objects.filter(job=job).exists()
-    assert tracking.client().get_run(job.mlflow_run_id).info.status == "FAILED"
+    assert wait_for_run_status(job.mlflow_run_id) == "FAILED"
 
 
 def _pool_children(pid: int) -> list[int]:
