@@ -240,7 +240,7 @@ class JobRun:
         for entry in result.history if result.status is StageStatus.SUCCEEDED else []:
             step_metrics = {f"{result.stage_id}.{k}": v for k, v in entry["metrics"].items()}
             tracking.log_metrics(self.job.mlflow_run_id, step_metrics, step=int(entry["step"]))
-        if result.metrics and result.status is StageStatus.SUCCEEDED:
+        if result.metrics and result.status.done:  # a NOT_KEPT stage says why in numbers too
             tracking.log_metrics(
                 self.job.mlflow_run_id,
                 {f"{result.stage_id}.{k}": v for k, v in result.metrics.items()},

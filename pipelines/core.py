@@ -43,6 +43,15 @@ class StageStatus(StrEnum):
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"
     FAILED = "failed"
+    # The stage ran to its end but its result was judged not good enough and not kept (quantize
+    # or compile under its threshold): the job goes on with the parent, and the dashboard shows
+    # it amber with the reason, never as a green success.
+    NOT_KEPT = "not_kept"
+
+    @property
+    def done(self) -> bool:
+        """Whether the stage finished its work (a re-delivered job need not run it again)."""
+        return self in (StageStatus.SUCCEEDED, StageStatus.NOT_KEPT)
 
 
 class PipelineError(Exception):

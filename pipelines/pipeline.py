@@ -40,15 +40,21 @@ SKIPPED_MESSAGE = "already done by an earlier run of this job"
 
 
 def _already_done(ctx: PipelineContext, step: PlannedStage) -> StageResult | None:
-    """The earlier SUCCEEDED result of ``step`` if its outputs are all still there, else None.
+    """The earlier SUCCEEDED (or NOT_KEPT) result of ``step`` if its outputs are all still
+    there, else None.
 
     An output whose recorded settings differ from the plan's is not "done": the stage runs again
-    rather than handing back a model made with other settings.
+    rather than handing back a model made with other settings. A NOT_KEPT result has no output;
+    the settings it was judged with are in its ``details`` (a judgement under other settings,
+    keep_below_threshold say, is not reused).
     """
     prior = ctx.results.get(step.stage_id)
-    if prior is None or prior.status is not StageStatus.SUCCEEDED or prior.name != step.name:
+    if prior is None or not prior.status.done or prior.name != step.name:
         return None
     wanted_settings = step.settings.model_dump(mode="json")
+    judged_with = prior.details.get("settings")
+    if prior.status is StageStatus.NOT_KEPT and judged_with != wanted_settings:
+        return None
     for key in prior.outputs:
         artifact = ctx.artifacts.get(key)
         if artifact is None or not Path(artifact.path).is_file():
@@ -74,11 +80,13 @@ def run_pipeline(
 ) -> list[StageResult]:
     """Run ``planned`` over ``ctx`` in order; return one result per stage.
 
-    A stage whose earlier SUCCEEDED result is in ``ctx.results`` and whose output files exist is
-    not run again (unless a stage before it had to run): it gets a SKIPPED result, its outputs
-    stay in the context (the last becomes current again) and ``on_stage_done`` is still called
-    with the original result, so the caller can make sure its outputs are registered. ``ctx`` is
-    saved after every stage.
+    A stage whose earlier SUCCEEDED (or NOT_KEPT) result is in ``ctx.results`` and whose output
+    files exist is not run again (unless a stage before it had to run): it gets a SKIPPED result,
+    its outputs stay in the context (the last becomes current again) and ``on_stage_done`` is
+    still called with the original result, so the caller can make sure its outputs are
+    registered. A context delivered again starts from its input, so a stage that runs again
+    takes what the stage before it left (a NOT_KEPT stage: its parent), not the last model the
+    earlier run made. ``ctx`` is saved after every stage.
 
     ``Cancelled`` (raised by ``progress``) propagates as it is. Any other exception records a
     FAILED result, saves the context and is re-raised.
@@ -87,6 +95,8 @@ def run_pipeline(
     # Once a stage runs again, the ones after it must too: their outputs were made from the
     # previous run's files, which that stage has just replaced.
     upstream_ran = False
+    if "input" in ctx.artifacts:
+        ctx.current = "input"
     for index, step in enumerate(planned):
         prior = None if upstream_ran else _already_done(ctx, step)
         if prior is not None:

@@ -128,6 +128,8 @@ WHITENOISE_USE_FINDERS = True
 
 # Uploads stream to a temporary file in chunks (never whole into memory): see core/storage.py.
 R1_MAX_UPLOAD_BYTES = env_int("R1_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1)
+# What an uploaded archive (TorchScript zip, ONNX with its external data) may unpack to.
+R1_MAX_UNPACKED_BYTES = env_int("R1_MAX_UNPACKED_BYTES", 2 * R1_MAX_UPLOAD_BYTES, minimum=1)
 FILE_UPLOAD_HANDLERS = ["r1platform.core.storage.HashingUploadHandler"]
 FILE_UPLOAD_TEMP_DIR = None  # set at start by core.apps so it lives on the storage volume
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024**2

@@ -549,10 +549,10 @@ def test_it_shows_regression_metrics_without_a_parent(member_client, team):
 
 def test_it_charts_the_latest_jobs_benchmarks_and_the_speedup_over_the_parent(member_client, team):
     parent = make_version(team)
-    parent_job = make_job(parent)
-    for batch in (1, 2, 4, 8):
-        bench(parent, parent_job, batch, p50=2.0 * batch, throughput=500.0)
     child_job = make_job(parent)
+    # The job that made the child timed its parent beside it (speedups come from one job).
+    for batch in (1, 2, 4, 8):
+        bench(parent, child_job, batch, p50=2.0 * batch, throughput=500.0)
     child = make_version(team, parent=parent, job=child_job, artifact_key="s1", backend="trt")
     old_job = make_job(child, created_at=timezone.now() - timezone.timedelta(days=1))
     bench(child, old_job, 16, p50=9.0, throughput=10.0)
@@ -571,9 +571,10 @@ def test_it_charts_the_latest_jobs_benchmarks_and_the_speedup_over_the_parent(me
     labels = " ".join(t.text or "" for t in svg.iter(f"{SVG}text"))
     assert "batch size" in labels and "ms" in labels and "samples/s" in labels
     assert "<script" not in body.split('data-testid="latency-chart"')[1].split("</svg>")[0]
-    speedups = re.findall(r'data-testid="speedup">(.*?)</td>', body, re.S)
-    assert len(speedups) == 5 and "2.00×" in speedups[0] and "—" in speedups[-1]
-    assert "Speedup vs v1" in body
+    speedups = re.findall(r'data-testid="speedup-parent">(.*?)</td>', body, re.S)
+    assert len(speedups) == 5 and "2.00×" in speedups[0]
+    assert "not measured together" in speedups[-1]  # batch 16: an older job, no parent row
+    assert "vs parent v1" in body
     assert [b.batch_size for b in response.context["benchmarks"]] == [1, 2, 4, 8, 16]
 
 

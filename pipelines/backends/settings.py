@@ -142,6 +142,31 @@ class CompileSettings(StageSettings):
         ),
     )
 
+    min_agreement: float = Field(
+        default=0.99,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Every backend, classifiers: the least share of judged rows on which the compiled "
+            "model's top-1 class must match the model it was compiled from for it to be "
+            "registered (rows generated from the declared input shapes)."
+        ),
+    )
+    min_cosine: float = Field(
+        default=0.999,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "Every backend, other tasks: the least cosine similarity between the compiled "
+            "model's outputs and its source's, on every judged row, for it to be registered. "
+            "A compile changes the order of float operations, not the answer: keep it high."
+        ),
+    )
+    keep_below_threshold: bool = Field(
+        default=False,
+        description="Register the compiled model even when it is under min_agreement/min_cosine.",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> CompileSettings:
         problems: list[str] = []

@@ -75,9 +75,10 @@ def describe_file(artifact: Artifact) -> dict[str, Any]:
     """
     from pipelines.backends.tensorrt_build import sha256_file
 
+    # An archive version (ONNX with external data) runs unpacked: the archive is what is stored.
     return {
         "key": artifact.key,
-        "sha256": sha256_file(artifact.path),
+        "sha256": sha256_file(artifact.meta.get("stored_file") or artifact.path),
         "size_bytes": Path(artifact.path).stat().st_size,
         "format": artifact.format,
         "precision": artifact.precision,

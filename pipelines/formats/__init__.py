@@ -3,11 +3,12 @@
 The web process streams an upload to a temporary file and calls :func:`inspect_model` on it before
 anything is stored. Nothing here unpickles, loads TorchScript, or imports torch: pickles are only
 parsed opcode by opcode (:mod:`pipelines.formats.pickles`), ONNX is parsed as protobuf and checked
-by ``onnx.checker``. Accepted: ONNX (one ``.onnx`` file, weights inside) and TorchScript (the zip
-``torch.jit.save`` writes). Everything else raises :class:`RejectedUpload` with a reason the user
-can act on. The format is decided by the bytes; the file's name only picks the wording of the
-refusal for kinds that are refused anyway (a ``.plan`` of random bytes is called a TensorRT
-engine, a valid ONNX model named ``.plan`` is accepted as ONNX).
+by ``onnx.checker``. Accepted: ONNX (one ``.onnx`` file, weights inside, or a zip/tar holding one
+``.onnx`` and the external data files it names: :mod:`pipelines.formats.onnx_archive`) and
+TorchScript (the zip ``torch.jit.save`` writes). Everything else raises :class:`RejectedUpload`
+with a reason the user can act on. The format is decided by the bytes; the file's name only picks
+the wording of the refusal for kinds that are refused anyway (a ``.plan`` of random bytes is
+called a TensorRT engine, a valid ONNX model named ``.plan`` is accepted as ONNX).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import zipfile
 from pathlib import Path
 
 from pipelines.core import TensorSpec
+from pipelines.formats.archives import ZipRules, archive_kind, list_members
 from pipelines.formats.errors import ModelInfo, RejectedUpload
 from pipelines.formats.names import extension, sanitize_filename
+from pipelines.formats.onnx_archive import (
+    ARCHIVE_SUFFIX,
+    has_external_data,
+    inspect_onnx_archive,
+    is_onnx_archive,
+    pack_onnx,
+    unpack_onnx,
+)
 from pipelines.formats.onnx_model import (
     MAX_ONNX_BYTES,
     check_external_data,
@@ -32,6 +42,10 @@ from pipelines.formats.shapes import parse_input_shapes
 from pipelines.formats.torchscript import TENSORRT_MESSAGE, inspect_zip
 
 __all__ = [
+    "ARCHIVE_SUFFIX",
+    "has_external_data",
+    "pack_onnx",
+    "unpack_onnx",
     "ModelInfo",
     "PickleScan",
     "RejectedUpload",
@@ -107,6 +121,18 @@ def _has_embedded_zip(path: Path) -> bool:
         return False
 
 
+def _zip_holds_onnx(path: Path, max_unpacked_bytes: int) -> bool:
+    """Whether a zip upload is a model archive (it has an .onnx member) rather than TorchScript.
+
+    An unreadable or unsafe zip answers False: the TorchScript check words that refusal.
+    """
+    try:
+        members = list_members(path, ZipRules("zip", "zip", max_unpacked_bytes))
+    except RejectedUpload:
+        return False
+    return is_onnx_archive(members)
+
+
 def _hexhead(head: bytes) -> str:
     return " ".join(f"{b:02x}" for b in head[:8])
 
@@ -158,8 +184,14 @@ def inspect_model(
     if head[:4] in _MACHO:
         raise _native("a macOS executable or library (Mach-O)")
 
-    # Zip: TorchScript, a torch.save checkpoint, or something else; the zip checks decide.
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    # An archive: an ONNX model with its external data (zip or tar), else a zip is TorchScript,
+    # a torch.save checkpoint, or something else; the archive checks decide.
+    kind = archive_kind(path)
+    if kind is not None and kind != "zip":
+        return inspect_onnx_archive(path, max_unpacked_bytes)
+    if kind == "zip":
+        if _zip_holds_onnx(path, max_unpacked_bytes):
+            return inspect_onnx_archive(path, max_unpacked_bytes)
         return inspect_zip(path, declared_inputs, max_unpacked_bytes)
     if _has_embedded_zip(path):
         raise RejectedUpload(
@@ -213,8 +245,8 @@ def inspect_model(
     if ext == ".onnx":
         if size > MAX_ONNX_BYTES:
             reason = (
-                "it is over 2 GB; ONNX models that big keep their weights in external data, "
-                "which a single-file upload cannot carry"
+                "it is over 2 GB; ONNX models that big keep their weights in external data: "
+                "upload a zip or tar holding the .onnx file and its data files"
             )
         elif model is None:
             reason = f"the file is not an ONNX protobuf, or it is truncated ({parse_error})"

@@ -212,12 +212,21 @@ def check_skeleton(model: onnx.ModelProto) -> None:
 
     The checker wants the file an external tensor names to exist and to be large enough: the
     skeleton's references get one sparse file of the right size (no disk used), each offset read
-    as 0, next to a copy of the skeleton. Raises ``onnx.checker.ValidationError``.
+    as 0, next to a copy of the skeleton; so do the references of a model uploaded with its
+    external data (checked against the real files first by :func:`check_external_data`).
+    Raises ``onnx.checker.ValidationError``.
     """
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     needed = 0
     for tensor in iter_tensors(model_copy):
+        if _is_external(tensor):  # real external data, already checked by check_external_data
+            fields = {e.key: e.value for e in tensor.external_data}
+            del tensor.external_data[:]
+            for key in ("location", "offset", "length"):
+                entry = tensor.external_data.add()
+                entry.key = key
+                entry.value = SKELETON_LOCATION if key == "location" else fields.get(key, "0")
         if is_stripped(tensor):
             for entry in tensor.external_data:
                 if entry.key == "offset":
@@ -308,21 +317,24 @@ def guess_precision(model: onnx.ModelProto, dtype_bytes: dict[str, int]) -> str:
     return Precision.FP32.value
 
 
-def inspect_onnx(path: Path, model: onnx.ModelProto) -> ModelInfo:
-    """Validate and describe an already parsed ``model`` whose bytes are at ``path``."""
+def inspect_onnx(path: Path, model: onnx.ModelProto, external_ok: bool = False) -> ModelInfo:
+    """Validate and describe an already parsed ``model`` whose bytes are at ``path``.
+
+    ``external_ok``: the model came in an archive whose external data the caller checked
+    (:mod:`pipelines.formats.onnx_archive`); a single file that names other files is refused.
+    """
     graph = model.graph
     if len(graph.node) == 0:
         raise _invalid("the graph has no nodes")
 
     external = external_tensors(model)
-    if external:
+    if external and not external_ok:
         first = external[0]
         raise RejectedUpload(
             f"this ONNX model keeps {len(external)} tensor(s) in external data files (e.g. "
             f"{first.name[:60]!r} in {_location(first)[:60]!r}), which a single-file upload "
-            "cannot carry; export it with torch.onnx.export(..., external_data=False), or re-save "
-            "it with onnx.save_model(onnx.load(path), new_path, save_as_external_data=False) "
-            "(possible under 2 GB), and upload that one file",
+            "cannot carry: upload a zip or tar (.zip, .tar, .tar.gz) holding the .onnx file and "
+            "its data files, as they sit beside it",
             code="external_data",
         )
 

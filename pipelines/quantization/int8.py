@@ -13,6 +13,7 @@ import io
 import logging
 import platform
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,14 +21,20 @@ from pipelines.core import Artifact, PipelineContext, PipelineError, ProgressFn
 from pipelines.onnx_io import first_error_line, fixed_batch, op_types, read_tensor_specs
 from pipelines.quantization.checks import Made
 from pipelines.quantization.graph import dynamic_counts, qdq_counts, zero_points_all_zero
-from pipelines.quantization.settings import QuantizeSettings
+from pipelines.quantization.settings import WEIGHT_OPS, QuantizeSettings
 
 if TYPE_CHECKING:
     from pipelines.calibration import SplitCalibrationReader
     from pipelines.core import DatasetRef
     from pipelines.datasets import SplitData
 
-__all__ = ["calibration_reader", "int8_dynamic", "int8_static", "preprocess"]
+__all__ = [
+    "calibration_reader",
+    "candidate_nodes",
+    "int8_dynamic",
+    "int8_static",
+    "preprocess",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +42,38 @@ logger = logging.getLogger(__name__)
 def preprocess(source: Artifact, scratch: Path, external: bool) -> str | None:
     """quant_pre_process into ``scratch``; None (and a warning) when the model defeats it.
 
-    Pre-processing (symbolic shape inference + graph cleanup) lets the quantizer see shapes and
-    fused patterns it otherwise misses; an improvement, not a need.
+    Pre-processing (symbolic shape inference, onnxruntime's graph cleanup, ONNX shape
+    inference) lets the quantizer see shapes and fused patterns it otherwise misses. When the
+    symbolic shape inference fails (it does on torch's export of nn.TransformerEncoder), the
+    rest is run without it: the cleanup turns a weight reached through an Identity node (how
+    torch exports equal weights) back into an initializer, and the quantizer only quantizes
+    MatMuls whose weight is an initializer; without it, 3 of 4 encoder layers stayed float.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        pre = scratch / "preprocessed.onnx"
-        quant_pre_process(source.path, str(pre), save_as_external_data=external)
-        return str(pre)
-    except Exception as exc:
-        logger.warning(
-            "quantize %s: pre-processing failed (%s); quantizing the model as it is",
-            source.key,
-            first_error_line(exc),
-        )
-        return None
+    pre = scratch / "preprocessed.onnx"
+    problem = ""
+    for skip_symbolic in (False, True):
+        try:
+            # Inside scratch: when the symbolic inference gives up, onnxruntime saves
+            # ``sym_shape_infer_temp.onnx`` and its data into the working directory (the
+            # worker's, the project root), and a job writes only in its own folder.
+            with contextlib.chdir(scratch):
+                quant_pre_process(
+                    str(Path(source.path).resolve()),
+                    str(pre.resolve()),
+                    skip_symbolic_shape=skip_symbolic,
+                    save_as_external_data=external,
+                )
+            return str(pre)
+        except Exception as exc:
+            problem = problem or first_error_line(exc) or type(exc).__name__
+    logger.warning(
+        "quantize %s: pre-processing failed (%s); quantizing the model as it is",
+        source.key,
+        problem,
+    )
+    return None
 
 
 def weight_nodes(path: str, op_types: list[str]) -> list[str] | None:
@@ -76,13 +99,37 @@ def weight_nodes(path: str, op_types: list[str]) -> list[str] | None:
     return names + [f"{node.name}_MatMul" for node in chosen if node.op_type == "Gemm"]
 
 
-def _selection(to_quantize: str, s: QuantizeSettings) -> dict[str, list[str] | None]:
-    """The quantizer's op-type and node selection: by default, only the weight-bearing nodes."""
+def _selection(
+    to_quantize: str, s: QuantizeSettings, exclude: Sequence[str] = ()
+) -> dict[str, list[str] | None]:
+    """The quantizer's op-type and node selection: by default, only the weight-bearing nodes;
+    ``exclude`` names nodes kept in float (the sensitivity search's choice)."""
     op_types = s.effective_op_types
     nodes = None
     if s.op_types is None and op_types is not None:
         nodes = weight_nodes(to_quantize, op_types)
-    return {"op_types_to_quantize": op_types, "nodes_to_quantize": nodes}
+    excluded = set(exclude) | {f"{name}_MatMul" for name in exclude}  # a Gemm, rewritten
+    if nodes is not None:
+        nodes = [n for n in nodes if n not in excluded]
+    return {
+        "op_types_to_quantize": op_types,
+        "nodes_to_quantize": nodes,
+        "nodes_to_exclude": sorted(excluded) or None,
+    }
+
+
+def _float_outputs(exclude: Sequence[str]) -> dict[str, list[str]]:
+    """With nodes kept in float, static QDQ also leaves the weight ops' outputs unquantized:
+    QDQ quantizes a Gemm's (or Conv's) output for its consumer, so a node kept in float would
+    still read an int8-rounded input from the node before it."""
+    return {"OpTypesToExcludeOutputQuantization": list(WEIGHT_OPS)} if exclude else {}
+
+
+def candidate_nodes(to_quantize: str, s: QuantizeSettings) -> list[str]:
+    """The nodes the sensitivity search may keep in float: the weight nodes of the selection."""
+    op_types = s.effective_op_types or ["MatMul", "Gemm", "Conv"]
+    chosen = weight_nodes(to_quantize, [t for t in op_types if t in ("MatMul", "Gemm", "Conv")])
+    return [n for n in chosen or [] if not n.endswith("_MatMul")]
 
 
 def _nothing_quantized(source: Artifact, s: QuantizeSettings) -> PipelineError:
@@ -112,7 +159,12 @@ def reduce_range(s: QuantizeSettings) -> bool:
 
 
 def int8_dynamic(
-    source: Artifact, to_quantize: str, out: Path, s: QuantizeSettings, external: bool
+    source: Artifact,
+    to_quantize: str,
+    out: Path,
+    s: QuantizeSettings,
+    external: bool,
+    exclude: Sequence[str] = (),
 ) -> Made:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -120,7 +172,7 @@ def int8_dynamic(
         quantize_dynamic(
             to_quantize,
             str(out),
-            **_selection(to_quantize, s),
+            **_selection(to_quantize, s, exclude),
             per_channel=s.effective_per_channel,
             reduce_range=reduce_range(s),
             weight_type=QuantType.QInt8,
@@ -177,7 +229,11 @@ def int8_static(
     s: QuantizeSettings,
     external: bool,
     progress: ProgressFn,
+    exclude: Sequence[str] = (),
+    calibration_cache: Path | None = None,
 ) -> Made:
+    """Static QDQ int8; ``calibration_cache`` (a file) keeps the activation ranges of a first
+    call for the next ones (the search re-quantizes the same model with other nodes in float)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -202,19 +258,21 @@ def int8_static(
                 str(out),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                **_selection(to_quantize, s),
+                **_selection(to_quantize, s, exclude),
                 per_channel=s.effective_per_channel,
                 reduce_range=reduce_range(s),
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 use_external_data_format=external,
+                calibration_cache_path=calibration_cache,
                 # Biases stay float: TensorRT's ONNX parser refuses the int32 DequantizeLinear
                 # nodes ORT writes for quantized biases, and it fuses a float bias itself.
                 extra_options={
                     "WeightSymmetric": True,
                     "ActivationSymmetric": True,
                     "QuantizeBias": False,
+                    **_float_outputs(exclude),
                 },
             )
     except PipelineError:

@@ -133,12 +133,46 @@ class QuantizeSettings(StageSettings):
         le=1.0,
         description=(
             "Least fraction of the parent's metric the quantized model must keep (0.99: at most "
-            "1% worse) to be registered; below it, later stages run on the parent instead."
+            "1% worse) to be registered; below it, later stages run on the parent instead. With "
+            "no evaluation dataset, a classifier is judged on generated inputs and must agree "
+            "with the parent's top-1 class on this fraction of them."
+        ),
+    )
+    min_cosine: float = Field(
+        0.99,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "Where the task's metric cannot be measured (no evaluation dataset, or one without "
+            "targets) and the model is not a classifier: the least cosine similarity between "
+            "the quantized model's outputs and the parent's, on every judged row, for it to be "
+            "registered."
         ),
     )
     keep_below_threshold: bool = Field(
         False,
-        description="Register the quantized model even when it keeps less than min_retention.",
+        description=(
+            "Register the quantized model even when it is under min_retention (or min_cosine)."
+        ),
+    )
+    sensitivity_search: bool = Field(
+        True,
+        description=(
+            "int8 modes: when the quantized model keeps less than min_retention, rank the weight "
+            "nodes by the output error their quantization alone causes (on a few calibration or "
+            "evaluation rows, against the FP32 run) and keep the worst in float, 1, 2, 4, ... "
+            "of them, until retention holds or max_excluded_fraction is reached; the nodes kept "
+            "in float are recorded. Off: a model under min_retention is refused as it is."
+        ),
+    )
+    max_excluded_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "int8 modes: the largest share of the weight nodes the sensitivity search may keep "
+            "in float (at least one node)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -163,7 +197,13 @@ class QuantizeSettings(StageSettings):
         if self.mode in FLOAT_MODES:
             used = [
                 name
-                for name in ("per_channel", "reduce_range", "op_types")
+                for name in (
+                    "per_channel",
+                    "reduce_range",
+                    "op_types",
+                    "sensitivity_search",
+                    "max_excluded_fraction",
+                )
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
             if used:
@@ -173,7 +213,7 @@ class QuantizeSettings(StageSettings):
         if self.effective_eval_dataset_id is None:
             used = [
                 name
-                for name in ("eval_split", "min_retention", "keep_below_threshold")
+                for name in ("eval_split",)
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
             if used:

@@ -41,6 +41,7 @@ __all__ = [
     "Stage",
     "StageOutcome",
     "coerce_settings",
+    "not_kept",
     "require_format",
     "settings_meta",
 ]
@@ -96,6 +97,35 @@ def require_format(artifact: Artifact, stage: str, formats: tuple[str, ...]) -> 
 def settings_meta(settings: StageSettings) -> dict[str, Any]:
     """Settings as JSON-safe data, kept in an artifact's meta so a version says how it was made."""
     return settings.model_dump(mode="json")
+
+
+def not_kept(
+    reason: str,
+    message: str,
+    *,
+    settings: StageSettings,
+    parent: str,
+    metrics: dict[str, float] | None = None,
+    details: dict[str, Any] | None = None,
+) -> StageOutcome:
+    """The outcome of a stage that ran but whose result is under its threshold and not kept.
+
+    ``reason`` is the short verdict the dashboard shows after "not kept: " (``retention 96.3% <
+    99.0%``). ``details`` records it with the settings it was judged with and the parent that
+    stays current, so a re-delivered job reuses the verdict only for the same settings.
+    """
+    return StageOutcome(
+        outputs=[],
+        metrics=dict(metrics or {}),
+        message=f"not kept: {reason}; {message}",
+        details={
+            **(details or {}),
+            "not_kept": reason,
+            "settings": settings_meta(settings),
+            "parent": parent,
+        },
+        status=StageStatus.NOT_KEPT,
+    )
 
 
 class Stage(ABC, Generic[S]):

@@ -9,6 +9,13 @@ asking AOTInductor to compile an ONNX model is refused before it is queued.
 Backends write into a staging folder (published when the stage succeeds) and keep their caches
 under ``<jobs folder>/cache`` (Inductor's, TensorRT's timing caches), inside the platform's
 storage.
+
+Whatever the backend, the compiled model is then judged against its source
+(:mod:`pipelines.judging`) on inputs generated from the declared shapes (named dims at their
+``dim_ranges`` opt size): top-1 agreement for a classifier, held to ``min_agreement``, else the
+least per-row cosine, held to ``min_cosine``. One under its threshold is not published or
+registered (unless ``keep_below_threshold``): the stage ends NOT_KEPT and later stages use the
+source. A source that cannot run the generated inputs leaves the compile unjudged, and says so.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pipelines.backends import (
     resolve_backend,
 )
 from pipelines.backends.aotinductor_build import compile_aotinductor
-from pipelines.backends.check import cause, max_abs_diff, run_once
+from pipelines.backends.check import cause, run_once
 from pipelines.backends.settings import CompileSettings
 from pipelines.backends.tensorrt import compile_tensorrt
 from pipelines.backends.tensorrt_graph import check_int8, onnx_quantization, profile_shapes
@@ -40,8 +47,10 @@ from pipelines.core import (
     PipelineError,
     ProgressFn,
     StageSettings,
+    TensorSpec,
 )
 from pipelines.engines import EngineOptions, load_engine
+from pipelines.judging import Judgement, Unjudgeable, judge
 from pipelines.onnx_io import (
     CPU_PROVIDERS,
     EXTERNAL_DATA_THRESHOLD,
@@ -58,6 +67,7 @@ from pipelines.stages.base import (
     Formats,
     Stage,
     StageOutcome,
+    not_kept,
     require_format,
     settings_meta,
 )
@@ -186,25 +196,19 @@ def compile_onnxruntime(
             f'the optimised model does not load: {cause(exc)}; try graph_optimization_level "basic"'
         ) from exc
 
-    # Run it once; compare with the source on the same input. Fusions change the order of
-    # floating-point operations, so the difference is recorded, not held to a tolerance.
+    # Run it once, so a graph that loads but cannot run fails here with a hint; how far its
+    # answers moved from the source's is the stage's judgement (pipelines.judging).
     metrics: dict[str, float] = {
         "nodes_before": float(len(op_types(source.path))),
         "nodes_after": float(len(op_types(out_path))),
     }
     feeds = random_inputs(inputs, batch_size=1, default_dim=8)
     try:
-        optimised = run_once(engine, feeds)
+        run_once(engine, feeds)
     except Exception as exc:
         raise PipelineError(
             f'the optimised model fails to run: {cause(exc)}; try graph_optimization_level "basic"'
         ) from exc
-    try:
-        # The source as written (no graph optimisation), on the CPU: the reference.
-        reference_engine = load_engine(source, "cpu", options=EngineOptions(optimization="none"))
-        metrics["max_abs_diff"] = max_abs_diff(run_once(reference_engine, feeds), optimised)
-    except Exception:  # nothing to compare with is not a reason to fail the compile
-        pass
 
     return CompiledModel(
         filename=out_path.name,
@@ -348,7 +352,8 @@ class Compile(Stage[CompileSettings]):
     def _run(
         self, ctx: PipelineContext, stage_id: str, s: CompileSettings, progress: ProgressFn
     ) -> StageOutcome:
-        """Compile the current artifact; the compiled model becomes the current one."""
+        """Compile the current artifact and judge it; the compiled model becomes the current one
+        unless it is under its threshold."""
         source = ctx.current_artifact
         name, effective, note = choose_backend(source, s)
         require_format(source, f"{self.name} (backend {name})", BACKEND_INFO[name].accepts)
@@ -356,35 +361,30 @@ class Compile(Stage[CompileSettings]):
 
         stage_dir = ctx.stage_dir(stage_id)
         progress(0.0, note or f"compiling for {name}")
-        with staging_area(stage_dir) as area:
-            compiled = backend(
-                source, area.dir, effective, progress, cache_root=cache_root_for(ctx.workdir)
-            )
-            area.main = compiled.filename
+        try:
+            with staging_area(stage_dir) as area:
+                compiled = backend(
+                    source, area.dir, effective, progress, cache_root=cache_root_for(ctx.workdir)
+                )
+                area.main = compiled.filename
+                artifact = _compiled_artifact(stage_id, source, compiled, area.dir, s, note)
+                judgement, unjudged = _judge(ctx, source, artifact, effective, progress)
+                verdict = _verdict(s, judgement)
+                if verdict is not None and not s.keep_below_threshold:
+                    raise _NotKept(verdict, judgement, compiled)
+        except _NotKept as refused:
+            return self._refused(s, source, refused)
         final = stage_dir / compiled.filename
-        if compiled.inputs is not None and compiled.outputs is not None:
-            inputs, outputs = list(compiled.inputs), list(compiled.outputs)
-        elif compiled.format == ModelFormat.ONNX.value:
-            inputs, outputs = read_tensor_specs(final)
-        else:
-            inputs, outputs = list(source.inputs), list(source.outputs)
-        metrics = {**compiled.metrics, "size_bytes": float(model_size_bytes(final))}
-        meta = {**compiled.meta, "settings": settings_meta(s)}
-        if note:
-            meta["backend_choice"] = note
-        artifact = Artifact(
-            key=stage_id,
-            path=str(final),
-            format=compiled.format,
-            precision=compiled.precision or source.precision,
-            inputs=inputs,
-            outputs=outputs,
-            parent=source.key,
-            backend=compiled.backend,
-            produced_by=self.name,
-            metrics=metrics,
-            meta=meta,
-        )
+        artifact.path = str(final)
+        artifact.metrics["size_bytes"] = float(model_size_bytes(final))
+        metrics = dict(compiled.metrics)
+        if judgement is not None:
+            artifact.meta["judgement"] = judgement.meta()
+            metrics.setdefault("max_abs_diff", judgement.max_abs_diff)
+            metrics.update(judgement.metrics())
+            artifact.metrics.update(metrics)
+        elif unjudged:
+            artifact.meta["judgement"] = {"judged_on": None, "not_judged": unjudged}
         ctx.add_artifact(artifact)
         progress(1.0, "compiled")
         nodes = ""
@@ -392,6 +392,105 @@ class Compile(Stage[CompileSettings]):
             nodes = f": {metrics['nodes_before']:.0f} -> {metrics['nodes_after']:.0f} nodes"
         summary = f" ({compiled.summary})" if compiled.summary else ""
         message = f"compiled for {compiled.backend}{summary}{nodes}"
+        if judgement is not None:
+            message += f"; {judgement.describe()}"
+        if verdict is not None:
+            message += f" ({verdict}, kept because keep_below_threshold is set)"
+        if unjudged:
+            message += f"; {unjudged}"
         if note:
             message += f"; {note}"
-        return StageOutcome(outputs=[artifact.key], metrics=compiled.metrics, message=message)
+        return StageOutcome(outputs=[artifact.key], metrics=metrics, message=message)
+
+    def _refused(self, s: CompileSettings, source: Artifact, refused: _NotKept) -> StageOutcome:
+        j = refused.judgement
+        return not_kept(
+            refused.verdict,
+            f"{j.describe()} against {source.key!r}; the {refused.compiled.backend} build is "
+            "not registered (set keep_below_threshold to keep it); later stages use the source",
+            settings=s,
+            parent=source.key,
+            metrics={**refused.compiled.metrics, "max_abs_diff": j.max_abs_diff, **j.metrics()},
+            details={"judgement": j.meta(), "backend": refused.compiled.backend},
+        )
+
+
+class _NotKept(Exception):
+    """Raised inside the staging block so that a compiled model under its threshold is never
+    published."""
+
+    def __init__(self, verdict: str, judgement: Judgement, compiled: CompiledModel) -> None:
+        super().__init__(verdict)
+        self.verdict = verdict
+        self.judgement = judgement
+        self.compiled = compiled
+
+
+def _compiled_artifact(
+    stage_id: str,
+    source: Artifact,
+    compiled: CompiledModel,
+    where: Path,
+    s: CompileSettings,
+    note: str,
+) -> Artifact:
+    """The compiled model as an artifact, its file still in the staging folder ``where``."""
+    path = where / compiled.filename
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    if compiled.inputs is not None and compiled.outputs is not None:
+        inputs, outputs = list(compiled.inputs), list(compiled.outputs)
+    elif compiled.format == ModelFormat.ONNX.value:
+        inputs, outputs = read_tensor_specs(path)
+    else:
+        inputs, outputs = list(source.inputs), list(source.outputs)
+    meta = {**compiled.meta, "settings": settings_meta(s)}
+    if note:
+        meta["backend_choice"] = note
+    return Artifact(
+        key=stage_id,
+        path=str(path),
+        format=compiled.format,
+        precision=compiled.precision or source.precision,
+        inputs=inputs,
+        outputs=outputs,
+        parent=source.key,
+        backend=compiled.backend,
+        produced_by=Compile.name,
+        metrics={**compiled.metrics, "size_bytes": float(model_size_bytes(path))},
+        meta=meta,
+    )
+
+
+def _judge(
+    ctx: PipelineContext,
+    source: Artifact,
+    artifact: Artifact,
+    s: CompileSettings,
+    progress: ProgressFn,
+) -> tuple[Judgement | None, str]:
+    """The compiled model against its source on generated inputs (named dims at their
+    ``dim_ranges`` opt size); (None, why) when the source cannot run them."""
+    progress(0.99, "judging the compiled model against its source on generated inputs")
+    sizes = {dim: opt for dim, (_, opt, _) in s.dim_ranges.items()}
+    try:
+        found = judge(
+            source,
+            artifact,
+            ctx.task,
+            dim_sizes=sizes,
+            dim_sources={dim: "dim_ranges (opt)" for dim in sizes},
+            candidate_device="auto",
+            candidate_options=EngineOptions(cache_root=cache_root_for(ctx.workdir)),
+        )
+    except Unjudgeable as exc:
+        return None, f"not judged: {exc}"
+    return found, ""
+
+
+def _verdict(s: CompileSettings, judgement: Judgement | None) -> str | None:
+    """Why the compiled model is under its threshold (``min cosine 0.9712 < 0.9990``), or None."""
+    if judgement is None:
+        return None
+    threshold = s.min_agreement if judgement.metric == "agreement" else s.min_cosine
+    return None if judgement.passes(threshold) else judgement.verdict(threshold)

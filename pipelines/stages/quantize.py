@@ -14,14 +14,20 @@ Modes:
 
 When an evaluation dataset is known, the primary metric of the model's task is measured on the
 parent and on the new model; a model that keeps less than ``min_retention`` of it is not
-registered (unless ``keep_below_threshold``) and the parent stays the current artifact.
+registered (unless ``keep_below_threshold``) and the parent stays the current artifact. Where the
+metric cannot be measured (no dataset: the default pipeline), the new model is still judged
+against the parent (:mod:`pipelines.judging`): top-1 agreement for a classifier, held to
+``min_retention``, else the least per-row cosine, held to ``min_cosine``; on the eval split's rows
+when a dataset is known, else on inputs generated from the declared shapes. A model under its
+threshold ends the stage NOT_KEPT, which the dashboard shows amber with the reason.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pipelines.core import (
     Artifact,
@@ -31,6 +37,7 @@ from pipelines.core import (
     ProgressFn,
     StageSettings,
 )
+from pipelines.judging import Judgement, Unjudgeable, judge
 from pipelines.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     external_data_files,
@@ -49,8 +56,11 @@ from pipelines.quantization.settings import (
     precision_problem,
     quantize_precision,
 )
-from pipelines.stages.base import ONNX_FILENAME, Stage, StageOutcome, settings_meta
+from pipelines.stages.base import ONNX_FILENAME, Stage, StageOutcome, not_kept, settings_meta
 from pipelines.staging import scratch_dir, staged_output
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Quantize"]
 
@@ -58,11 +68,76 @@ __all__ = ["Quantize"]
 class _NotRegistered(Exception):
     """Raised inside the staging block so that a refused model is never published."""
 
-    def __init__(self, evaluation: Evaluation, made: Made, out_bytes: int) -> None:
-        super().__init__("below the retention threshold")
-        self.evaluation = evaluation
+    def __init__(
+        self,
+        verdict: str,
+        made: Made,
+        out_bytes: int,
+        evaluation: Evaluation | None,
+        judgement: Judgement | None,
+    ) -> None:
+        super().__init__(verdict)
+        self.verdict = verdict
         self.made = made
         self.out_bytes = out_bytes
+        self.evaluation = evaluation
+        self.judgement = judgement
+
+
+def _judge(
+    ctx: PipelineContext,
+    source: Artifact,
+    candidate: Artifact,
+    s: QuantizeSettings,
+    made: Made,
+    dataset_id: int | None,
+    progress: ProgressFn,
+) -> tuple[Judgement | None, str, Mapping[str, np.ndarray] | None]:
+    """The new model against its parent where no task metric holds it (pipelines.judging): on
+    the eval split's rows when a dataset is known, else on generated inputs. (None, why) when
+    the parent itself cannot run them: nothing to judge against is not a reason to refuse.
+    The dataset rows it judged on come back too (None: generated), for the search to reuse."""
+    inputs, judged_on = None, "generated"
+    if dataset_id is not None:
+        from pipelines.datasets import load_split
+
+        data = load_split(ctx.dataset(dataset_id, "eval_dataset_id"), s.eval_split, source.inputs)
+        if data.rows:
+            inputs, judged_on = data.inputs, f"dataset {dataset_id} ({s.eval_split})"
+    where = "generated inputs" if inputs is None else f"rows of {judged_on}"
+    progress(0.85, f"judging the {s.mode} model against its parent on {where}")
+    try:
+        found = judge(
+            source,
+            candidate,
+            ctx.task,
+            inputs=inputs,
+            judged_on=judged_on,
+            candidate_device=_device(made),
+        )
+    except Unjudgeable as exc:
+        return None, f"not judged: {exc}", inputs
+    return found, "", inputs
+
+
+def _device(made: Made) -> str:
+    """Where the quantized model runs to be judged: where its check ran."""
+    return "cuda" if "CUDAExecutionProvider" in made.providers else "cpu"
+
+
+def _verdict(
+    s: QuantizeSettings, evaluation: Evaluation | None, judgement: Judgement | None
+) -> str | None:
+    """Why the new model is under its threshold (``retention 96.3% < 99.0%``), or None."""
+    if evaluation is not None:
+        if evaluation.retention >= s.min_retention:
+            return None
+        kept, wanted = evaluation.retention, s.min_retention
+        return f"retention {pct(kept, wanted)} < {pct(wanted, kept)}"
+    if judgement is None:
+        return None
+    threshold = s.min_retention if judgement.metric == "agreement" else s.min_cosine
+    return None if judgement.passes(threshold) else judgement.verdict(threshold)
 
 
 def _remove_stale_output(stage_dir: Path) -> None:
@@ -82,14 +157,14 @@ def _convert(
     out: Path,
     external: bool,
     progress: ProgressFn,
-) -> tuple[Made, bool | None]:
+) -> tuple[Made, bool | None, str | None]:
     """Write ``source`` in ``s.mode`` to ``out``; whether the int8 pre-processing ran (None:
-    a float mode, which has none)."""
+    a float mode, which has none), and the file the int8 quantizer was given (None: float)."""
     if s.mode not in INT8_MODES:
         from pipelines.quantization.floats import convert_to_float
 
         progress(0.0, f"converting the model to {s.mode}")
-        return convert_to_float(source, out, scratch, s, external), None
+        return convert_to_float(source, out, scratch, s, external), None, None
     from pipelines.onnx_io import copy_onnx
     from pipelines.quantization.int8 import int8_dynamic, int8_static, preprocess
 
@@ -102,7 +177,7 @@ def _convert(
         made = int8_dynamic(source, to_quantize, out, s, external)
     else:
         made = int8_static(ctx, source, to_quantize, out, s, external, progress)
-    return made, pre is not None
+    return made, pre is not None, to_quantize
 
 
 class Quantize(Stage[QuantizeSettings]):
@@ -113,7 +188,8 @@ class Quantize(Stage[QuantizeSettings]):
         "Quantize an fp32 ONNX model: int8_dynamic (no data needed), int8_static (QDQ, calibrated "
         "on a dataset; runs on TensorRT and onnxruntime), fp16 or bf16. With an evaluation "
         "dataset, a model that keeps less than min_retention of the parent's metric is not "
-        "registered."
+        "registered; without one, it is judged against the parent on generated inputs (top-1 "
+        "agreement for a classifier, else cosine) and held to min_retention or min_cosine."
     )
     Settings: ClassVar[type[StageSettings]] = QuantizeSettings
     accepts: ClassVar[tuple[str, ...]] = (ModelFormat.ONNX.value,)
@@ -156,10 +232,13 @@ class Quantize(Stage[QuantizeSettings]):
         stage_dir = ctx.stage_dir(stage_id)
         preprocessed: bool | None = None
         evaluation: Evaluation | None = None
-        unchecked = ""
+        judgement: Judgement | None = None
+        unchecked = unjudged = ""
         try:
             with scratch_dir(stage_dir) as scratch, staged_output(stage_dir, ONNX_FILENAME) as out:
-                made, preprocessed = _convert(ctx, source, s, scratch, out, external, progress)
+                made, preprocessed, to_quantize = _convert(
+                    ctx, source, s, scratch, out, external, progress
+                )
                 if not made.checked:
                     progress(0.7, f"checking that onnxruntime runs the {s.mode} model")
                     made.max_abs_diff = check_runs(
@@ -189,16 +268,43 @@ class Quantize(Stage[QuantizeSettings]):
                     if (
                         evaluation is not None
                         and evaluation.retention < s.min_retention
-                        and not s.keep_below_threshold
+                        and s.sensitivity_search
+                        and to_quantize is not None
                     ):
-                        raise _NotRegistered(evaluation, made, out_bytes)
+                        from pipelines.quantization.tuning import search_on_dataset
+
+                        made, evaluation = search_on_dataset(
+                            ctx, source, artifact, to_quantize, scratch, s, external, progress,
+                            made, evaluation, eval_id,
+                        )  # fmt: skip
+                        out_bytes = model_size_bytes(out)
+                if evaluation is None:
+                    judgement, unjudged, rows = _judge(
+                        ctx, source, artifact, s, made, eval_id, progress
+                    )
+                    if (
+                        judgement is not None
+                        and _verdict(s, None, judgement) is not None
+                        and s.sensitivity_search
+                        and to_quantize is not None
+                    ):
+                        from pipelines.quantization.tuning import search_on_judgement
+
+                        made, judgement = search_on_judgement(
+                            ctx, source, artifact, to_quantize, scratch, s, external, progress,
+                            made, judgement, rows, _device(made),
+                        )  # fmt: skip
+                        out_bytes = model_size_bytes(out)
+                verdict = _verdict(s, evaluation, judgement)
+                if verdict is not None and not s.keep_below_threshold:
+                    raise _NotRegistered(verdict, made, out_bytes, evaluation, judgement)
         except _NotRegistered as refused:
             _remove_stale_output(stage_dir)
-            return self._refused(s, source_bytes, refused)
+            return self._refused(s, source, source_bytes, refused)
 
         final = stage_dir / ONNX_FILENAME
         size_ratio = out_bytes / source_bytes if source_bytes else 1.0
-        metrics = self._metrics(size_ratio, made, evaluation)
+        metrics = self._metrics(size_ratio, made, evaluation, judgement)
         artifact.path = str(final)
         artifact.metrics = {"size_bytes": float(out_bytes), **metrics}
         artifact.meta = {
@@ -215,13 +321,20 @@ class Quantize(Stage[QuantizeSettings]):
                 "dataset_id": evaluation.dataset_id,
                 "split": evaluation.split,
                 "rows": evaluation.rows,
+                "judged_on": f"dataset {evaluation.dataset_id} ({evaluation.split})",
             }
+        if judgement is not None:
+            artifact.meta["judgement"] = judgement.meta()
+        elif unjudged:
+            artifact.meta["judgement"] = {"judged_on": None, "not_judged": unjudged}
         ctx.add_artifact(artifact)
         progress(1.0, "quantized")
 
         notes = list(made.notes)
         if unchecked:
             notes.append(unchecked)
+        if unjudged:
+            notes.append(unjudged)
         if preprocessed is False:
             notes.append("pre-processing failed; quantized the model as it is")
         if evaluation is not None and evaluation.retention < s.min_retention:
@@ -229,12 +342,16 @@ class Quantize(Stage[QuantizeSettings]):
                 f"under the {pct(s.min_retention, evaluation.retention)} threshold, kept "
                 "because keep_below_threshold is set"
             )
+        elif verdict is not None:
+            notes.append(f"{verdict}, kept because keep_below_threshold is set")
         message = (
             f"{self._headline(s, made)}, {human_bytes(source_bytes)} -> {human_bytes(out_bytes)} "
             f"(x{size_ratio:.2f})"
         )
         if evaluation is not None:
             message += f"; {evaluation.describe()}"
+        elif judgement is not None:
+            message += f"; {judgement.describe()}"
         if notes:
             message += f" ({'; '.join(notes)})"
         return StageOutcome(outputs=[artifact.key], metrics=metrics, message=message)
@@ -258,7 +375,12 @@ class Quantize(Stage[QuantizeSettings]):
         return f"{what}: {total} quantized nodes ({describe_counts(made.counts)})"
 
     @staticmethod
-    def _metrics(size_ratio: float, made: Made, evaluation: Evaluation | None) -> dict[str, float]:
+    def _metrics(
+        size_ratio: float,
+        made: Made,
+        evaluation: Evaluation | None,
+        judgement: Judgement | None = None,
+    ) -> dict[str, float]:
         metrics: dict[str, float] = {
             "size_ratio": size_ratio,
             "quantized_nodes": float(sum(made.counts.values())),
@@ -271,24 +393,34 @@ class Quantize(Stage[QuantizeSettings]):
                 metrics["retention"] = evaluation.retention
             metrics[evaluation.metric] = evaluation.value
             metrics[f"parent_{evaluation.metric}"] = evaluation.parent
+        if judgement is not None:
+            metrics.update(judgement.metrics())
         return metrics
 
     def _refused(
         self,
         s: QuantizeSettings,
+        source: Artifact,
         source_bytes: int,
         refused: _NotRegistered,
     ) -> StageOutcome:
-        e = refused.evaluation
+        e, j = refused.evaluation, refused.judgement
         size_ratio = refused.out_bytes / source_bytes if source_bytes else 1.0
-        message = (
-            f"{s.mode} kept {pct(e.retention, s.min_retention)} of {e.metric} "
-            f"({e.value:.4f} vs {e.parent:.4f} on {e.rows} {e.split} rows of dataset "
-            f"{e.dataset_id}), under the {pct(s.min_retention, e.retention)} threshold: not "
-            "registered (set keep_below_threshold to keep it); later stages use the parent"
-        )
-        return StageOutcome(
-            outputs=[],
-            metrics=self._metrics(size_ratio, refused.made, e),
-            message=message,
+        if e is not None:
+            measured = (
+                f"{e.metric} {e.value:.4f} vs {e.parent:.4f} on {e.rows} {e.split} rows of "
+                f"dataset {e.dataset_id}"
+            )
+        else:
+            assert j is not None
+            measured = j.describe() + (", no dataset named" if j.judged_on == "generated" else "")
+        notes = f" ({'; '.join(refused.made.notes)})" if refused.made.notes else ""
+        return not_kept(
+            refused.verdict,
+            f"{measured}; the {s.mode} model is not registered (set keep_below_threshold to "
+            f"keep it); later stages use the parent{notes}",
+            settings=s,
+            parent=source.key,
+            metrics=self._metrics(size_ratio, refused.made, e, j),
+            details={"judgement": j.meta()} if j is not None else {},
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from pipelines.demo import DIGITS_INPUT, build_digits_classifier, write_digits_dataset
+from pipelines.demo import DEMO_HIDDEN, DIGITS_INPUT, build_digits_classifier, write_digits_dataset
 from r1platform.accounts.models import Membership, Team
 from r1platform.core.storage import spool_local_file
 from r1platform.datasets.models import Dataset
@@ -142,7 +142,7 @@ def _seed_demo_schedule(team: Team, user: object, model: RegisteredModel, profil
 def _upload_demo_model(team: Team, user: object) -> ModelVersion:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits_mlp.pt"
-        build_digits_classifier(path)
+        build_digits_classifier(path, epochs=20, hidden=DEMO_HIDDEN)
         spooled = spool_local_file(path)
     shape = ",".join(str(d) for d in DIGITS_INPUT[0].shape)
     return upload_model(

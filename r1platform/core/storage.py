@@ -12,12 +12,15 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
+
+T = TypeVar("T")
 
 # What a multipart body carries besides the file: the other form fields and the framing.
 FORM_OVERHEAD = 1024 * 1024
@@ -160,6 +163,30 @@ def store_copy(src: Path, *, kind: str, team_id: int, suffix: str) -> tuple[str,
         os.fsync(f.fileno())  # on disk before the rename makes it visible
     partial.replace(final)
     return relative, sha256, size
+
+
+def store_built(
+    build: Callable[[Path], T], *, kind: str, team_id: int, suffix: str
+) -> tuple[str, str, int, T]:
+    """Store a file that ``build`` writes (an archive packed from a job's files) in one step.
+
+    ``build`` writes the path it is given, a temporary name in storage, renamed to a generated
+    name once written, hashed and on disk; when it raises, nothing is left. Returns (relative
+    path, sha256, size, what ``build`` returned).
+    """
+    relative = _new_name(kind, team_id, suffix)
+    final = media_path(relative)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + ".partial")
+    try:
+        result = build(partial)
+        sha256, size = sha256_file(partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        partial.replace(final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return relative, sha256, size, result
 
 
 def remove(relative: str) -> None:

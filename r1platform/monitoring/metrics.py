@@ -32,7 +32,7 @@ stage_duration = Histogram(
 )
 stage_runs = Counter(
     "r1_stage_runs",
-    "Pipeline stages that ended, by stage and outcome (succeeded, skipped, failed)",
+    "Pipeline stages that ended, by stage and outcome (succeeded, not_kept, skipped, failed)",
     ["stage", "status"],
 )
 jobs_finished = Counter(

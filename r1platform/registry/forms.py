@@ -23,12 +23,18 @@ class UploadForm(TeamUploadForm):
         help_text="Of the declared inputs (TorchScript); ONNX files declare their own.",
     )
     file = forms.FileField(
-        required=False, help_text="An .onnx file, or a TorchScript .pt saved with torch.jit.save."
+        required=False,
+        help_text=(
+            "An .onnx file; an ONNX model with external data as a .zip, .tar or .tar.gz of the "
+            ".onnx file and its data files; or a TorchScript .pt saved with torch.jit.save."
+        ),
     )
 
     def __init__(self, user, *args, **kwargs) -> None:
         super().__init__(user, *args, **kwargs)
-        self.fields["file"].widget.attrs.update(accept=".onnx,.pt,.pth,.ts", required=True)
+        self.fields["file"].widget.attrs.update(
+            accept=".onnx,.zip,.tar,.gz,.tgz,.pt,.pth,.ts", required=True
+        )
 
     def clean_input_dtype(self) -> str:
         return self.cleaned_data.get("input_dtype", "").strip() or "float32"

@@ -13,11 +13,15 @@ from typing import Any, Protocol
 
 from django.db import IntegrityError
 
-from pipelines.core import Artifact, BenchmarkRow, TensorSpec
+from pipelines.core import Artifact, BenchmarkRow, ModelFormat, TensorSpec
+from pipelines.formats import ARCHIVE_SUFFIX, has_external_data, pack_onnx
 from r1platform.core import storage, tracking
 from r1platform.registry.mirror import mirror_to_mlflow
 from r1platform.registry.models import BenchmarkResult, ModelVersion
 from r1platform.registry.services import lineage, register_version, version_artifact
+
+# The artifact key of a registered ancestor handed to a job (``ctx.ancestors``).
+ANCESTOR_PREFIX = "version-"
 
 # BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
 BENCHMARK_FIELDS = (
@@ -60,10 +64,7 @@ class JobOutputs:
             version = ModelVersion.objects.filter(job_id=job.pk, artifact_key=artifact.key).first()
         fresh = version is None
         if version is None:
-            path = Path(artifact.path)
-            relative, sha, size = storage.store_copy(
-                path, kind="models", team_id=job.team_id, suffix=path.suffix
-            )
+            relative, sha, size, details = _store(artifact, job.team_id)
             try:
                 version = register_version(
                     self.source.model,
@@ -77,7 +78,7 @@ class JobOutputs:
                     outputs=[_spec(t) for t in artifact.outputs],
                     # Copies: stages such as evaluate update the artifact's dicts in place later,
                     # and sync_metrics must see the difference to save it.
-                    details=dict(artifact.meta),
+                    details=details,
                     metrics=dict(artifact.metrics),
                     parent=self.versions.get(artifact.parent or "input", self.source),
                     job=job,
@@ -103,9 +104,11 @@ class JobOutputs:
 
     def record_benchmarks(self, rows: Iterable[BenchmarkRow], device: str) -> None:
         """One BenchmarkResult per measured (version, backend, batch size), and MLflow metrics."""
+        rows = list(rows)
+        ancestors = self._ancestors({r.artifact for r in rows})
         metrics: dict[str, float] = {}
         for row in rows:
-            version = self.versions.get(row.artifact)
+            version = self.versions.get(row.artifact) or ancestors.get(row.artifact)
             if version is None:
                 continue
             BenchmarkResult.objects.update_or_create(
@@ -124,13 +127,49 @@ class JobOutputs:
         if metrics:  # best effort; the rows above are what the platform keeps
             tracking.log_metrics(self.job.mlflow_run_id, metrics)
 
+    def _ancestors(self, keys: set[str]) -> dict[str, ModelVersion]:
+        """The versions behind ``version-<pk>`` keys (the input's ancestors, timed in the same run
+        as the job's own models), this model's only: one query."""
+        pks = {int(k[len(ANCESTOR_PREFIX) :]) for k in keys if _is_ancestor_key(k)}
+        if not pks:
+            return {}
+        found = ModelVersion.objects.filter(pk__in=pks, model_id=self.source.model_id)
+        return {f"{ANCESTOR_PREFIX}{v.pk}": v for v in found}
+
+
+def _store(artifact: Artifact, team_id: int) -> tuple[str, str, int, dict[str, Any]]:
+    """Store the artifact's file: (relative path, sha256, size, the version's details).
+
+    An ONNX file whose weights sit in data files beside it (quantize writes them for models
+    over 2 GB) is stored as one tar of the model and those files, as such an upload is, so the
+    version is one stored object that downloads, mirrors and unpacks whole.
+    """
+    path = Path(artifact.path)
+    details = dict(artifact.meta)
+    if artifact.format == ModelFormat.ONNX.value and has_external_data(path):
+        relative, sha, size, details["model_archive"] = storage.store_built(
+            lambda out: pack_onnx(path, out),
+            kind="models",
+            team_id=team_id,
+            suffix=ARCHIVE_SUFFIX["tar"],
+        )
+        return relative, sha, size, details
+    relative, sha, size = storage.store_copy(
+        path, kind="models", team_id=team_id, suffix=path.suffix
+    )
+    return relative, sha, size, details
+
+
+def _is_ancestor_key(key: str) -> bool:
+    return key.startswith(ANCESTOR_PREFIX) and key[len(ANCESTOR_PREFIX) :].isdigit()
+
 
 def ancestor_artifacts(version: ModelVersion) -> dict[str, Artifact]:
     """The version's registered ancestors as artifacts, nearest first, each naming its parent."""
     chain: dict[str, Artifact] = {}
     for ancestor in reversed(lineage(version)[:-1]):
-        artifact = version_artifact(ancestor, f"version-{ancestor.pk}")
-        artifact.parent = f"version-{ancestor.parent_id}" if ancestor.parent_id else None
+        artifact = version_artifact(ancestor, f"{ANCESTOR_PREFIX}{ancestor.pk}")
+        artifact.parent = f"{ANCESTOR_PREFIX}{ancestor.parent_id}" if ancestor.parent_id else None
         chain[artifact.key] = artifact
     return chain
 

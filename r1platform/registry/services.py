@@ -7,11 +7,19 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from pipelines.core import Artifact, TensorSpec
-from pipelines.formats import RejectedUpload, inspect_model, parse_input_shapes, sanitize_filename
+from pipelines.formats import (
+    ARCHIVE_SUFFIX,
+    RejectedUpload,
+    inspect_model,
+    parse_input_shapes,
+    sanitize_filename,
+    unpack_onnx,
+)
 from r1platform.accounts.models import Team
 from r1platform.core import storage
 from r1platform.registry.mirror import mirror_to_mlflow, mlflow_name  # noqa: F401 - callers
@@ -68,7 +76,12 @@ def upload_model(
         if RegisteredModel.objects.filter(team=team, name=name).exists():
             raise UploadRefused(f"team {team.slug} already has a model named {name!r}")
         declared = parse_input_shapes(input_shape, input_dtype) if input_shape.strip() else None
-        info = inspect_model(temp_path, uploaded.name, declared_inputs=declared)
+        info = inspect_model(
+            temp_path,
+            uploaded.name,
+            declared_inputs=declared,
+            max_unpacked_bytes=settings.R1_MAX_UNPACKED_BYTES,
+        )
     except RejectedUpload as exc:
         temp_path.unlink(missing_ok=True)
         raise UploadRefused(str(exc)) from None
@@ -76,9 +89,9 @@ def upload_model(
         temp_path.unlink(missing_ok=True)
         raise
 
-    relative = storage.store_upload(
-        temp_path, kind="models", team_id=team.pk, suffix=SUFFIX[info.format]
-    )
+    archive = info.details.get("model_archive")
+    suffix = ARCHIVE_SUFFIX[archive["kind"]] if archive else SUFFIX[info.format]
+    relative = storage.store_upload(temp_path, kind="models", team_id=team.pk, suffix=suffix)
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(
@@ -168,17 +181,35 @@ def input_specs(version: ModelVersion) -> list[TensorSpec]:
 
 
 def version_artifact(version: ModelVersion, key: str) -> Artifact:
-    """A stored version as the pipeline artifact a worker or the serving runtime loads."""
+    """A stored version as the pipeline artifact a worker or the serving runtime loads.
+
+    A version stored as an archive (an ONNX model with external data) is unpacked once into
+    ``R1_WORK_DIR/unpacked/<sha256>/`` (:func:`pipelines.formats.unpack_onnx`, shared by every
+    job and serving process of the host) and the artifact is its ``.onnx`` file there; its
+    ``meta["stored_file"]`` names the archive, the file whose sha256 the version records, for
+    those who check it (serving, certification).
+    """
+    stored = storage.media_path(version.file)
+    path, meta = stored, dict(version.details)
+    archive = meta.get("model_archive")
+    if archive:
+        path = unpack_onnx(stored, version.sha256, archive["model"], unpacked_root())
+        meta["stored_file"] = str(stored)
     return Artifact(
         key=key,
-        path=str(storage.media_path(version.file)),
+        path=str(path),
         format=version.format,
         precision=version.precision,
         inputs=[TensorSpec.from_dict(t) for t in version.inputs],
         outputs=[TensorSpec.from_dict(t) for t in version.outputs],
         backend=version.backend,
-        meta=dict(version.details),
+        meta=meta,
     )
+
+
+def unpacked_root() -> Path:
+    """Where stored archives are unpacked to run: outside storage, beside the jobs' folders."""
+    return Path(settings.R1_WORK_DIR) / "unpacked"
 
 
 def lineage(version: ModelVersion) -> list[ModelVersion]:

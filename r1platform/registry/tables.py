@@ -1,9 +1,10 @@
 """The compare page's tables: versions of one model side by side (metrics, benchmark rows at
 the same batch and device, and certifications).
 
-Only rows measured alike are put in one line: the same batch size on the same device, each
-version's row from the latest job that benchmarked it. A row whose timing windows disagreed is
-marked and never called the fastest.
+Only rows measured alike are put in one line: the same batch size, device and input shapes.
+Only rows of one job are compared (the benchmark stage times a lineage together; rows of
+different jobs do not compare on a busy worker): a row from another job is shown marked "not
+measured together". A row whose timing windows disagreed is marked and never called the fastest.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1platform.certification.models import Certification
-from r1platform.registry.history import shape_text
+from r1platform.registry.history import by_job, newest_first, row_key
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
 
 MAX_VERSIONS = 8
@@ -27,6 +28,7 @@ class Line:
     cells: list[Any]
     best: int | None = None  # index of the cell to highlight
     notes: list[str] = field(default_factory=list)
+    apart: set[int] = field(default_factory=set)  # cells from another job: not comparable
 
 
 def _finite(value: Any) -> float | None:
@@ -49,25 +51,39 @@ def metric_lines(versions: list[ModelVersion]) -> list[Line]:
 
 
 def benchmark_lines(versions: list[ModelVersion]) -> list[Line]:
-    """One line per (batch size, device, input shapes): each version's row from its latest
-    benchmarking job."""
-    latest: dict[tuple[int, int, str, str], BenchmarkResult] = {}
-    rows = BenchmarkResult.objects.filter(version__in=versions).order_by("-job_id", "-pk")
-    for row in rows:
-        shape = shape_text(row.shapes)
-        latest.setdefault((row.version_id, row.batch_size, row.device, shape), row)
+    """One line per (batch size, device, input shapes), its cells from one job: the newest job
+    that timed the most of the versions there (the benchmark stage times a lineage together, so
+    those rows compare). A version that job did not time shows its latest row from another job,
+    marked "not measured together" and never the fastest."""
+    rows = list(BenchmarkResult.objects.filter(version__in=versions).select_related("job"))
+    jobs = by_job(rows)
     order = {v.pk: i for i, v in enumerate(versions)}
-    groups: dict[tuple[int, str, str], list[BenchmarkResult | None]] = {}
-    for (version_id, batch, device, shape), row in latest.items():
-        groups.setdefault((batch, device, shape), [None] * len(versions))[order[version_id]] = row
+    keys = sorted({row_key(r) for r in rows if r.p50_ms > 0})
+    newest = newest_first(rows)
     lines = []
-    for (batch, device, shape), cells in sorted(groups.items()):
-        present = [(row.throughput, i, row.converged) for i, row in enumerate(cells) if row]
-        # A fastest only among two or more rows, all steady: an unsteady row may be the fastest.
+    for key in keys:
+        timed = {j: [v for v, by_key in jobs.get(j, {}).items() if key in by_key] for j in newest}
+        chosen = max(newest, key=lambda j: len(timed[j]))  # the newest among the fullest
+        cells: list[BenchmarkResult | None] = [None] * len(versions)
+        apart: set[int] = set()
+        for job_id in [chosen, *(j for j in newest if j != chosen)]:
+            for version_id in timed[job_id]:
+                i = order[version_id]
+                if cells[i] is None:
+                    cells[i] = jobs[job_id][version_id][key]
+                    if job_id != chosen:
+                        apart.add(i)
+        together = [(r, i) for i, r in enumerate(cells) if r is not None and i not in apart]
+        present = [(r.throughput, i, r.converged) for r, i in together]
+        # A fastest only among two or more rows of one job, all steady: an unsteady row may be
+        # the fastest.
         comparable = len(present) > 1 and all(steady for _, _, steady in present)
         best = max(present)[1] if comparable else None
+        batch, device, shape = key
         notes = [n for n in (device, shape) if n]
-        lines.append(Line(f"batch {batch}", cells, best, notes))
+        if apart:
+            notes.append("not all measured together")
+        lines.append(Line(f"batch {batch}", cells, best, notes, apart))
     return lines
 
 

@@ -19,10 +19,10 @@ from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
-from r1platform.registry.history import benchmark_history, shape_text, slower_than_upload
+from r1platform.registry.history import add_row_speedups, benchmark_history, slower_than_upload
 from r1platform.registry.mirror import retry_mirror
 from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
-from r1platform.registry.services import UploadRefused, mlflow_name, upload_model
+from r1platform.registry.services import UploadRefused, lineage, mlflow_name, upload_model
 from r1platform.schedules.tables import schedules_with_last_run
 from r1platform.serving.history import serving_history
 
@@ -274,32 +274,6 @@ def _latest_job_rows(rows: list[BenchmarkResult]) -> list[BenchmarkResult]:
     return [r for r in rows if r.job_id == latest.job_id]
 
 
-def _add_speedups(version: ModelVersion, rows: list[BenchmarkResult]) -> bool:
-    """Set ``speedup`` (parent p50 / this p50 at the same batch size) on each row that has one.
-
-    The parent's rows are those of its newest benchmarking job; where it measured several
-    backends at a batch size, the fastest is the reference. True if any row got a speedup.
-    """
-    if not version.parent_id or not rows:
-        return False
-    parent_rows = _latest_job_rows(
-        list(BenchmarkResult.objects.filter(version_id=version.parent_id).select_related("job"))
-    )
-    # At the same batch size and input shapes; an unsteady row is no reference for a claim.
-    parent_p50: dict[tuple[int, str], float] = {}
-    for r in parent_rows:
-        if r.p50_ms > 0 and r.converged:
-            key = (r.batch_size, shape_text(r.shapes))
-            parent_p50[key] = min(r.p50_ms, parent_p50.get(key, math.inf))
-    found = False
-    for r in rows:
-        reference = parent_p50.get((r.batch_size, shape_text(r.shapes)))
-        steady = reference and r.p50_ms > 0 and r.converged
-        r.speedup = reference / r.p50_ms if steady else None
-        found = found or r.speedup is not None
-    return found
-
-
 @login_required
 def version_detail(request, pk: int):
     version = _get_version_for_user(request, pk)
@@ -312,7 +286,9 @@ def version_detail(request, pk: int):
         "model": version.model,
         "children": version.children.order_by("number"),
         "benchmarks": benchmarks,
-        "show_speedup": _add_speedups(version, benchmarks),
+        # vs_parent / vs_upload on each row, from the same job's rows only.
+        "show_speedup": add_row_speedups(version, benchmarks),
+        "upload": lineage(version)[0] if version.parent_id else None,
         # Markup built by latency_chart_svg, which escapes every piece of text it writes.
         "latency_chart": latency_chart_svg(chart_rows),
         "chart_job_id": chart_rows[0].job_id if chart_rows else None,

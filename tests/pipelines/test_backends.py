@@ -408,13 +408,16 @@ def test_it_benchmarks_aotinductor_beside_the_eager_baseline_with_memory_and_spe
     for row in rows.values():
         assert 0 < row.p50_ms <= row.p90_ms <= row.p95_ms <= row.p99_ms
         assert 1 <= row.windows <= 4
-        assert row.iterations == 5 * min(row.windows, 3)
+        assert row.iterations % (5 * min(row.windows, 3)) == 0  # loops of calls count each
         assert row.peak_rss_mb > 0 and row.model_rss_mb >= 0
         assert (row.gpu_mem_mb is not None) == HAS_CUDA
     for batch in (1, 4):
-        speedup = result.metrics[f"speedup.01-compile.b{batch}"]
-        expected = rows[("input", batch)].p50_ms / rows[("01-compile", batch)].p50_ms
-        assert speedup == pytest.approx(expected)
+        base, made = rows[("input", batch)], rows[("01-compile", batch)]
+        # Speedups come only from steady rows (both sides' windows agreed), never over 50x.
+        claim = base.converged and made.converged and base.p50_ms / made.p50_ms <= 50
+        for name in ("speedup", "speedup_vs_parent", "speedup_vs_upload"):
+            speedup = result.metrics.get(f"{name}.01-compile.b{batch}")
+            assert speedup == (pytest.approx(base.p50_ms / made.p50_ms) if claim else None)
         assert result.metrics[f"01-compile.b{batch}.p90_ms"] == rows[("01-compile", batch)].p90_ms
         assert result.metrics[f"input.b{batch}.peak_rss_mb"] > 0
     assert "speedup.input.b1" not in result.metrics

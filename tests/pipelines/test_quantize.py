@@ -365,7 +365,7 @@ def test_it_refuses_int8_static_without_a_calibration_dataset() -> None:
         ({"calibrate_method": "entropy"}, "calibrate_method only applies to mode int8_static"),
         ({"mode": "fp16", "per_channel": True}, "per_channel only applies to the int8 modes"),
         ({"keep_io_types": False}, "keep_io_types only applies to modes fp16 and bf16"),
-        ({"min_retention": 0.9}, "min_retention needs an evaluation dataset"),
+        ({"eval_split": "test"}, "eval_split needs an evaluation dataset"),
         ({"eval_dataset_id": 2, "min_retention": 1.5}, "less than or equal to 1"),
     ],
 )
@@ -381,19 +381,23 @@ def test_it_does_not_register_a_model_under_the_retention_threshold(
     outlier_onnx: Path, make_ctx: MakeCtx
 ) -> None:
     ctx = make_ctx(outlier_onnx)
-    settings = {"mode": "int8_static", "calibration_dataset_id": 1}
+    # The gate itself: the search that would keep the sensitive node in float is off.
+    settings = {"mode": "int8_static", "calibration_dataset_id": 1, "sensitivity_search": False}
     result = Quantize().run(ctx, STAGE, settings, noop)
 
-    assert result.status is StageStatus.SUCCEEDED and result.outputs == []
+    assert result.status is StageStatus.NOT_KEPT and result.outputs == []
     assert ctx.current == "input" and list(ctx.artifacts) == ["input"]
     retention = result.metrics["retention"]
     assert retention < 0.99
     assert result.metrics["accuracy"] < result.metrics["parent_accuracy"]
     assert 0 < result.metrics["size_ratio"] < 0.5
-    assert result.message.startswith(f"int8_static kept {retention * 100:.1f}% of accuracy (")
-    assert "under the 99.0% threshold: not registered (set keep_below_threshold to keep it)" in (
+    assert result.message.startswith(
+        f"not kept: retention {retention * 100:.1f}% < 99.0%; accuracy "
+    )
+    assert "the int8_static model is not registered (set keep_below_threshold to keep it)" in (
         result.message
     )
+    assert result.details["not_kept"] == f"retention {retention * 100:.1f}% < 99.0%"
     # Nothing that looks like an output, not even a partial folder.
     assert not (ctx.workdir / STAGE).exists() or stage_files(ctx) == []
 
@@ -402,7 +406,12 @@ def test_it_keeps_a_model_under_the_threshold_when_told_to(
     outlier_onnx: Path, make_ctx: MakeCtx
 ) -> None:
     ctx = make_ctx(outlier_onnx)
-    settings = {"mode": "int8_static", "calibration_dataset_id": 1, "keep_below_threshold": True}
+    settings = {
+        "mode": "int8_static",
+        "calibration_dataset_id": 1,
+        "keep_below_threshold": True,
+        "sensitivity_search": False,
+    }
     result = Quantize().run(ctx, STAGE, settings, noop)
 
     assert result.outputs == [STAGE] and ctx.current == STAGE
@@ -583,3 +592,46 @@ def test_int8_quantizes_only_the_weight_ops_of_a_transformer_by_default(
     # float, so its input (the softmax's output) is never quantized.
     producers = _quantized_producers(ctx.current_artifact.path)
     assert ("Softmax" not in producers) is attention_float, producers
+
+
+def test_pre_processing_never_writes_into_the_working_directory(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference, when it cannot infer every shape, saves
+    ``sym_shape_infer_temp.onnx`` in the working directory: the worker's, the project root.
+    Pre-processing runs inside the job's scratch folder."""
+    import torch
+
+    from pipelines.quantization.int8 import preprocess
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(
+        model.eval(),
+        (torch.randn(2, 8),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+        dynamo=False,
+    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.chdir(cwd)
+    # Make the inference give up on any model, as it does on some real exports.
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    infer = SymbolicShapeInference._infer_impl
+
+    def incomplete(self, *args, **kwargs):
+        infer(self, *args, **kwargs)
+        return False
+
+    monkeypatch.setattr(SymbolicShapeInference, "_infer_impl", incomplete)
+    source = Artifact(
+        key="input", path=str(path), format="onnx", precision="fp32", inputs=[], outputs=[]
+    )
+
+    assert preprocess(source, scratch, external=False) is not None  # done without it
+
+    assert list(cwd.iterdir()) == []

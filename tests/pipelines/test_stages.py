@@ -262,8 +262,9 @@ def test_it_benchmarks_every_artifact_at_every_batch_size(ts_mlp: ModelFile, mak
     assert {r.backend for r in ctx.benchmarks if r.artifact != "input"} == {"onnxruntime"}
     for row in ctx.benchmarks:
         assert 0 < row.p50_ms <= row.p95_ms <= row.p99_ms
-        # The statistics pool the last three measurement windows of 5 calls each.
-        assert row.throughput > 0 and row.iterations == 5 * min(row.windows, 3)
+        # The statistics pool the last three measurement windows of 5 samples each; a sample
+        # of a sub-millisecond model is a loop of calls, and iterations count calls.
+        assert row.throughput > 0 and row.iterations % (5 * min(row.windows, 3)) == 0
     assert result.metrics["input.b4.p50_ms"] == rows[("input", 4)].p50_ms
     assert result.metrics["01-export_onnx.b1.throughput"] == rows[("01-export_onnx", 1)].throughput
     assert len(calls) == 4 and calls[-1][0] == 1.0
