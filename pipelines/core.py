@@ -150,6 +150,10 @@ class BenchmarkRow:
     model_rss_mb: float = 0.0  # RSS growth from loading the model
     gpu_mem_mb: float | None = None  # peak CUDA memory, for the backends that allocate via torch
     shapes: dict[str, list[int]] = field(default_factory=dict)  # each input's shape as timed
+    # Each window's p50, in round order: the targets of one batch size were timed in the same
+    # rounds, so two rows' windows pair up (see the benchmark stage's speedups).
+    window_p50_ms: list[float] = field(default_factory=list)
+    spread: float = 0.0  # (max - min) / min of the last three windows' p50
 
 
 @dataclass

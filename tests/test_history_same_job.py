@@ -159,3 +159,17 @@ def test_the_compare_page_marks_rows_not_measured_together(member_client, team) 
     (line,) = body.split('data-testid="benchmark-line"')[1:]
     assert line.count('data-testid="not-together"') == 1
     assert 'data-testid="fastest"' not in line
+
+
+def test_a_rows_window_spread_is_recorded_and_shown(member_client, team) -> None:
+    model = make_model(team, "spread")
+    v1 = make_version(model)
+    job = make_job(v1, status=JobStatus.RUNNING)
+    measured = row("input", 5.0)
+    measured.spread = 0.0432
+
+    JobOutputs(job, v1).record_benchmarks([measured], CPU)
+
+    assert BenchmarkResult.objects.get(job=job).spread == 0.0432
+    body = member_client.get(v1.get_absolute_url()).content.decode()
+    assert re.search(r'data-testid="spread"[^>]*>±4%<', body)

@@ -71,12 +71,11 @@ from pipelines.latency import (
     rss_mb,
 )
 from pipelines.onnx_io import describe_inputs, first_error_line, fixed_batch, random_inputs
+from pipelines.speedups import BASELINE, speedups_of
 from pipelines.stages.base import Stage, StageOutcome, require_format
 
 __all__ = ["BASELINE", "Benchmark", "BenchmarkSettings"]
 
-# The key of the pipeline's input artifact: always measured (``speedup.<key>`` is against it).
-BASELINE = "input"
 MIB = 1024.0 * 1024.0
 
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
@@ -302,7 +301,7 @@ class Benchmark(Stage[BenchmarkSettings]):
         order = {a.key: i for i, a in enumerate(artifacts)}
         rows.sort(key=lambda r: (order[r.artifact], s.batch_sizes.index(r.batch_size)))
         metrics = _row_metrics(rows)
-        speedups, suspicious = _speedups(rows, ctx)
+        speedups, suspicious = speedups_of(rows, ctx, s.agreement)
         metrics.update(speedups)
         unsteady = sorted({f"{r.artifact} b{r.batch_size}" for r in rows if not r.converged})
         if unsteady:
@@ -312,8 +311,8 @@ class Benchmark(Stage[BenchmarkSettings]):
             )
         if suspicious:
             notes.append(
-                f"unsteady: speedups over {MAX_CREDIBLE_SPEEDUP:g}x are not believed nor reported: "
-                + ", ".join(suspicious)
+                f"unsteady, not reported (over {MAX_CREDIBLE_SPEEDUP:g}x, or a ratio that moved "
+                f"more than {s.agreement:.0%} between rounds): " + ", ".join(suspicious)
             )
         # Added only now, so a benchmark that fails or is cancelled half-way leaves no rows. A new
         # row replaces an earlier one of the same (artifact, backend, batch size): a re-run after
@@ -386,6 +385,8 @@ def _measure_batch(
             model_rss_mb=round(target.model_rss, 2),
             gpu_mem_mb=gpu[key],
             shapes=shapes[key],
+            window_p50_ms=[round(v, 6) for v in st.window_p50_ms],
+            spread=round(st.spread, 4),
         )
     return rows
 
@@ -438,45 +439,6 @@ def _row_metrics(rows: list[BenchmarkRow]) -> dict[str, float]:
         if row.gpu_mem_mb is not None:
             metrics[f"{prefix}.gpu_mem_mb"] = row.gpu_mem_mb
     return metrics
-
-
-def _same_work(a: BenchmarkRow, b: BenchmarkRow) -> bool:
-    """Timed on inputs of the same shapes (names may differ between formats)."""
-    return sorted(map(tuple, a.shapes.values())) == sorted(map(tuple, b.shapes.values()))
-
-
-def _speedups(rows: list[BenchmarkRow], ctx: PipelineContext) -> tuple[dict[str, float], list[str]]:
-    """Each row against its parent, its upload and the job's input, rows of this run only.
-
-    A ratio is the reference's p50 over the row's, given only when both rows are steady and
-    timed on inputs of the same shapes; one above ``MAX_CREDIBLE_SPEEDUP`` is left out and named
-    in the second list (unsteady: a broken measurement, not a model).
-    """
-    by_key = {(r.artifact, r.batch_size): r for r in rows}
-    metrics: dict[str, float] = {}
-    suspicious: list[str] = []
-    for row in rows:
-        artifact = ctx.artifacts.get(row.artifact) or ctx.ancestors.get(row.artifact)
-        lineage = ctx.lineage(artifact) if artifact is not None else []
-        references = {
-            "speedup_vs_parent": lineage[0].key if lineage else None,
-            "speedup_vs_upload": lineage[-1].key if lineage else None,
-            "speedup": BASELINE if row.artifact != BASELINE else None,
-        }
-        for name, ref in references.items():
-            base = by_key.get((ref, row.batch_size)) if ref else None
-            if base is None or row.p50_ms <= 0 or not (row.converged and base.converged):
-                continue
-            if not _same_work(row, base):
-                continue
-            ratio = base.p50_ms / row.p50_ms
-            if ratio > MAX_CREDIBLE_SPEEDUP:
-                said = f"{row.artifact} vs {ref} at batch {row.batch_size} ({ratio:.0f}x)"
-                if said not in suspicious:
-                    suspicious.append(said)
-                continue
-            metrics[f"{name}.{row.artifact}.b{row.batch_size}"] = ratio
-    return metrics, suspicious
 
 
 def _defaulted_dims(specs: list[TensorSpec], s: BenchmarkSettings) -> list[str]:

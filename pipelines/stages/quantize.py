@@ -48,7 +48,13 @@ from pipelines.onnx_io import (
 )
 from pipelines.quantization.checks import Made, check_runs
 from pipelines.quantization.graph import describe_counts
-from pipelines.quantization.retention import Evaluation, Unmeasurable, measure_retention, pct
+from pipelines.quantization.retention import (
+    Evaluation,
+    JudgeOnRows,
+    Unmeasurable,
+    measure_retention,
+    pct,
+)
 from pipelines.quantization.settings import (
     INT8_MODES,
     MODE_PRECISION,
@@ -261,6 +267,8 @@ class Quantize(Stage[QuantizeSettings]):
                         evaluation = measure_retention(
                             ctx, source, artifact, eval_id, s, made.providers, progress
                         )
+                    except JudgeOnRows:
+                        pass  # judged below, on the same rows
                     except Unmeasurable as exc:
                         if s.eval_dataset_id is not None:  # asked for by name: say why not
                             raise

@@ -41,6 +41,7 @@ class BenchmarkOut(Schema):
     model_rss_mb: float | None
     gpu_mem_mb: float | None
     shapes: dict[str, list[int]]  # each input's shape as timed
+    spread: float | None  # (max - min) / min of the pooled windows' p50
     job_id: int
 
 

@@ -26,7 +26,7 @@ ANCESTOR_PREFIX = "version-"
 # BenchmarkRow fields copied onto BenchmarkResult rows, when the row has them.
 BENCHMARK_FIELDS = (
     "p50_ms", "p90_ms", "p95_ms", "p99_ms", "throughput", "iterations",
-    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb", "shapes",
+    "windows", "converged", "peak_rss_mb", "model_rss_mb", "gpu_mem_mb", "shapes", "spread",
 )  # fmt: skip
 
 

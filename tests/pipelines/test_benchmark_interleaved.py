@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pipelines.core import Artifact, BenchmarkRow, PipelineContext
 from pipelines.latency import measure_interleaved, measure_windows
+from pipelines.speedups import speedups_of as _speedups
 from pipelines.stages import Benchmark
-from pipelines.stages.benchmark import _speedups
 from tests.pipelines.conftest import ModelFile
 
 # Windows agree easily (within 100%), so the rows are steady on a busy test machine too.
@@ -167,3 +167,27 @@ def test_a_speedup_over_50x_is_unsteady_and_not_reported(onnx_mlp: ModelFile, tm
 
     rows[2] = _row("02-quantize", 10.0, converged=False)  # an unsteady row makes no claim
     assert _speedups(rows, ctx)[0] == {}
+
+
+def test_a_speedup_whose_ratio_moved_between_rounds_is_not_claimed(
+    onnx_mlp: ModelFile, tmp_path: Path
+):
+    """Each row steady on its own (windows within 10%), but a neighbour slowed one of them in
+    one round and the other in the next: the per-round ratio moved 19%, so no claim."""
+    ctx = PipelineContext.start(tmp_path, onnx_mlp.fresh_artifact())
+    made = onnx_mlp.fresh_artifact()
+    made.key, made.parent = "01-quantize", "input"
+    ctx.add_artifact(made)
+    base, child = _row("input", 10.4), _row("01-quantize", 5.2)
+    base.window_p50_ms, child.window_p50_ms = [10.0, 10.9, 10.0], [5.45, 5.0, 5.0]
+
+    metrics, suspicious = _speedups([base, child], ctx)
+
+    assert metrics == {}
+    assert suspicious == [
+        "01-quantize vs input at batch 8 (2.00x, its ratio moved 19% between rounds)"
+    ]
+
+    child.window_p50_ms = [5.0, 5.45, 5.0]  # slowed in the same round as its parent: it holds
+    metrics, suspicious = _speedups([base, child], ctx)
+    assert suspicious == [] and metrics["speedup_vs_parent.01-quantize.b8"] == 2.0

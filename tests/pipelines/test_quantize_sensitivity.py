@@ -74,20 +74,24 @@ def test_the_ranking_puts_the_node_with_the_outlier_column_first(
 def test_the_search_keeps_the_sensitive_node_in_float_and_records_it(
     outlier_column_onnx: Path, tmp_path: Path
 ) -> None:
+    """An embedding's dataset rows without targets: judged on them by the least per-row cosine
+    (not a mean, which hides the rows int8 breaks), and the search holds min_cosine."""
     ctx = embedding_ctx(tmp_path, outlier_column_onnx)
     settings = {
         "mode": "int8_dynamic", "eval_dataset_id": 1, "max_excluded_fraction": 0.5,
-        "min_retention": 0.95,
+        "min_cosine": 0.8,
     }  # fmt: skip
     result = Quantize().run(ctx, STAGE, settings, noop)
 
     sensitive = _gemms(outlier_column_onnx)[1]
     assert result.outputs == [STAGE] and ctx.current == STAGE, result.message
-    assert result.metrics["retention"] >= 0.95
+    judgement = ctx.current_artifact.meta["judgement"]
+    assert judgement["judged_on"] == "dataset 1 (validation)" and judgement["metric"] == "cosine"
+    assert judgement["value"] >= 0.8
     record = ctx.current_artifact.meta["sensitivity_search"]
     assert record["excluded_nodes"] == [sensitive]
     assert record["passed"] is True
-    assert record["score_before"] < 0.5 and record["score_after"] >= 0.95
+    assert record["score_before"] < 0.5 and record["score_after"] >= 0.8
     assert record["steps"] == [{"excluded": 1, "score": record["score_after"]}]
     assert f"sensitivity search kept 1 of 3 weight nodes in float ({sensitive})" in result.message
     # The other two are still int8.
@@ -102,7 +106,7 @@ def test_with_the_search_off_the_model_is_refused_as_before(
     result = Quantize().run(ctx, STAGE, settings, noop)
 
     assert result.outputs == [] and ctx.current == "input"
-    assert result.metrics["retention"] < 0.99
+    assert result.message.startswith("not kept: min cosine"), result.message
     assert "sensitivity search" not in result.message
 
 
