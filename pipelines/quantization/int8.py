@@ -51,7 +51,8 @@ def preprocess(source: Artifact, scratch: Path, external: bool) -> str | None:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = scratch / "preprocessed.onnx"
+    pre = (scratch / "preprocessed.onnx").resolve()
+    model = str(Path(source.path).resolve())  # before the chdir below: it may be relative
     problem = ""
     for skip_symbolic in (False, True):
         try:
@@ -60,8 +61,8 @@ def preprocess(source: Artifact, scratch: Path, external: bool) -> str | None:
             # worker's, the project root), and a job writes only in its own folder.
             with contextlib.chdir(scratch):
                 quant_pre_process(
-                    str(Path(source.path).resolve()),
-                    str(pre.resolve()),
+                    model,
+                    str(pre),
                     skip_symbolic_shape=skip_symbolic,
                     save_as_external_data=external,
                 )
@@ -153,6 +154,18 @@ def cpu_lacks_vnni() -> bool:
     return "avx512_vnni" not in flags and "avx_vnni" not in flags and " amx_int8" not in flags
 
 
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _in_folder_of(out: Path) -> contextlib.chdir:
+    """Run the quantizer from the output's folder: onnx checks whether the external data file
+    it is about to write exists relative to the working directory, not to the model (so a
+    ``model.onnx.data`` wherever the worker was started refuses the job), and onnxruntime's
+    helpers write their temporary files there too."""
+    return contextlib.chdir(out.parent)
+
+
 def reduce_range(s: QuantizeSettings) -> bool:
     """The 7-bit choice: the setting when given, else whether this CPU needs it."""
     return cpu_lacks_vnni() if s.reduce_range is None else s.reduce_range
@@ -168,16 +181,18 @@ def int8_dynamic(
 ) -> Made:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    to_quantize, out = _absolute(to_quantize), Path(_absolute(out))
     try:
-        quantize_dynamic(
-            to_quantize,
-            str(out),
-            **_selection(to_quantize, s, exclude),
-            per_channel=s.effective_per_channel,
-            reduce_range=reduce_range(s),
-            weight_type=QuantType.QInt8,
-            use_external_data_format=external,
-        )
+        with _in_folder_of(out):
+            quantize_dynamic(
+                to_quantize,
+                str(out),
+                **_selection(to_quantize, s, exclude),
+                per_channel=s.effective_per_channel,
+                reduce_range=reduce_range(s),
+                weight_type=QuantType.QInt8,
+                use_external_data_format=external,
+            )
     except Exception as exc:
         raise PipelineError(f"int8 quantization failed: {first_error_line(exc)}") from exc
     counts = dynamic_counts(out)
@@ -251,8 +266,9 @@ def int8_static(
     }[s.calibrate_method]
     progress(0.3, f"calibrating ({s.calibrate_method}) on {reader.samples} rows")
     chatter = io.StringIO()  # the histogram calibrators print their progress
+    to_quantize, out = _absolute(to_quantize), Path(_absolute(out))
     try:
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), _in_folder_of(out):
             quantize_static(
                 to_quantize,
                 str(out),

@@ -635,3 +635,48 @@ def test_pre_processing_never_writes_into_the_working_directory(tmp_path, monkey
     assert preprocess(source, scratch, external=False) is not None  # done without it
 
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["int8_dynamic", "int8_static"])
+def test_a_model_with_external_data_quantizes_from_any_working_directory(
+    tmp_path, monkeypatch, mode
+):
+    """onnx refuses to write ``<output>.data`` when a file of that name exists in the working
+    directory (it checks there, not beside the model): a user who ran it where torch had
+    exported ``model.onnx`` and ``model.onnx.data`` got "External data file exists"."""
+    import onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    single = export(model.eval(), tmp_path / "single.onnx")
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save_model(
+        onnx.load(str(single)),
+        str(path),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    monkeypatch.chdir(folder)  # where the user exported it: model.onnx.data is here
+    inputs, outputs = read_tensor_specs(path)
+    source = Artifact(
+        key="input", path=str(path), format="onnx", precision="fp32", inputs=inputs,
+        outputs=outputs,
+    )  # fmt: skip
+    rows = tmp_path / "rows.npz"
+    np.savez(rows, input=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = PipelineContext.start(
+        work, source, task="embedding",
+        datasets={"1": DatasetRef(id="1", path=str(rows), format="npz")},
+    )  # fmt: skip
+    settings = {"mode": mode, "keep_below_threshold": True}
+    if mode == "int8_static":
+        settings["calibration_dataset_id"] = 1
+
+    result = Quantize().run(ctx, "01-quantize", settings, noop)
+
+    assert result.outputs == ["01-quantize"], result.message
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
