@@ -272,3 +272,59 @@ def test_a_model_whose_outputs_do_not_follow_the_batch_is_exported_unbatched(
     assert config.max_batch_size == 0
     assert (list(config.input[0].dims), list(config.output[0].dims)) == ([-1, 4], [1, 4])
     assert not config.HasField("dynamic_batching")
+
+
+def test_an_onnx_model_with_external_data_is_exported_with_its_data_files(tmp_path):
+    """An archive version (ONNX with external data) runs from its unpacked folder: the
+    repository gets the data files beside model.onnx, where the graph says they are."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[weight],
+    )
+    unpacked = tmp_path / "unpacked"
+    (unpacked / "weights").mkdir(parents=True)
+    path = unpacked / "model.onnx"
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(path),
+        save_as_external_data=True,
+        location="weights/w.bin",
+        size_threshold=0,
+    )
+    spec = ModelSpec(
+        team_id=1,
+        team="team-a",
+        name="external",
+        version=2,
+        artifact=Artifact(
+            key="v2",
+            path=str(path),
+            format="onnx",
+            precision="fp32",
+            inputs=[TensorSpec("x", ["batch", 4], "float32")],
+            outputs=[TensorSpec("y", ["batch", 2], "float32")],
+        ),
+    )
+
+    result = export_models([spec], tmp_path / "repo")
+
+    assert not result.skipped, result.skipped
+    version_dir = tmp_path / "repo" / "external" / "2"
+    assert sorted(
+        str(p.relative_to(version_dir)) for p in version_dir.rglob("*") if p.is_file()
+    ) == [
+        "model.onnx",
+        "weights/w.bin",
+    ]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(version_dir / "model.onnx"))
+    assert session.run(None, {"x": np.ones((1, 4), np.float32)})[0].tolist() == [[4.0, 4.0]]

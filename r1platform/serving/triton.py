@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.core import PipelineError, TensorSpec
+from pipelines.onnx_io import external_data_files
 from r1platform.deployments.models import Deployment
 from r1platform.serving.deployments_source import model_spec
 from r1platform.serving.protocol import DATATYPES, PLATFORMS
@@ -72,11 +73,22 @@ def write_model(spec: ModelSpec, dest_dir: Path) -> Path:
     version_dir = folder / str(spec.version)
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / MODEL_FILES[fmt]
+    # An ONNX model's external data files go beside it, where its graph says they are (the
+    # data first: a reader that finds model.onnx finds its weights too).
+    for data in external_data_files(source) if fmt == "onnx" else []:
+        placed = version_dir / data.relative_to(source.parent)
+        placed.parent.mkdir(parents=True, exist_ok=True)
+        _copy(data, placed)
+    _copy(source, target)
+    (folder / "config.pbtxt").write_text(model_config(spec, inputs, outputs))
+    return folder
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copied under a temporary name, then renamed: a half-written file is never in place."""
     partial = target.with_name(target.name + ".partial")
     shutil.copyfile(source, partial)
     partial.replace(target)
-    (folder / "config.pbtxt").write_text(model_config(spec, inputs, outputs))
-    return folder
 
 
 def model_config(spec: ModelSpec, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
