@@ -127,7 +127,7 @@ class Judgement:
         """A value of this metric as the dashboard shows it: ``98.4%`` agreement, ``0.9871``
         cosine (more digits when they would show ``other`` the same)."""
         if self.metric == "agreement":
-            return _pct(value, other)
+            return pct(value, other)
         for digits in (4, 5, 6):
             text = f"{value:.{digits}f}"
             if other is None or text != f"{other:.{digits}f}":
@@ -141,7 +141,7 @@ class Judgement:
         if self.metric == "cosine":
             text += f" (mean {self.mean_cosine:.4f})"
         elif self.strict_agreement is not None and self.strict_agreement != self.value:
-            text += f" ({_pct(self.strict_agreement)} strict, near-ties forgiven)"
+            text += f" ({pct(self.strict_agreement)} strict, near-ties forgiven)"
         return text
 
     def verdict(self, threshold: float) -> str:
@@ -183,8 +183,8 @@ class Judgement:
         return {k: float(v) for k, v in values.items() if np.isfinite(v)}
 
 
-def _pct(fraction: float, other: float | None = None) -> str:
-    """``97.4%``; more digits when one would show it equal to ``other``."""
+def pct(fraction: float, other: float | None = None) -> str:
+    """``97.4%``; more digits when one digit would show it equal to ``other``."""
     for digits in (1, 2, 3, 4):
         text = f"{fraction * 100:.{digits}f}"
         if other is None or text != f"{other * 100:.{digits}f}":

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.core import Artifact, PipelineContext, PipelineError, ProgressFn
-from pipelines.onnx_io import first_error_line, fixed_batch, op_types, read_tensor_specs
+from pipelines.onnx_io import (
+    external_data_files,
+    first_error_line,
+    fixed_batch,
+    op_types,
+    read_tensor_specs,
+)
 from pipelines.quantization.checks import Made
 from pipelines.quantization.graph import dynamic_counts, qdq_counts, zero_points_all_zero
 from pipelines.quantization.settings import WEIGHT_OPS, QuantizeSettings
@@ -162,7 +168,14 @@ def _in_folder_of(out: Path) -> contextlib.chdir:
     """Run the quantizer from the output's folder: onnx checks whether the external data file
     it is about to write exists relative to the working directory, not to the model (so a
     ``model.onnx.data`` wherever the worker was started refuses the job), and onnxruntime's
-    helpers write their temporary files there too."""
+    helpers write their temporary files there too. An earlier model at ``out`` (the search
+    writes its choice over the first one) is removed with its data file first."""
+    data = out.with_name(out.name + ".data")
+    if out.is_file():
+        for extra in external_data_files(out):
+            extra.unlink(missing_ok=True)
+        out.unlink()
+    data.unlink(missing_ok=True)
     return contextlib.chdir(out.parent)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.core import Artifact, PipelineContext, PipelineError, ProgressFn
+from pipelines.judging import pct
 from pipelines.quantization.settings import QuantizeSettings
 
 __all__ = [
@@ -93,15 +94,6 @@ class Evaluation:
             f"{self.metric} {self.parent:.4f} -> {self.value:.4f} ({kept}) "
             f"on {self.rows} {self.split} rows of dataset {self.dataset_id}"
         )
-
-
-def pct(fraction: float, other: float | None = None) -> str:
-    """``97.4%``; more digits when one digit would show it equal to ``other``."""
-    for digits in (1, 2, 3, 4):
-        text = f"{fraction * 100:.{digits}f}"
-        if other is None or text != f"{other * 100:.{digits}f}":
-            return text + "%"
-    return f"{fraction * 100:.4f}%"
 
 
 def _candidate_outputs(

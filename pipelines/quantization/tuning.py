@@ -188,11 +188,7 @@ def search_on_dataset(
     )  # fmt: skip
     if tuned is None:
         return made, evaluation
-    tuned.made.notes = [*tuned.made.notes, tuned.note]
-    tuned.made.max_abs_diff = check_runs(
-        source, out, s.mode, tuned.made.providers, tuned.made.check_feeds
-    )
-    return tuned.made, judged[tuned.chosen]
+    return _adopted(tuned, source, out, s), judged[tuned.chosen]
 
 
 def search_on_judgement(
@@ -238,8 +234,13 @@ def search_on_judgement(
     )  # fmt: skip
     if tuned is None:
         return made, judgement
+    return _adopted(tuned, source, out, s), judged[tuned.chosen]
+
+
+def _adopted(tuned: Tuned, source: Artifact, out: Path, s: QuantizeSettings) -> Made:
+    """The search's model, now at ``out``: its note added and checked to run as the first was."""
     tuned.made.notes = [*tuned.made.notes, tuned.note]
     tuned.made.max_abs_diff = check_runs(
         source, out, s.mode, tuned.made.providers, tuned.made.check_feeds
     )
-    return tuned.made, judged[tuned.chosen]
+    return tuned.made
