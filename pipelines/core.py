@@ -30,6 +30,11 @@ class ModelFormat(StrEnum):
     # Compiled formats: compile makes them; they are not uploaded.
     AOTINDUCTOR = "aotinductor"  # a .pt2 package of torch._inductor.aoti_compile_and_package
     TENSORRT = "tensorrt"  # a serialized TensorRT engine (.engine), for one GPU model
+    # Language models (family "text-generation", pipelines.llm): folders, stored as one tar.
+    HF_CHECKPOINT = "hf_checkpoint"  # config.json, safetensors shards, tokenizer files
+    GGUF = "gguf"  # one llama.cpp GGUF file; converted to an hf_checkpoint on the worker
+    ORT_GENAI = "ort_genai"  # an ONNX Runtime GenAI folder (genai_config.json, model.onnx, ...)
+    LORA_ADAPTER = "lora_adapter"  # a peft adapter folder, run over its base version
 
 
 class Precision(StrEnum):
@@ -37,6 +42,7 @@ class Precision(StrEnum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+    INT4 = "int4"  # weight-only, language models (MatMulNBits)
 
 
 class StageStatus(StrEnum):
