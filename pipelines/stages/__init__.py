@@ -15,7 +15,9 @@ from pydantic import ValidationError
 from pipelines.backends.settings import CompileSettings
 from pipelines.certification.settings import CertifySettings
 from pipelines.core import ModelFormat, StageConfigError, StageSettings
+from pipelines.engines.tensor import TENSOR
 from pipelines.finetuning.settings import FinetuneSettings
+from pipelines.llm import TEXT_GENERATION, is_text_format
 from pipelines.quantization.settings import QuantizeSettings
 from pipelines.stages.base import Formats, Stage
 from pipelines.stages.benchmark import Benchmark, BenchmarkSettings
@@ -30,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "MAX_STAGES",
     "REGISTRY",
+    "REGISTRIES",
     "Benchmark",
     "BenchmarkSettings",
     "Certify",
@@ -47,13 +50,21 @@ __all__ = [
     "QuantizeSettings",
     "Stage",
     "default_pipeline",
+    "family_of",
+    "registry_for",
     "stage_schemas",
     "validate_pipeline",
 ]
 
-# Stage name -> class; the names are what users write in a pipeline.
+# Stage name -> class, per model family; the names are what users write in a pipeline, and a
+# language model's "quantize" is another class than a tensor model's (the source format decides).
 REGISTRY: dict[str, type[Stage[Any]]] = {
     cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune, Certify)
+}
+TEXT_REGISTRY: dict[str, type[Stage[Any]]] = {}  # INTEGRATION: filled when the stages land
+REGISTRIES: dict[str, dict[str, type[Stage[Any]]]] = {
+    TENSOR: REGISTRY,
+    TEXT_GENERATION: TEXT_REGISTRY,
 }
 
 # A longer pipeline is almost certainly a generated mistake, and every stage costs worker time.
@@ -62,7 +73,22 @@ MAX_STAGES = 20
 _DEFAULT_PIPELINES: dict[str, list[str]] = {
     ModelFormat.TORCHSCRIPT.value: [ExportOnnx.name, Quantize.name, Compile.name, Benchmark.name],
     ModelFormat.ONNX.value: [Quantize.name, Compile.name, Benchmark.name],
+    # Language models: weight-only INT8 (ONNX Runtime GenAI), then perplexity and tokens/s.
+    ModelFormat.HF_CHECKPOINT.value: ["quantize", "evaluate", "benchmark"],
+    ModelFormat.GGUF.value: ["from_gguf", "quantize", "evaluate", "benchmark"],
+    ModelFormat.ORT_GENAI.value: ["evaluate", "benchmark"],
+    ModelFormat.LORA_ADAPTER.value: ["evaluate", "benchmark"],
 }
+
+
+def family_of(source_format: str) -> str:
+    """The engine family of a model format: ``text-generation`` for language models."""
+    return TEXT_GENERATION if is_text_format(source_format) else TENSOR
+
+
+def registry_for(source_format: str) -> dict[str, type[Stage[Any]]]:
+    """The stages a model of ``source_format`` can use, by name."""
+    return REGISTRIES[family_of(source_format)]
 
 
 @dataclass(frozen=True)
@@ -72,28 +98,33 @@ class PlannedStage:
     stage_id: str
     name: str
     settings: StageSettings
+    family: str = TENSOR
 
     @property
     def stage_class(self) -> type[Stage[Any]]:
         """The stage class that runs this step."""
-        return REGISTRY[self.name]
+        return REGISTRIES[self.family][self.name]
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "settings"}`` as JSON-safe data, the form validate_pipeline takes back."""
         return {"name": self.name, "settings": self.settings.model_dump(mode="json")}
 
 
-def stage_schemas() -> list[dict[str, Any]]:
-    """Every stage's name, description, formats and settings JSON schema (GET /api/v1/stages)."""
+def stage_schemas(family: str | None = None) -> list[dict[str, Any]]:
+    """Every stage's name, family, description, formats and settings JSON schema (GET
+    /api/v1/stages); those of one family when given."""
     return [
         {
             "name": cls.name,
+            "family": fam,
             "description": cls.description,
             "accepts": list(cls.accepts),
             "produces": cls.produces,
             "settings": cls.Settings.model_json_schema(),
         }
-        for cls in REGISTRY.values()
+        for fam, registry in REGISTRIES.items()
+        if family is None or fam == family
+        for cls in registry.values()
     ]
 
 
@@ -110,7 +141,7 @@ def default_pipeline(source_format: str, precision: str | None = None) -> list[d
     return [
         {"name": name, "settings": {}}
         for name in names
-        if REGISTRY[name].precision_for(None, precision)[1] is None
+        if registry_for(source_format)[name].precision_for(None, precision)[1] is None
     ]
 
 
@@ -165,13 +196,15 @@ def _narrow(planned: list[PlannedStage], index: int | None, formats: tuple[str, 
     settings = step.stage_class.narrow_for(step.settings, formats)
     if settings is None:
         return False
-    planned[index] = PlannedStage(step.stage_id, step.name, settings)
+    planned[index] = PlannedStage(step.stage_id, step.name, settings, step.family)
     return True
 
 
-def _format_remedy(current: str, accepts: tuple[str, ...]) -> str:
+def _format_remedy(
+    current: str, accepts: tuple[str, ...], registry: dict[str, type[Stage[Any]]]
+) -> str:
     converters = []
-    for cls in REGISTRY.values():
+    for cls in registry.values():
         takes, gives = _stage_formats(cls, None)
         if current in takes and isinstance(gives, str) and gives in accepts:
             converters.append(cls.name)
@@ -192,7 +225,9 @@ def validate_pipeline(
     """
     if source_format not in {f.value for f in ModelFormat}:
         raise StageConfigError(_unknown_format(source_format))
-    known = ", ".join(REGISTRY)
+    family = family_of(source_format)
+    registry = REGISTRIES[family]
+    known = ", ".join(registry)
     if not isinstance(stages, list):
         raise StageConfigError(
             'a pipeline is a list of stages such as [{"name": "quantize", "settings": {}}], '
@@ -224,9 +259,9 @@ def validate_pipeline(
             errors.append(f'{where}: missing "name"; known stages: {known}')
             fmt = None
             continue
-        cls = REGISTRY.get(name)
+        cls = registry.get(name)
         if cls is None:
-            close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+            close = difflib.get_close_matches(name, list(registry), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"{where}: unknown stage {name!r}{hint}; known stages: {known}")
             fmt = None
@@ -263,7 +298,7 @@ def validate_pipeline(
                     "backend so it is known"
                 )
             else:
-                remedy = _format_remedy(refused[0], accepts)
+                remedy = _format_remedy(refused[0], accepts, registry)
             by_setting = cls.format_hint(settings) if settings is not None else None
             if by_setting is not None:
                 remedy += f" ({by_setting})"
@@ -278,7 +313,7 @@ def validate_pipeline(
             decided_by, decided_at = name, (len(planned) if settings is not None else None)
         precision = left
         if settings is not None:
-            planned.append(PlannedStage(f"{index:02d}-{name}", name, settings))
+            planned.append(PlannedStage(f"{index:02d}-{name}", name, settings, family))
 
     if errors:
         raise StageConfigError("\n".join(errors))

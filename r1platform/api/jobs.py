@@ -75,6 +75,7 @@ class JobOut(Schema):
 # pydantic would put it in the OpenAPI document.)
 class StageSchemaOut(Schema):
     name: str
+    family: str
     description: str
     accepts: list[str]
     produces: str | None

@@ -34,7 +34,16 @@ def _settings_summary(schema: dict) -> list[dict]:
 
 # The order stages run in when several are checked; a stage not listed runs after these, in the
 # order stage_schemas() gives. finetune works on TorchScript and hands on ONNX, so it comes first.
-PIPELINE_ORDER = ("finetune", "export_onnx", "quantize", "compile", "evaluate", "benchmark")
+# from_gguf turns a GGUF upload into a checkpoint, so it comes before everything.
+PIPELINE_ORDER = (
+    "from_gguf",
+    "finetune",
+    "export_onnx",
+    "quantize",
+    "compile",
+    "evaluate",
+    "benchmark",
+)
 
 
 def pipeline_order(schemas: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from pipelines.core import StageConfigError
-from pipelines.stages import default_pipeline, stage_schemas
+from pipelines.stages import default_pipeline, family_of, stage_schemas
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
 from r1platform.core import tracking
 from r1platform.core.charts.training import stage_training_charts
@@ -121,7 +121,7 @@ def job_new(request):
     version = _get_version_for_user(
         request, request.GET.get("version") or request.POST.get("version")
     )
-    schemas = stage_schemas()
+    schemas = stage_schemas(family_of(version.format))
     try:
         defaults = default_pipeline(version.format, version.precision)
     except StageConfigError:  # a compiled engine (TensorRT, AOTInductor) has no default pipeline
