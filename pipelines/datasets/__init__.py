@@ -2,15 +2,24 @@
 
 One concern a module: :mod:`.inspection` (an upload), :mod:`.text` and :mod:`.npz` (reading each
 format, checked), :mod:`.splits` (the seeded cut), :mod:`.mapping` (columns onto model inputs),
-:mod:`.loading` (a split's rows in a worker); :mod:`.columns` holds what they share. This module
-only names the public API; the modules import one another, never this one.
+:mod:`.loading` (a split's rows in a worker); :mod:`.columns` holds what they share. Text datasets
+for language models (JSON Lines of strings) are :mod:`.text_rows` (their rules, one parser) and
+:mod:`.text_corpus` (loading a split's texts, pairs, chats or test cases; checking an output;
+which datasets fit which models). This module only names the public API; the modules import one
+another, never this one.
 
-Three formats are accepted, decided by the file's content (the name only words refusals):
+Three formats are accepted (JSON Lines of numbers or of text), decided by the file's content
+(the name only words refusals):
 
 * **CSV** (``.csv``): a header row naming the columns, then rows of numbers separated by commas,
   every row with as many cells as the header. Only numbers: class labels must be integers.
 * **JSON Lines** (``.jsonl``): one JSON object per line, the same keys on every line; each value
   is a number or a nested list of numbers (the same shape on every line).
+* **Text JSON Lines** (``.jsonl``), for language models: rows ``{"text"}``,
+  ``{"prompt", "completion"}``, ``{"messages"}`` or test cases ``{"prompt", "expected", "check"}``,
+  one kind a file, recognised by the first row's keys; stored as format ``jsonl`` with
+  ``schema["text_kind"]`` (see :mod:`.text_corpus`). They fit language models only, and tensor
+  datasets fit tensor models only (:func:`check_fits`).
 * **npz** (``.npz``, what ``numpy.savez`` writes): a zip of ``.npy`` arrays that share their first
   dim (the rows). Only numeric and boolean arrays: object arrays need pickle, which runs code, so
   they are refused (read with ``allow_pickle=False`` only, their headers checked first).
@@ -47,18 +56,38 @@ from pipelines.datasets.inspection import inspect_dataset
 from pipelines.datasets.loading import iter_batches, load_split
 from pipelines.datasets.mapping import check_compatible
 from pipelines.datasets.splits import split_indices
+from pipelines.datasets.text_corpus import (
+    TEXT_KINDS,
+    TestCase,
+    check_case,
+    check_fits,
+    load_cases,
+    load_chats,
+    load_pairs,
+    load_texts,
+    text_kind,
+)
 
 __all__ = [
     "DATASET_FORMATS",
     "MAX_DATASET_BYTES",
     "SPLITS",
     "TARGET_NAMES",
+    "TEXT_KINDS",
     "DatasetInfo",
     "SplitData",
+    "TestCase",
+    "check_case",
     "check_compatible",
+    "check_fits",
     "default_target",
     "inspect_dataset",
     "iter_batches",
+    "load_cases",
+    "load_chats",
+    "load_pairs",
     "load_split",
+    "load_texts",
     "split_indices",
+    "text_kind",
 ]

@@ -2,7 +2,9 @@
 
 :func:`inspect_dataset` runs in the web process on an upload: the format is decided by the
 content (the name only words refusals), and anything it cannot read is refused with a
-:class:`~pipelines.formats.RejectedUpload` saying what to upload instead.
+:class:`~pipelines.formats.RejectedUpload` saying what to upload instead. A JSON Lines file whose
+first row holds text (:func:`pipelines.datasets.text_corpus.is_text_jsonl`) is a text dataset for
+language models, checked by :mod:`pipelines.datasets.text_rows`; any other is rows of numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pipelines.datasets.columns import (
 )
 from pipelines.datasets.npz import inspect_npz
 from pipelines.datasets.text import inspect_csv, read_jsonl
+from pipelines.datasets.text_corpus import inspect_text_jsonl, is_text_jsonl
 
 _OTHER_FORMATS = (
     (b"\x93NUMPY", "a single NumPy array (.npy); save the arrays with numpy.savez as an .npz"),
@@ -77,6 +80,10 @@ def inspect_dataset(
         )
 
     first = _first_text_char(path)
+    if first == "{" and is_text_jsonl(path):
+        # Strings for a language model (text_corpus), not numbers: no columns, no target.
+        _, rows, schema = inspect_text_jsonl(path)
+        return DatasetInfo("jsonl", rows, schema, {"bytes": size, "default_target": None})
     if first == "{":
         columns, rows = read_jsonl(path, keep_values=False)[:2]
         schema_columns: list[dict[str, Any]] = []
@@ -111,15 +118,20 @@ def _info(
 
 
 def _first_text_char(path: Path) -> str:
-    """The first non-whitespace character of a UTF-8 text file (a RejectedUpload if not text)."""
+    """The first non-whitespace character of a UTF-8 text file (a RejectedUpload if not text).
+
+    Only the head up to its first invalid byte has to decode: a bad byte further on is left to
+    the line reader, whose refusal names the line.
+    """
     with path.open("rb") as f:
         raw = f.read(4096)
-    for cut in range(4):  # the head may end inside a multi-byte character
-        try:
-            text = raw[: len(raw) - cut].decode("utf-8-sig")
-        except UnicodeDecodeError:
-            continue
-        stripped = text.lstrip()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark
+    try:
+        text, valid = raw.decode("utf-8"), True
+    except UnicodeDecodeError as exc:  # also a head that ends inside a multi-byte character
+        text, valid = raw[: exc.start].decode("utf-8"), False
+    stripped = text.lstrip()
+    if stripped or valid:
         return stripped[:1]
     raise refuse(
         "unrecognised dataset format (not UTF-8 text); upload CSV, JSON Lines or npz",

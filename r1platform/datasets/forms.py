@@ -7,12 +7,16 @@ from r1platform.datasets.services import SPLIT_KEYS, DatasetRefused, parse_split
 
 TARGET_HELP = (
     "The column (CSV, JSON Lines) or array (npz) holding the labels. Blank: the first of "
-    "label, target, y the file has, else none (unlabelled data, e.g. for calibration)."
+    "label, target, y the file has, else none (unlabelled data, e.g. for calibration). "
+    "Always blank for a text dataset."
 )
 SEED_HELP = "Rows are shuffled with the seed, then cut: the same seed always gives the same cut."
 FILE_HELP = (
     "CSV with a header row (numbers only), JSON Lines (one object per line) or an .npz written "
-    "by numpy.savez. Pickles and object arrays are refused."
+    "by numpy.savez. Pickles and object arrays are refused. For language models, JSON Lines of "
+    'text, one kind a file: {"text": ...}, {"prompt": ..., "completion": ...}, {"messages": '
+    '[{"role": ..., "content": ...}]} or test cases {"prompt": ..., "expected": ..., "check": '
+    '"exact"|"contains"|"regex"|"json"}.'
 )
 
 

@@ -97,6 +97,11 @@ def upload_dataset(
 def _check_target(schema: dict, target: str) -> None:
     if not target:
         return
+    if schema.get("text_kind"):
+        raise DatasetRefused(
+            f"target {target!r} given, but this is a text dataset ({schema['text_kind']}): "
+            "its rows say what the model should produce; leave the target blank"
+        )
     names = [c["name"] for c in schema.get("columns", schema.get("arrays", []))]
     if target not in names:
         raise DatasetRefused(f"target {target!r} is not in the dataset (it has {', '.join(names)})")

@@ -45,6 +45,32 @@ def _schema_rows(dataset: Dataset, target: str) -> list[dict]:
     ]
 
 
+# How the dataset page names each kind of text dataset (pipelines.datasets.text_corpus).
+TEXT_KIND_LABELS = {
+    "text": "text (language modelling, perplexity)",
+    "prompt_completion": "prompt / completion (supervised fine-tuning)",
+    "messages": "messages (chat)",
+    "test_cases": "test cases (scenarios)",
+}
+
+
+def _text_summary(dataset: Dataset) -> dict | None:
+    """A text dataset's kind, its label and the sample rows stored at upload; None otherwise."""
+    kind = dataset.schema.get("text_kind")
+    if not kind:
+        return None
+    samples = dataset.schema.get("samples") or []
+    return {
+        "kind": kind,
+        "label": TEXT_KIND_LABELS.get(kind, kind),
+        "chars": dataset.schema.get("chars"),
+        "max_row_chars": dataset.schema.get("max_row_chars"),
+        "samples": [s for s in samples if isinstance(s, dict)],
+        "checks": sorted((dataset.schema.get("checks") or {}).items()),
+        "tags": sorted((dataset.schema.get("tags") or {}).items()),
+    }
+
+
 def _effective_target(dataset: Dataset) -> tuple[str, bool]:
     """The target jobs read, and whether it was picked by name rather than given at upload."""
     if dataset.target:
@@ -126,9 +152,11 @@ def dataset_upload(request):
             except DatasetRefused as exc:
                 form.add_error(None, str(exc))
             else:
+                kind = dataset.schema.get("text_kind")
+                what = f"{dataset.format} {kind}" if kind else dataset.format
                 messages.success(
                     request,
-                    f"Uploaded {dataset.name} v{dataset.version} ({dataset.format}, "
+                    f"Uploaded {dataset.name} v{dataset.version} ({what}, "
                     f"{dataset.rows:,} rows, sha256 {dataset.sha256[:12]}…)",
                 )
                 return redirect(dataset)
@@ -157,6 +185,7 @@ def dataset_detail(request, pk: int):
         "target_guessed": target_guessed,
         "schema_kind": "arrays" if "arrays" in dataset.schema else "columns",
         "schema_rows": _schema_rows(dataset, target),
+        "text": _text_summary(dataset),
         "splits": _split_rows(dataset),
         "seed": dataset.splits.get("seed", 0),
         "versions": versions,

@@ -65,7 +65,9 @@ def dataset_settings(schema: dict) -> list[dict]:
 
 def dataset_label(dataset) -> str:
     """How a dataset reads in a picker: ``digits v2 (1,797 rows, csv)``."""
-    return f"{dataset.name} v{dataset.version} ({dataset.rows:,} rows, {dataset.format})"
+    kind = (dataset.schema or {}).get("text_kind")
+    fmt = f"{dataset.format} {kind}" if kind else dataset.format
+    return f"{dataset.name} v{dataset.version} ({dataset.rows:,} rows, {fmt})"
 
 
 class LaunchForm(forms.Form):

@@ -16,7 +16,7 @@ from typing import Any
 from django import forms
 
 from pipelines.core import PipelineError
-from pipelines.datasets import check_compatible
+from pipelines.datasets import check_fits
 
 BLANK = ""
 
@@ -129,14 +129,15 @@ def read_value(field: SettingField, value: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def split_datasets(datasets, specs) -> tuple[list, list[tuple[Any, str]]]:
-    """The datasets that fit a model with input ``specs``, and the others with the reason."""
+def split_datasets(datasets, specs, model_format: str) -> tuple[list, list[tuple[Any, str]]]:
+    """The datasets that fit a model of ``model_format`` with input ``specs`` (a language model
+    reads text datasets only), and the others with the reason."""
     from r1platform.datasets.services import dataset_ref
 
     fit, unfit = [], []
     for dataset in datasets:
         try:
-            check_compatible(dataset_ref(dataset), specs)
+            check_fits(dataset_ref(dataset), model_format, specs)
         except PipelineError as exc:
             unfit.append((dataset, str(exc)))
         else:

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from pipelines.certification.profiles import compatibility_problem
 from pipelines.core import DatasetRef, PipelineError, StageConfigError
-from pipelines.datasets import check_compatible
+from pipelines.datasets import check_fits
 from pipelines.stages import default_pipeline, validate_pipeline
 from r1platform.celery import app
 from r1platform.core import tracking
@@ -103,7 +103,7 @@ def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
         if dataset is None:
             raise LaunchRefused(f"dataset {dataset_id} does not exist in this team")
         try:
-            check_compatible(dataset_ref(dataset), input_specs(version))
+            check_fits(dataset_ref(dataset), version.format, input_specs(version))
         except PipelineError as exc:
             raise LaunchRefused(str(exc)) from None
 

@@ -127,7 +127,7 @@ def job_new(request):
     except StageConfigError:  # a compiled engine (TensorRT, AOTInductor) has no default pipeline
         defaults = []
     # Only the datasets that fit the model are offered; the others are listed with the reason.
-    datasets, unfit = split_datasets(_team_datasets(version), input_specs(version))
+    datasets, unfit = split_datasets(_team_datasets(version), input_specs(version), version.format)
     pickers = {"datasets": datasets, "unfit_datasets": unfit}
     template_name = "jobs/job_new.html"
     if _wants_partial(request):
