@@ -3,12 +3,21 @@
 The web process streams an upload to a temporary file and calls :func:`inspect_model` on it before
 anything is stored. Nothing here unpickles, loads TorchScript, or imports torch: pickles are only
 parsed opcode by opcode (:mod:`pipelines.formats.pickles`), ONNX is parsed as protobuf and checked
-by ``onnx.checker``. Accepted: ONNX (one ``.onnx`` file, weights inside, or a zip/tar holding one
-``.onnx`` and the external data files it names: :mod:`pipelines.formats.onnx_archive`) and
-TorchScript (the zip ``torch.jit.save`` writes). Everything else raises :class:`RejectedUpload`
-with a reason the user can act on. The format is decided by the bytes; the file's name only picks
-the wording of the refusal for kinds that are refused anyway (a ``.plan`` of random bytes is
-called a TensorRT engine, a valid ONNX model named ``.plan`` is accepted as ONNX).
+by ``onnx.checker``. Accepted:
+
+- ONNX: one ``.onnx`` file, weights inside, or a zip/tar holding one ``.onnx`` and the external
+  data files it names (:mod:`pipelines.formats.onnx_archive`);
+- TorchScript: the zip ``torch.jit.save`` writes;
+- a Hugging Face causal-LM checkpoint: a zip/tar of the folder ``save_pretrained`` writes
+  (``config.json``, tokenizer, safetensors), checked from its JSON and safetensors headers
+  (:mod:`pipelines.llm.checkpoint`). An archive holding a ``config.json`` is one, unless it is
+  TorchScript or an ONNX model archive (a ``.onnx`` member and no safetensors);
+- GGUF (llama.cpp): one file, from its header (:mod:`pipelines.llm.gguf_header`).
+
+Everything else raises :class:`RejectedUpload` with a reason the user can act on. The format is
+decided by the bytes; the file's name only picks the wording of the refusal for kinds that are
+refused anyway (a ``.plan`` of random bytes is called a TensorRT engine, a valid ONNX model named
+``.plan`` is accepted as ONNX).
 """
 
 from __future__ import annotations
@@ -58,15 +67,22 @@ __all__ = [
     "PICKLE_MESSAGE",
     "TENSORRT_MESSAGE",
     "SAFETENSORS_MESSAGE",
+    "UPLOADABLE",
 ]
 
+#: What may be uploaded, for the end of refusals.
+UPLOADABLE = "ONNX, TorchScript, a Hugging Face checkpoint folder as a zip or tar, or a GGUF file"
 PICKLE_MESSAGE = (
-    "pickle files are refused: loading one runs arbitrary code. Upload ONNX or TorchScript"
+    "pickle files are refused: loading one runs arbitrary code. Upload ONNX or TorchScript; "
+    "a language model as its Hugging Face checkpoint folder with safetensors weights"
 )
-SAFETENSORS_MESSAGE = "safetensors weights need a model definition; upload ONNX or TorchScript"
+SAFETENSORS_MESSAGE = (
+    "safetensors weights alone need their model definition: for a language model, upload the "
+    "whole checkpoint folder as a zip or tar (config.json, tokenizer, safetensors); otherwise "
+    "upload ONNX or TorchScript"
+)
 NATIVE_MESSAGE = (
-    "native code is refused: this is {what}, and loading one runs its code. "
-    "Upload ONNX or TorchScript"
+    "native code is refused: this is {what}, and loading one runs its code. Upload " + UPLOADABLE
 )
 
 TENSORRT_EXTENSIONS = frozenset({".plan", ".engine", ".trt"})
@@ -78,7 +94,6 @@ _PICKLE_SNIFF_BYTES = 64 * 2**20
 _PICKLE_SNIFF_OPCODES = 1_000_000
 _MACHO = (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe", b"\xcf\xfa\xed\xfe")
 _OTHER_FORMATS = (
-    (b"GGUF", "a GGUF (llama.cpp) file"),
     (b"\x89HDF\r\n\x1a\n", "an HDF5 (Keras .h5) file"),
     (b"\x93NUMPY", "a NumPy array file"),
 )
@@ -133,6 +148,21 @@ def _zip_holds_onnx(path: Path, max_unpacked_bytes: int) -> bool:
     return is_onnx_archive(members)
 
 
+def _archive_rules(kind: str, max_unpacked_bytes: int) -> ZipRules:
+    """The rules model archives (ONNX with its data, checkpoints) are listed under."""
+    return ZipRules(kind, "zip or tar", max_unpacked_bytes, invalid_code="invalid_archive")
+
+
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip's central directory, unchecked (they only pick the
+    inspector, which checks them); none when it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return []
+
+
 def _hexhead(head: bytes) -> str:
     return " ".join(f"{b:02x}" for b in head[:8])
 
@@ -184,12 +214,22 @@ def inspect_model(
     if head[:4] in _MACHO:
         raise _native("a macOS executable or library (Mach-O)")
 
-    # An archive: an ONNX model with its external data (zip or tar), else a zip is TorchScript,
-    # a torch.save checkpoint, or something else; the archive checks decide.
+    # An archive: a Hugging Face checkpoint (it holds a config.json), an ONNX model with its
+    # external data (zip or tar), else a zip is TorchScript, a torch.save checkpoint, or
+    # something else; the archive checks decide.
+    # (Imported here: pipelines.llm imports this package's modules.)
+    from pipelines.llm.checkpoint import inspect_checkpoint_archive, looks_like_checkpoint
+
     kind = archive_kind(path)
     if kind is not None and kind != "zip":
+        # A tar has no directory: list it once (every member checked) and hand the listing on.
+        members = list_members(path, _archive_rules(kind, max_unpacked_bytes))
+        if looks_like_checkpoint(m.name for m in members):
+            return inspect_checkpoint_archive(path, max_unpacked_bytes, members)
         return inspect_onnx_archive(path, max_unpacked_bytes)
     if kind == "zip":
+        if looks_like_checkpoint(_zip_names(path)):
+            return inspect_checkpoint_archive(path, max_unpacked_bytes)
         if _zip_holds_onnx(path, max_unpacked_bytes):
             return inspect_onnx_archive(path, max_unpacked_bytes)
         return inspect_zip(path, declared_inputs, max_unpacked_bytes)
@@ -204,6 +244,11 @@ def inspect_model(
         raise RejectedUpload(
             f"the file is {size} bytes, over the {max_unpacked_bytes}-byte limit", code="too_large"
         )
+
+    if head.startswith(b"GGUF"):
+        from pipelines.llm.gguf_header import inspect_gguf
+
+        return inspect_gguf(path)
 
     # Pickle: a protocol 2+ pickle starts with PROTO (0x80, version); older ones must parse.
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -223,7 +268,7 @@ def inspect_model(
     for magic, what in _OTHER_FORMATS:
         if head.startswith(magic):
             raise RejectedUpload(
-                f"unrecognised model format ({what}); upload ONNX or TorchScript",
+                f"unrecognised model format ({what}); upload {UPLOADABLE}",
                 code="unrecognised",
             )
 
@@ -262,5 +307,5 @@ def inspect_model(
     else:
         hint = f"it starts with bytes {_hexhead(head)}"
     raise RejectedUpload(
-        f"unrecognised model format ({hint}); upload ONNX or TorchScript", code="unrecognised"
+        f"unrecognised model format ({hint}); upload {UPLOADABLE}", code="unrecognised"
     )

@@ -102,7 +102,9 @@ def create_model(
     input_dtype: Form[str] = "float32",
     file: File[UploadedFile] = None,  # type: ignore[assignment]
 ):
-    """Upload a model file (ONNX or TorchScript) as version 1 of a new model."""
+    """Upload a model (ONNX, TorchScript, a Hugging Face checkpoint folder as a zip or tar, or a
+    GGUF file) as version 1 of a new model; a language model's task is text-generation (set so
+    when left at "other")."""
     refusal = getattr(request, "upload_refusal", None)
     if refusal:
         return Status(413, {"detail": refusal})

@@ -14,7 +14,11 @@ class UploadForm(TeamUploadForm):
 
     missing_file_message = "Choose a model file to upload."
     name = forms.CharField(max_length=100)
-    task = forms.ChoiceField(choices=Task.choices, initial=Task.OTHER)
+    task = forms.ChoiceField(
+        choices=Task.choices,
+        initial=Task.OTHER,
+        help_text="A language model's is text-generation (set so when left at Other).",
+    )
     input_shape = forms.CharField(max_length=500, required=False, help_text=SHAPE_HELP)
     input_dtype = forms.CharField(
         max_length=20,
@@ -26,14 +30,16 @@ class UploadForm(TeamUploadForm):
         required=False,
         help_text=(
             "An .onnx file; an ONNX model with external data as a .zip, .tar or .tar.gz of the "
-            ".onnx file and its data files; or a TorchScript .pt saved with torch.jit.save."
+            ".onnx file and its data files; a TorchScript .pt saved with torch.jit.save; a "
+            "language model as a .zip or .tar of its Hugging Face checkpoint folder "
+            "(config.json, tokenizer, *.safetensors), or a .gguf file."
         ),
     )
 
     def __init__(self, user, *args, **kwargs) -> None:
         super().__init__(user, *args, **kwargs)
         self.fields["file"].widget.attrs.update(
-            accept=".onnx,.zip,.tar,.gz,.tgz,.pt,.pth,.ts", required=True
+            accept=".onnx,.zip,.tar,.gz,.tgz,.pt,.pth,.ts,.gguf", required=True
         )
 
     def clean_input_dtype(self) -> str:

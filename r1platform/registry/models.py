@@ -12,6 +12,7 @@ class Task(models.TextChoices):
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
     EMBEDDING = "embedding"
+    TEXT_GENERATION = "text-generation", "Text generation"  # language models (pipelines.llm)
     OTHER = "other"
 
 
@@ -20,6 +21,11 @@ class Format(models.TextChoices):
     TORCHSCRIPT = "torchscript", "TorchScript"
     AOTINDUCTOR = "aotinductor", "AOTInductor"
     TENSORRT = "tensorrt", "TensorRT"
+    # Language models (task text-generation): folders are stored as one tar.
+    HF_CHECKPOINT = "hf_checkpoint", "Hugging Face checkpoint"
+    GGUF = "gguf", "GGUF"
+    ORT_GENAI = "ort_genai", "ONNX Runtime GenAI"
+    LORA_ADAPTER = "lora_adapter", "LoRA adapter"
 
 
 class MirrorState(models.TextChoices):

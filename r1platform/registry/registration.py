@@ -15,6 +15,8 @@ from django.db import IntegrityError
 
 from pipelines.core import Artifact, BenchmarkRow, ModelFormat, TensorSpec
 from pipelines.formats import ARCHIVE_SUFFIX, has_external_data, pack_onnx
+from pipelines.llm import FOLDER_FORMATS, MARKER
+from pipelines.llm.folders import pack_folder
 from r1platform.core import storage, tracking
 from r1platform.registry.mirror import mirror_to_mlflow
 from r1platform.registry.models import BenchmarkResult, ModelVersion
@@ -142,10 +144,28 @@ def _store(artifact: Artifact, team_id: int) -> tuple[str, str, int, dict[str, A
 
     An ONNX file whose weights sit in data files beside it (quantize writes them for models
     over 2 GB) is stored as one tar of the model and those files, as such an upload is, so the
-    version is one stored object that downloads, mirrors and unpacks whole.
+    version is one stored object that downloads, mirrors and unpacks whole. A model folder
+    (a checkpoint, an ONNX Runtime GenAI folder, a LoRA adapter: the artifact's path is the
+    folder) is stored the same way, as one tar of its files (:func:`pipelines.llm.folders.
+    pack_folder`); a GGUF is one file.
     """
     path = Path(artifact.path)
     details = dict(artifact.meta)
+    if artifact.format in FOLDER_FORMATS:
+        marker = MARKER[artifact.format]
+        details.pop("stored_file", None)  # the input's archive, when the stage copied its meta
+        relative, sha, size, details["model_archive"] = storage.store_built(
+            lambda out: pack_folder(path, out, marker),
+            kind="models",
+            team_id=team_id,
+            suffix=ARCHIVE_SUFFIX["tar"],
+        )
+        return relative, sha, size, details
+    if artifact.format == ModelFormat.GGUF.value:
+        relative, sha, size = storage.store_copy(
+            path, kind="models", team_id=team_id, suffix=".gguf"
+        )
+        return relative, sha, size, details
     if artifact.format == ModelFormat.ONNX.value and has_external_data(path):
         relative, sha, size, details["model_archive"] = storage.store_built(
             lambda out: pack_onnx(path, out),

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from pipelines.core import Artifact, TensorSpec
+from pipelines.core import Artifact, ModelFormat, TensorSpec
 from pipelines.formats import (
     ARCHIVE_SUFFIX,
     RejectedUpload,
@@ -20,14 +20,16 @@ from pipelines.formats import (
     sanitize_filename,
     unpack_onnx,
 )
+from pipelines.llm import FOLDER_FORMATS, is_text_format
+from pipelines.llm.folders import unpack_folder
 from r1platform.accounts.models import Team
 from r1platform.core import storage
 from r1platform.registry.mirror import mirror_to_mlflow, mlflow_name  # noqa: F401 - callers
-from r1platform.registry.models import ModelVersion, RegisteredModel, Task
+from r1platform.registry.models import Format, ModelVersion, RegisteredModel, Task
 
 log = logging.getLogger(__name__)
 
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", ModelFormat.GGUF.value: ".gguf"}
 
 
 class UploadRefused(Exception):
@@ -82,6 +84,7 @@ def upload_model(
             declared_inputs=declared,
             max_unpacked_bytes=settings.R1_MAX_UNPACKED_BYTES,
         )
+        task = task_for_format(task, info.format)
     except RejectedUpload as exc:
         temp_path.unlink(missing_ok=True)
         raise UploadRefused(str(exc)) from None
@@ -126,6 +129,26 @@ def upload_model(
     # register_version moved latest_version with an UPDATE: the caller sees the row as stored.
     version.model.refresh_from_db(fields=["latest_version", "updated_at"])
     return version
+
+
+def task_for_format(task: str, fmt: str) -> str:
+    """The model's task given its first version's format: a language model's is
+    text-generation (left at the form's default, "other", it is set so), and only a language
+    model's is. UploadRefused when they disagree."""
+    text = is_text_format(fmt)
+    if text and task == Task.OTHER:
+        return Task.TEXT_GENERATION.value
+    if text and task != Task.TEXT_GENERATION:
+        raise UploadRefused(
+            f"this is a language model ({Format(fmt).label}): its task is "
+            f"{Task.TEXT_GENERATION.value}, not {task}"
+        )
+    if not text and task == Task.TEXT_GENERATION:
+        raise UploadRefused(
+            f"task {Task.TEXT_GENERATION.value} is for language models: upload a Hugging Face "
+            f"checkpoint folder as a zip or tar, or a GGUF file; this is {Format(fmt).label}"
+        )
+    return task
 
 
 def register_version(
@@ -183,16 +206,21 @@ def input_specs(version: ModelVersion) -> list[TensorSpec]:
 def version_artifact(version: ModelVersion, key: str) -> Artifact:
     """A stored version as the pipeline artifact a worker or the serving runtime loads.
 
-    A version stored as an archive (an ONNX model with external data) is unpacked once into
+    A version stored as an archive (an ONNX model with external data, or a model folder: a
+    Hugging Face checkpoint, an ONNX Runtime GenAI folder, a LoRA adapter) is unpacked once into
     ``R1_WORK_DIR/unpacked/<sha256>/`` (:func:`pipelines.formats.unpack_onnx`, shared by every
-    job and serving process of the host) and the artifact is its ``.onnx`` file there; its
-    ``meta["stored_file"]`` names the archive, the file whose sha256 the version records, for
-    those who check it (serving, certification).
+    job and serving process of the host) and the artifact is its ``.onnx`` file there, or for
+    a folder format (:data:`pipelines.llm.FOLDER_FORMATS`) the folder holding its marker file
+    (``config.json``, ...); its ``meta["stored_file"]`` names the archive, the file whose sha256
+    the version records, for those who check it (serving, certification).
     """
     stored = storage.media_path(version.file)
     path, meta = stored, dict(version.details)
     archive = meta.get("model_archive")
-    if archive:
+    if archive and version.format in FOLDER_FORMATS:
+        path = unpack_folder(stored, version.sha256, archive["model"], unpacked_root())
+        meta["stored_file"] = str(stored)
+    elif archive:
         path = unpack_onnx(stored, version.sha256, archive["model"], unpacked_root())
         meta["stored_file"] = str(stored)
     return Artifact(

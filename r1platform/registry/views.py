@@ -21,7 +21,7 @@ from r1platform.registry import tables as compare_tables
 from r1platform.registry.forms import UploadForm
 from r1platform.registry.history import add_row_speedups, benchmark_history, slower_than_upload
 from r1platform.registry.mirror import retry_mirror
-from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel
+from r1platform.registry.models import BenchmarkResult, ModelVersion, RegisteredModel, Task
 from r1platform.registry.services import UploadRefused, lineage, mlflow_name, upload_model
 from r1platform.schedules.tables import schedules_with_last_run
 from r1platform.serving.history import serving_history
@@ -169,6 +169,9 @@ def model_detail(request, pk: int):
         # The model's team's schedules only, each with its last run's decision: one query.
         "schedules": schedules_with_last_run(model.schedules.filter(team_id=model.team_id)),
     }
+    if model.task == Task.TEXT_GENERATION:  # the first version's facts: one small query
+        first = model.versions.order_by("number").values_list("number", "details__llm").first()
+        context["llm_version"], context["llm"] = first or (None, None)
     return render(request, "registry/model_detail.html", context)
 
 

@@ -607,7 +607,14 @@ def test_it_refuses_a_zip_that_is_not_torchscript(tmp_path: Path) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("config.json", "{}")
         zf.writestr("weights.bin", b"\x00" * 16)
+    # A config.json makes it a Hugging Face checkpoint, whose pickled weights are refused.
     err = refusal(path)
+    assert err.code == "pickle" and "'weights.bin'" in str(err) and "safetensors" in str(err)
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("notes.json", "{}")
+        zf.writestr("weights.bin", b"\x00" * 16)
+    err = refusal(other)
     assert err.code == "unrecognised" and "not a TorchScript model" in str(err)
 
 

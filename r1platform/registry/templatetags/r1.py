@@ -82,3 +82,17 @@ def num(value) -> str:
 def shapes(value) -> str:
     """Each input's shape as timed: ``input 32×64`` (several inputs comma-separated)."""
     return shape_text(value)
+
+
+@register.filter
+def params(value) -> str:
+    """A parameter count: 20,544, 0.1 M, 12 M, 270 M, 1.5 B, 70 B."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "—"
+    if value < 100_000:
+        return f"{value:,.0f}"
+    if value < 1e9:
+        millions = value / 1e6
+        return f"{millions:.1f} M" if millions < 10 else f"{millions:.0f} M"
+    billions = value / 1e9
+    return f"{billions:.1f} B" if billions < 10 else f"{billions:.0f} B"
