@@ -26,6 +26,11 @@ from pipelines.stages.compile import BACKENDS, Compile
 from pipelines.stages.evaluate import Evaluate, EvaluateSettings
 from pipelines.stages.export_onnx import ExportOnnx, ExportOnnxSettings
 from pipelines.stages.finetune import Finetune
+from pipelines.stages.llm_benchmark import LlmBenchmark
+from pipelines.stages.llm_evaluate import LlmEvaluate
+from pipelines.stages.llm_finetune import LlmFinetune
+from pipelines.stages.llm_from_gguf import FromGguf
+from pipelines.stages.llm_quantize import LlmQuantize
 from pipelines.stages.quantize import Quantize
 
 __all__ = [
@@ -61,7 +66,9 @@ __all__ = [
 REGISTRY: dict[str, type[Stage[Any]]] = {
     cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune, Certify)
 }
-TEXT_REGISTRY: dict[str, type[Stage[Any]]] = {}  # INTEGRATION: filled when the stages land
+TEXT_REGISTRY: dict[str, type[Stage[Any]]] = {
+    cls.name: cls for cls in (FromGguf, LlmFinetune, LlmQuantize, LlmEvaluate, LlmBenchmark)
+}
 REGISTRIES: dict[str, dict[str, type[Stage[Any]]]] = {
     TENSOR: REGISTRY,
     TEXT_GENERATION: TEXT_REGISTRY,
@@ -131,18 +138,23 @@ def stage_schemas(family: str | None = None) -> list[dict[str, Any]]:
 def default_pipeline(source_format: str, precision: str | None = None) -> list[dict[str, Any]]:
     """The pipeline a model gets when the user picks none.
 
-    TorchScript: export_onnx, quantize, compile, benchmark; ONNX: quantize, compile, benchmark.
-    An upload that is already int8 (``precision``) is not quantized again.
+    TorchScript: export_onnx, quantize, compile, benchmark; ONNX: quantize, compile, benchmark;
+    a Hugging Face checkpoint: weight-only INT8 (quantize), evaluate, benchmark; GGUF: from_gguf
+    first. An upload that is already int8 (``precision``) is not quantized again.
     """
     names = _DEFAULT_PIPELINES.get(source_format)
     if names is None:
         raise StageConfigError(_unknown_format(source_format))
-    # A stage that would refuse the model's precision (quantize, for an int8 upload) is left out.
-    return [
-        {"name": name, "settings": {}}
-        for name in names
-        if registry_for(source_format)[name].precision_for(None, precision)[1] is None
-    ]
+    # A stage that would refuse the model's precision at that point (quantize, for an int8
+    # upload) is left out; the precision is followed (from_gguf leaves a float checkpoint).
+    registry = registry_for(source_format)
+    stages: list[dict[str, Any]] = []
+    for name in names:
+        left, refusal = registry[name].precision_for(None, precision)
+        if refusal is None:
+            stages.append({"name": name, "settings": {}})
+            precision = left
+    return stages
 
 
 def _unknown_format(source_format: str) -> str:
