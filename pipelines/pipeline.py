@@ -26,6 +26,7 @@ from pipelines.core import (
     StageStatus,
     TensorSpec,
 )
+from pipelines.llm.kinds import MARKER, is_text_format
 from pipelines.stages import PlannedStage, default_pipeline, validate_pipeline
 from pipelines.staging import clean_partials
 
@@ -185,7 +186,10 @@ def run_local(
 
     model_path = Path(model_path).resolve()
     workdir = Path(workdir)
-    if not model_path.is_file():
+    if format in MARKER:  # a language model's folder (checkpoint, ORT GenAI, adapter)
+        if not (model_path / MARKER[format]).is_file():
+            raise StageConfigError(f"no {format} folder at {model_path} (no {MARKER[format]})")
+    elif not model_path.is_file():
         raise StageConfigError(f"no model file at {model_path}")
     if stages is None:
         stages = default_pipeline(format, precision)
@@ -198,6 +202,8 @@ def run_local(
 
         file_inputs, outputs = read_tensor_specs(model_path)
         specs = specs if specs is not None else file_inputs
+    if not specs and is_text_format(format):
+        specs = [TensorSpec("input_ids", ["batch", "sequence"], "int64")]
     if not specs:
         raise StageConfigError(
             'give the model\'s inputs, e.g. [{"name": "x", "shape": ["batch", 64], '

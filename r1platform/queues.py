@@ -50,6 +50,10 @@ def profile_of(stages: list[dict]) -> str | None:
     return None
 
 
+# Language-model quantize precisions only a GPU worker makes (NVIDIA Model Optimizer).
+_GPU_PRECISIONS = frozenset({"fp8", "int4_awq"})
+
+
 def queue_for(stages: list[dict]) -> str:
     """A profile's queue if a stage names one, else the GPU queue if a stage needs a GPU, else CPU.
 
@@ -64,5 +68,7 @@ def queue_for(stages: list[dict]) -> str:
             return Queue.GPU.value
         settings = stage.get("settings", {})
         if settings.get("device") == "cuda" or settings.get("providers") == "cuda":
+            return Queue.GPU.value
+        if settings.get("precision") in _GPU_PRECISIONS:  # Model Optimizer calibrates on a GPU
             return Queue.GPU.value
     return Queue.CPU.value

@@ -33,7 +33,7 @@ def _dataset(api, path: Path, name: str, rows: list[dict]) -> int:
 
 
 def test_a_checkpoint_is_fine_tuned_merged_quantized_evaluated_and_benchmarked(
-    worker, api, tmp_path
+    worker, api, member_client, tmp_path
 ):
     folder = tiny_llama(tmp_path / "tiny-llama")
     archive = tmp_path / "tiny-llama.tar"
@@ -118,6 +118,11 @@ def test_a_checkpoint_is_fine_tuned_merged_quantized_evaluated_and_benchmarked(
 
     loaded = Path(version_artifact(int8, "check").path)
     assert (loaded / "genai_config.json").is_file()
+
+    # The pages speak of a language model's rows: concurrency and output tokens/s.
+    page = member_client.get(int8.get_absolute_url()).content.decode()
+    assert "Output tokens/s" in page and "Concurrency" in page
+    assert "Throughput /s" not in page
 
     assert wait_for_run_status(job.mlflow_run_id) == "FINISHED"
     history = tracking.client().get_metric_history(job.mlflow_run_id, "01-finetune.loss")

@@ -58,7 +58,8 @@ __all__ = [
     "supported_architectures",
 ]
 
-BUILDER_MODULE = "onnxruntime_genai.models.builder"
+# The builder, through a child module that fixes how it reads transformers 5 configs.
+BUILDER_MODULE = "pipelines.llm.builder_child"
 LOG_TAIL = 25
 # Weight files a float conversion rewrites; every other file of the checkpoint is copied as is.
 _WEIGHT_FILES = re.compile(r".*\.safetensors$|.*\.safetensors\.index\.json$")
@@ -75,6 +76,8 @@ class BuildSettings:
     accuracy_level: int = 4
     keep_embeddings: bool = True
     keep_lm_head: bool = True
+    sensitive_layers: str = "int4"  # int4: llama.cpp's sensitive MatMuls in this type (int8)
+    symmetric: bool = True  # False: a zero point per block (asymmetric)
 
 
 @dataclass
@@ -136,6 +139,8 @@ def builder_arguments(
         f"accuracy_level={settings.accuracy_level}",
         f"algo_config={settings.method}",
     ]
+    if not settings.symmetric:
+        options.append("is_symmetric=false")
     # The builder quantizes an embedding only as the int4 matrix a tied LM head shares with it
     # (GatherBlockQuantized); any other embedding stays a float Gather.
     share = (
@@ -151,11 +156,16 @@ def builder_arguments(
             "embeddings kept float: ONNX Runtime GenAI quantizes embeddings only as the int4 "
             "matrix they share with a tied LM head that is quantized too"
         )
+    mixed = []
     if settings.keep_lm_head:
         if settings.precision == "int4":
-            options.append("matmul_mixed_precision=last_matmul:int8")
+            mixed.append("last_matmul:int8")
         else:
             options.append("nodes_to_exclude=/lm_head/MatMul")
+    if settings.precision == "int4" and settings.sensitive_layers == "int8":
+        mixed.append("mixed_layers:int8")
+    if mixed:
+        options.append("matmul_mixed_precision=" + ",".join(mixed))
     return options, notes
 
 

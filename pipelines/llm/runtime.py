@@ -357,18 +357,31 @@ class _OrtGenaiTextModel(TextModel):
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length = int(genai.get("context_length") or 0)
+        # A sliding-window model's KV cache must hold the window however short the sequence.
+        window = (genai.get("decoder", {}).get("sliding_window") or {}).get("window_size")
+        self.min_cache = int(window or 0)
         eos = genai.get("eos_token_id")
         self.eos_token_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        # ONNX Runtime GenAI's tokenizer leaves out the BOS token that tokenizer.json's post
+        # processor (or add_bos_token) puts first; a model trained with it degrades without it.
+        self.bos = _leading_bos(folder)
         pad = genai.get("pad_token_id")
         self.pad_token_id = int(pad if pad is not None else min(self.eos_token_ids, default=0))
 
     def encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer.encode(text)]
+        ids = [int(i) for i in self.tokenizer.encode(text)]
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids.insert(0, self.bos)  # as the checkpoint's own tokenizer does (Gemma, Llama)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(self.np.asarray(list(ids), dtype=self.np.int32)))
 
     def _generator(self, batch: int, max_length: int, min_length: int = 0) -> Any:
+        """A greedy generator; its cache sized for ``max_length`` tokens, or the sliding window
+        (the loops that use it stop at their own count, not at ``max_length``)."""
+        cap = self.context_length or max_length
+        max_length = max(max_length, min(self.min_cache, cap))
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(
             max_length=max_length, min_length=min_length, batch_size=batch, do_sample=False
@@ -417,6 +430,30 @@ class _OrtGenaiTextModel(TextModel):
         self.tokenizer = None
         self.model = None
         super().close()
+
+
+def _leading_bos(folder: Path) -> int | None:
+    """The token id the checkpoint's tokenizer puts before every text, if any."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    try:
+        processor = json.loads((folder / "tokenizer.json").read_text()).get("post_processor")
+    except (OSError, ValueError):
+        processor = None
+    if isinstance(processor, dict) and processor.get("type") == "TemplateProcessing":
+        first = (processor.get("single") or [{}])[0]
+        if "SpecialToken" in first:
+            name = first["SpecialToken"].get("id")
+            ids = (processor.get("special_tokens") or {}).get(name, {}).get("ids") or []
+            return int(ids[0]) if len(ids) == 1 else None
+        return None
+    if config.get("add_bos_token"):
+        genai = json.loads((folder / "genai_config.json").read_text())["model"]
+        bos = genai.get("bos_token_id")
+        return int(bos) if isinstance(bos, int) else None
+    return None
 
 
 def open_text_model(

@@ -5,6 +5,7 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from pipelines.llm.kinds import is_text_format
 from r1platform.accounts.models import Team
 
 
@@ -115,6 +116,11 @@ class ModelVersion(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("registry:version_detail", args=[self.pk])
+
+    @property
+    def is_language_model(self) -> bool:
+        """A text-generation version: its benchmark rows are requests by concurrency, tokens/s."""
+        return is_text_format(self.format)
 
     @property
     def label(self) -> str:

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -254,6 +255,13 @@ def test_builder_options_keep_embeddings_and_lm_head_higher() -> None:
     assert not any(o.startswith(("shared_embeddings", "nodes_to", "matmul_mixed")) for o in shared)
     _, notes = builder_arguments(BuildSettings("int8", keep_embeddings=False), True)
     assert notes and "embeddings kept float" in notes[0]
+    mixed, _ = builder_arguments(
+        BuildSettings("int4", sensitive_layers="int8", symmetric=False), tied_embeddings=False
+    )
+    assert "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8" in mixed
+    assert "is_symmetric=false" in mixed
+    plain, _ = builder_arguments(BuildSettings("int8", sensitive_layers="int8"), False)
+    assert not any("mixed_layers" in o or "is_symmetric" in o for o in plain)  # int4 only
 
 
 def test_the_builder_refuses_and_reports_failures(root: Path, llama: Path) -> None:
@@ -300,3 +308,37 @@ def test_a_checkpoint_converts_to_bf16(root: Path, llama: Path) -> None:
         assert model.generate([model.encode("the quick")], 3)[0].ttft_s > 0
     with pytest.raises(PipelineError, match="fp16 or bf16"):
         convert_checkpoint(llama, root / "int8", "int8")
+
+
+def test_the_builder_reads_gemma3_rope_settings_as_transformers_4_wrote_them() -> None:
+    from pipelines.llm.builder_child import flat_rope
+
+    nested = {
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    }
+    config = flat_rope(SimpleNamespace(rope_parameters=nested))
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert config.rope_theta == 1_000_000.0 and config.rope_local_base_freq == 10_000.0
+    flat = {"rope_type": "default", "rope_theta": 500_000.0}  # Llama's, left as it is
+    assert flat_rope(SimpleNamespace(rope_parameters=dict(flat))).rope_parameters == flat
+
+
+def test_ort_genai_puts_the_bos_token_first_as_the_checkpoint_tokenizer_does(
+    tmp_path: Path,
+) -> None:
+    from pipelines.llm.runtime import _leading_bos
+
+    processor = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A"}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]}},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"post_processor": processor}))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert _leading_bos(tmp_path) == 2
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"post_processor": None}))
+    assert _leading_bos(tmp_path) is None  # GPT-2 style: nothing first
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"bos_token_id": 1}}))
+    assert _leading_bos(tmp_path) == 1
