@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,31 @@ def test_a_job_made_folder_is_stored_as_one_tar_and_comes_back_a_folder(
     assert relative.endswith(".gguf")
     assert storage.media_path(relative).read_bytes() == gguf_file.read_bytes()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_checkpoints_launch_form_offers_the_language_model_stages(
+    api, member_client, llama_tar: Path, tmp_path: Path
+) -> None:
+    response = api_upload(api, llama_tar, "tiny-launch")
+    assert response.status_code == 201, response.content
+    version_id = response.json()["versions"][0]["id"]
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("a,b\n1,2\n3,4\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "the quick brown fox"}\n{"text": "jumps over the dog"}\n')
+    for name, path in (("numbers", numbers), ("texts", texts)):
+        with open(path, "rb") as f:
+            assert api.post("/api/v1/datasets", {"name": name, "file": f}).status_code == 201
+
+    body = member_client.get(reverse("jobs:job_new"), {"version": version_id}).content.decode()
+    for name in ("finetune", "quantize", "evaluate", "benchmark", "from_gguf"):
+        assert f'name="include_{name}"' in body, name
+    for name in ("export_onnx", "compile", "certify"):  # tensor stages are not offered
+        assert f'name="include_{name}"' not in body, name
+    assert "prompt_lengths" in body  # the text benchmark's settings, not batch_sizes
+    # The default pipeline, quantize -> evaluate -> benchmark, is checked; from_gguf is not.
+    for name, checked in (("quantize", True), ("benchmark", True), ("from_gguf", False)):
+        box = re.search(rf'<input type="checkbox" name="include_{name}"[^>]*>', body)
+        assert box and ("checked" in box.group(0)) == checked, name
+    # Text datasets are offered; numbers are listed as unfit with the reason.
+    assert "texts v1" in body and "a language model reads a text" in body

@@ -347,17 +347,21 @@ def test_it_measures_latency_after_warmup() -> None:
 
 
 def test_it_describes_every_stage_with_a_settings_schema() -> None:
-    schemas = {s["name"]: s for s in stage_schemas()}
+    schemas = {s["name"]: s for s in stage_schemas("tensor")}
 
     assert set(schemas) == {
         "export_onnx", "quantize", "compile", "benchmark", "evaluate", "finetune", "certify"
     }  # fmt: skip
+    text = {s["name"]: s for s in stage_schemas("text-generation")}
+    assert set(text) == {"from_gguf", "finetune", "quantize", "evaluate", "benchmark"}
+    assert text["quantize"]["accepts"] == ["hf_checkpoint"]
+    assert len(stage_schemas()) == len(schemas) + len(text)  # both families by default
     assert schemas["export_onnx"]["accepts"] == ["torchscript"]
     assert schemas["export_onnx"]["produces"] == "onnx"
     assert schemas["benchmark"]["produces"] is None
     opset = schemas["export_onnx"]["settings"]["properties"]["opset"]
     assert (opset["default"], opset["minimum"], opset["maximum"]) == (17, 13, 21)
-    for schema in schemas.values():
+    for schema in [*schemas.values(), *text.values()]:
         assert schema["description"]
         for prop in schema["settings"]["properties"].values():
             assert prop.get("description"), prop
