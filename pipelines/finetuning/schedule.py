@@ -1,13 +1,14 @@
-"""The fine-tune learning-rate schedule: linear warm-up, then a cosine down to 0.
+"""The fine-tune learning-rate schedule: linear warm-up, then a cosine down to 0, and the one
+optimizer step both trainers take (the tensor fine-tune and LoRA).
 
-torch is imported only by :func:`make_scheduler`, when a run builds its scheduler.
+torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -67,3 +68,28 @@ def optimizer_steps_per_epoch(rows: int, batch_size: int, accumulation_steps: in
     """
     micro_batches = math.ceil(rows / batch_size)
     return math.ceil(micro_batches / accumulation_steps)
+
+
+def optimizer_step(
+    scaler: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> tuple[float, bool]:
+    """One step over the accumulated gradients: unscaled and clipped to ``max_grad_norm`` (0: no
+    clipping), the scaler's step, zeroed gradients, then the schedule's step. Returns the
+    learning rate the step used and whether its gradients were clipped."""
+    import torch
+
+    clipped = False
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        clipped = float(norm) > max_grad_norm
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = float(scheduler.get_last_lr()[0])
+    scheduler.step()
+    return lr, clipped

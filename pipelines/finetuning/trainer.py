@@ -32,7 +32,11 @@ from pipelines.finetuning.checkpoints import (
 from pipelines.finetuning.data import load_splits, loss_function, with_targets
 from pipelines.finetuning.model import first_tensor, load_trainable, probe_output_shape, to_tensors
 from pipelines.finetuning.precision import resolve_device, resolve_precision
-from pipelines.finetuning.schedule import make_scheduler, optimizer_steps_per_epoch
+from pipelines.finetuning.schedule import (
+    make_scheduler,
+    optimizer_step,
+    optimizer_steps_per_epoch,
+)
 from pipelines.finetuning.settings import FinetuneSettings
 from pipelines.onnx_io import first_error_line
 
@@ -261,16 +265,11 @@ class Trainer:
                     continue
 
                 # -- one optimizer step over the group's summed gradients
-                if s.max_grad_norm > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-                    if float(norm) > s.max_grad_norm:
-                        st.clipped_steps += 1
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = st.last_lr = float(self.scheduler.get_last_lr()[0])
-                self.scheduler.step()
+                lr, clipped = optimizer_step(
+                    self.scaler, self.optimizer, self.scheduler, self.params, s.max_grad_norm
+                )
+                st.last_lr = lr
+                st.clipped_steps += clipped
                 st.global_step += 1
                 st.batch_in_epoch = index + 1
 

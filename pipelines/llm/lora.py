@@ -37,7 +37,11 @@ from pipelines.finetuning.checkpoints import (
     save_checkpoint,
 )
 from pipelines.finetuning.precision import resolve_device, resolve_precision
-from pipelines.finetuning.schedule import make_scheduler, optimizer_steps_per_epoch
+from pipelines.finetuning.schedule import (
+    make_scheduler,
+    optimizer_step,
+    optimizer_steps_per_epoch,
+)
 from pipelines.llm.lora_data import Example, TrainData, build_examples
 from pipelines.llm.lora_model import (
     collate,
@@ -291,7 +295,6 @@ class LoraRun:
 
     def fit(self) -> None:
         """Train until ``total_steps`` optimizer steps are taken, checkpointing on the way."""
-        import torch
 
         s, st = self.s, self.state
         accum = s.gradient_accumulation_steps
@@ -332,16 +335,11 @@ class LoraRun:
                 self.scaler.scale(loss / max(1, group_tokens)).backward()
                 loss_sum += float(loss.detach())
                 st.tokens_seen += int(batch["attention_mask"].sum())
-            if s.max_grad_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-                if float(norm) > s.max_grad_norm:
-                    st.clipped_steps += 1
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = st.last_lr = float(self.scheduler.get_last_lr()[0])
-            self.scheduler.step()
+            lr, clipped = optimizer_step(
+                self.scaler, self.optimizer, self.scheduler, self.params, s.max_grad_norm
+            )
+            st.last_lr = lr
+            st.clipped_steps += clipped
 
             st.global_step += 1
             st.batch_in_epoch = end
