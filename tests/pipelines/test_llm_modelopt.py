@@ -12,7 +12,6 @@ from pipelines.core import Artifact, PipelineContext, PipelineError
 from pipelines.engines.base import cuda_available
 from pipelines.stages import validate_pipeline
 from pipelines.stages.llm_quantize import LlmQuantize
-from r1platform.queues import Queue, queue_for
 from tests.llm_fixtures import tiny_llama
 
 HAS_MODELOPT = cuda_available() and importlib.util.find_spec("modelopt") is not None
@@ -27,6 +26,9 @@ def _ctx(tmp_path: Path) -> PipelineContext:
 
 
 def test_fp8_and_int4_awq_plan_a_checkpoint_on_the_gpu_queue() -> None:
+    # Imported here: the gpu-marked tests of this file run where only pipelines is installed.
+    from r1platform.queues import Queue, queue_for
+
     for precision, stored in (("fp8", "fp8"), ("int4_awq", "int4")):
         stages = [{"name": "quantize", "settings": {"precision": precision}}]
         planned = validate_pipeline("hf_checkpoint", stages, "fp32")
