@@ -41,11 +41,13 @@ from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion
 from r1platform.registry.registration import JobOutputs, ancestor_artifacts
 from r1platform.serving.probe import serving_probe as _serving_probe
+from r1platform.serving.probe import serving_server as _serving_server
 
 log = logging.getLogger(__name__)
 
 # The certification suite's serving-contract check serves engines with the platform's runtime.
 serving_probe.register(_serving_probe)
+serving_probe.register_server(_serving_server)
 
 PROGRESS_WRITE_SECONDS = 0.5
 CANCEL_CHECK_SECONDS = 1.0

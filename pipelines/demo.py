@@ -96,3 +96,48 @@ def write_digits_dataset(path: Path, fmt: str = "csv") -> int:
     else:
         raise ValueError(f"unknown dataset format {fmt!r}; use csv, jsonl or npz")
     return len(y)
+
+
+def write_digits_test_cases(path: Path, per_digit: int = 4) -> int:
+    """Write the demo's industry test cases for the digits classifier; returns how many.
+
+    The cases are held-out rows (the default split's "test" rows, which the demo classifier never
+    trained on), ``per_digit`` of each digit, tagged ``imaging`` and ``digit-<n>``. The first of
+    each digit is also tagged ``must`` and checked with ``top_k`` (k 3: the right digit among
+    the three most likely, what a downstream reviewer would still catch); the others are
+    checked with ``argmax``, so the overall pass rate is the classifier's accuracy on them.
+    """
+    import json
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from pipelines.datasets import split_indices
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    test = split_indices(len(y), {"train": 0.8, "validation": 0.1, "test": 0.1}, 0)["test"]
+    seen: dict[int, int] = {}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in test:
+            label = int(y[row])
+            count = seen.get(label, 0)
+            if count >= per_digit:
+                continue
+            seen[label] = count + 1
+            first = count == 0
+            case = {
+                "name": f"digit-{label}-row-{int(row)}",
+                "input": [round(float(v), 4) for v in x[row]],
+                "expected": label,
+                "check": "top_k" if first else "argmax",
+                **({"k": 3} if first else {}),
+                "tags": ["imaging", f"digit-{label}", *(["must"] if first else [])],
+            }
+            f.write(json.dumps(case) + "\n")
+            written += 1
+    return written

@@ -21,6 +21,7 @@ from pipelines.certification.report import (
     Level,
     Measurement,
     SuiteReport,
+    criteria_of,
 )
 from pipelines.stages import REGISTRY
 from pipelines.stages.certify import Certify
@@ -118,6 +119,21 @@ def _checks(failing: CheckId | None) -> dict[CheckId, CheckResult]:
             "Two runs of the same inputs were bit-identical.",
             [_m("max_abs_difference", 0.0, 0.0, "<=", passed=True)],
         ),
+        CheckId.API_SUCCESS: _check(
+            CheckId.API_SUCCESS,
+            PASS,
+            "2000/2000 requests succeeded (100.00%, needs 99.9%) at concurrency 8 over 5 shapes.",
+            [
+                _m("success_rate", 1.0, 0.999, ">=", passed=True),
+                _m("requests", 2000, 2000, ">=", passed=True),
+            ],
+        ),
+        CheckId.QPS: _check(
+            CheckId.QPS,
+            PASS,
+            "812 requests/s per CPU socket (needs 500) over 30.0 s, 32 clients.",
+            [_m("qps_per_card", 812.4, 500.0, ">=", "req/s", True)],
+        ),
         CheckId.PERFORMANCE: _check(
             CheckId.PERFORMANCE,
             PASS if perf_ok else FAIL,
@@ -168,6 +184,7 @@ def suite_report(
         reference={"version": 1, "sha256": "c" * 64, "format": "onnx", "precision": "fp32"},
         golden={"source": "generated", "rows": 64, "seed": 0},
         thresholds=THRESHOLDS,
+        criteria=criteria_of([checks[c] for c in ids]),
         checks=[checks[c] for c in ids],
         started_at="2026-11-22T08:00:00+00:00",
         finished_at="2026-11-22T08:00:09+00:00",

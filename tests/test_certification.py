@@ -188,7 +188,7 @@ def test_a_passed_suite_is_stored_and_rendered_three_ways(cert):
     assert cert.status == CertStatus.PASSED and cert.finished_at is not None
     assert cert.engine_sha256 == cert.version.sha256
     assert cert.profile_snapshot["backend_version"] == cert.profile.backend_version
-    assert cert.suite_version == "1.0.0"
+    assert cert.suite_version == "2.0.0"
     media = Path(settings.MEDIA_ROOT)
     for kind in ("json", "html", "pdf"):
         relative = getattr(cert, f"report_{kind}")

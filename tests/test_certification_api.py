@@ -112,7 +112,7 @@ def test_it_reads_a_finished_certification_with_its_checks_and_reports(api, cert
 
     assert body["status"] == "passed" and body["verdict"] == "passed"
     assert body["validity"] == {"valid": True, "state": "valid", "reasons": []}
-    assert body["engine_sha256"] == cert.version.sha256 and body["suite_version"] == "1.0.0"
+    assert body["engine_sha256"] == cert.version.sha256 and body["suite_version"] == "2.0.0"
     parity = next(c for c in body["checks"] if c["id"] == "parity")
     measured = {m["name"]: m for m in parity["measurements"]}
     assert measured["logits.max_abs_error"]["threshold"] == 0.01

@@ -86,6 +86,9 @@ def test_a_worker_certifies_int8_and_fp32_engines_on_its_profile(
                 "profile": key,
                 "level": "performance",
                 "golden_dataset_id": digits,
+                # The source's criteria, bounded for a test: 1,000 requests (the least allowed),
+                # a 3 s QPS run, and a floor a busy 2-core CI machine clears.
+                "thresholds": {"api_requests": 1000, "qps_seconds": 3, "min_qps_per_card": 20},
             },
             content_type="application/json",
         )
@@ -98,13 +101,19 @@ def test_a_worker_certifies_int8_and_fp32_engines_on_its_profile(
         assert cert.job.queue == "profile." + key and cert.job.worker_host == reported.hostname
         checks = {c["id"]: c for c in cert.report["checks"]}
         assert list(checks) == [
-            "loads", "parity", "shapes", "finite", "determinism", "performance", "serving",
-            "scenario",
+            "loads", "parity", "shapes", "finite", "determinism", "api_success", "performance",
+            "serving", "qps", "scenario",
         ]  # fmt: skip
-        # The worker served the engine with the platform's runtime and compared the answer.
+        # The worker served the engine with the platform's runtime and compared the answers.
         assert checks["serving"]["verdict"] == "pass", checks["serving"]
+        api_success = {m["name"]: m["value"] for m in checks["api_success"]["measurements"]}
+        assert api_success["requests"] == 1000 and api_success["success_rate"] == 1.0
+        qps = {m["name"]: m["value"] for m in checks["qps"]["measurements"]}
+        assert qps["qps_per_card"] >= 20 and qps["error_rate"] == 0.0
+        criteria = [(c["level"], c["verdict"]) for c in cert.report["criteria"]]
+        assert criteria == [("basic", "pass"), ("performance", "pass"), ("scenario", "not_run")]
         assert checks["scenario"]["verdict"] == "not_run"  # above the performance level
-        assert {c["verdict"] for c in list(checks.values())[:7]} == {"pass"}
+        assert {c["verdict"] for c in list(checks.values())[:9]} == {"pass"}
         parity = {m["name"]: m for m in checks["parity"]["measurements"]}
         if precision == "int8":
             # INT8 is judged by task-metric retention against the FP32 ancestor on the labels.
@@ -142,10 +151,18 @@ def test_a_certify_stage_in_a_pipeline_certifies_what_the_pipeline_made(
     stages = [
         {"name": "export_onnx", "settings": {}},
         {"name": "compile", "settings": {"backend": "onnxruntime"}},
-        # A budget nobody meets: the suite fails its performance check, and says so.
+        # A budget nobody meets: the suite fails its performance check and the QPS criterion
+        # (p99 at that load is over budget), and says so.
         {
             "name": "certify",
-            "settings": {"profile": key, "level": "performance", "p99_budget_ms": 1e-6},
+            "settings": {
+                "profile": key,
+                "level": "performance",
+                "p99_budget_ms": 1e-6,
+                "api_requests": 1000,
+                "qps_seconds": 2,
+                "min_qps_per_card": 1,
+            },
         },
     ]
     job = wait_for_job(launch(api, v1["id"], stages), timeout=400)
@@ -154,6 +171,9 @@ def test_a_certify_stage_in_a_pipeline_certifies_what_the_pipeline_made(
     cert = Certification.objects.get(job=job)
     assert cert.version == compiled and cert.status == CertStatus.FAILED
     failed = [c["id"] for c in cert.report["checks"] if c["verdict"] == "fail"]
-    assert failed == ["performance"]
+    assert failed == ["performance", "qps"]
+    qps_check = next(c for c in cert.report["checks"] if c["id"] == "qps")
+    qps = {m["name"]: m for m in qps_check["measurements"]}
+    assert qps["p99_ms"]["passed"] is False and qps["qps_per_card"]["passed"] is True
     page = api.get(f"/api/v1/certifications/{cert.pk}/report.html")
     assert page.status_code == 200 and b"performance" in page.content.lower()

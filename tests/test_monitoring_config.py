@@ -80,6 +80,7 @@ def panel_targets() -> list[tuple[dict, str]]:
 def test_every_rule_parses_and_says_what_and_how_bad():
     assert {
         "ServingP99LatencyHigh",
+        "ServingConsecutiveSlowRequests",
         "ServingErrorRateHigh",
         "GpuMemoryHigh",
         "QueueGrowing",
@@ -114,6 +115,16 @@ def test_thresholds_are_the_certification_defaults():
     errors = RULES["ServingErrorRateHigh"]["expr"]
     assert comparison(errors) == (">", thresholds.SERVING_ERROR_RATIO)
     assert 'status=~"5.."' in errors and "r1_serving_load_failures_total" in errors
+
+
+def test_five_slow_answers_in_a_row_alert_at_once_against_the_serving_budget():
+    rule = RULES["ServingConsecutiveSlowRequests"]
+    assert thresholds.SLOW_STREAK == 5
+    assert comparison(rule["expr"]) == (">=", thresholds.SLOW_STREAK)
+    assert selectors(rule["expr"]) == {"r1_serving_consecutive_slow_requests"}
+    assert rule.get("for", "0m") in {"0s", "0m"} and rule["labels"]["severity"] == "warning"
+    # The serving process judges each answer against the budget the p99 alert fires at.
+    assert ServingMetrics().slow_streaks.budget_seconds == thresholds.SERVING_P99_SECONDS
 
 
 def test_a_queue_alert_waits_for_ten_minutes_of_growth_and_a_lost_worker_alerts():
@@ -174,6 +185,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for():
         "r1_serving_requests_total",
         "r1_serving_request_seconds_bucket",
         "r1_serving_load_failures_total",
+        "r1_serving_consecutive_slow_requests",
         "ALERTS",
     } <= shown
     exprs = " ".join(expr for _, expr in panel_targets())
@@ -182,6 +194,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for():
     assert line_at(by_title["p99 latency"]) == thresholds.SERVING_P99_SECONDS
     assert line_at(by_title["GPU memory used"]) == thresholds.GPU_MEMORY_FRACTION
     assert line_at(by_title["Error rate"]) == thresholds.SERVING_ERROR_RATIO
+    assert line_at(by_title["Slow requests in a row"]) == thresholds.SLOW_STREAK
 
 
 def line_at(panel: dict) -> float:

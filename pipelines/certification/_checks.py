@@ -4,7 +4,6 @@ returns its one-line summary. See ``suite`` for what each measures."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,11 +11,9 @@ import numpy as np
 import pipelines.certification._golden as golden_io
 from pipelines.backends import cache_root_for
 from pipelines.certification._numerics import abs_error
-from pipelines.certification._parity import check_parity
 from pipelines.certification._state import CheckRecord, NotRun, SuiteState
-from pipelines.certification.report import CheckId
 from pipelines.core import PipelineError
-from pipelines.engines import load_engine
+from pipelines.engines import Engine, load_engine
 from pipelines.latency import BENCHMARK_WINDOWS, peak_rss_mb, reset_peak_rss
 from pipelines.onnx_io import first_error_line, random_inputs
 
@@ -77,13 +74,21 @@ def _batch_plan(s: SuiteState) -> tuple[int, int, int]:
     return low, opt, high
 
 
-def check_shapes(s: SuiteState, c: CheckRecord) -> str:
-    engine = s.loaded
+def shape_cases(s: SuiteState) -> tuple[list[int], list[tuple[int, dict[str, int]]]]:
+    """The batch sizes covered, and every (batch, named dims) case: each batch size at the
+    middle dims, then each other size of each named dim at the opt batch."""
     low, opt, high = s.batches
     batches = sorted({low, (low + opt) // 2, opt, (opt + high) // 2, high})
     cases: list[tuple[int, dict[str, int]]] = [(b, s.dims) for b in batches]
     for name, sizes in s.dim_sizes.items():
         cases += [(opt, {**s.dims, name: size}) for size in sizes if size != s.dims[name]]
+    return batches, cases
+
+
+def check_shapes(s: SuiteState, c: CheckRecord) -> str:
+    engine = s.loaded
+    low, _, high = s.batches
+    batches, cases = shape_cases(s)
     s.thresholds.update({"batches": batches, "dynamic_dims": s.dim_sizes})
     report: list[dict[str, Any]] = []
     for batch, dims in cases:
@@ -177,6 +182,29 @@ def check_determinism(s: SuiteState, c: CheckRecord) -> str:
     return f"two runs of a batch of {size} differ by up to {worst:.3g} (allowed {atol:g})"
 
 
+def reset_peak_memory(engine: Engine) -> None:
+    """Start a new peak: the process's RSS, and torch's CUDA allocator on a CUDA engine."""
+    if engine.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+
+
+def peak_memory(engine: Engine) -> tuple[float, str]:
+    """The peak since :func:`reset_peak_memory` in MiB, and what it is."""
+    if engine.device != "cuda":
+        return peak_rss_mb() or 0.0, "process peak RSS"
+    import torch
+
+    if engine.torch_cuda:
+        peak = torch.cuda.max_memory_allocated() + engine.extra_gpu_bytes()
+        return peak / 2**20, "peak GPU memory"
+    # onnxruntime's CUDA provider allocates outside torch: the device's use, an upper bound.
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20, "GPU memory in use"
+
+
 def check_performance(s: SuiteState, c: CheckRecord) -> str:
     engine, settings = s.loaded, s.settings
     batch = settings.serving_batch or s.batches[1]
@@ -184,28 +212,13 @@ def check_performance(s: SuiteState, c: CheckRecord) -> str:
     if problem is not None:
         raise PipelineError(f"serving_batch {batch} is {problem}")
     feeds = random_inputs(golden_io.batch_first(s.specs), batch, s.dims, default_dim=1, seed=batch)
-    cuda = None
-    if engine.device == "cuda":
-        import torch
-
-        cuda = torch.cuda
-        cuda.reset_peak_memory_stats()
-    reset_peak_rss()
+    reset_peak_memory(engine)
     with engine.context():
         run_once = engine.prepare(feeds)
         run_once()
         # The benchmark stage's default windows, so a certificate's numbers compare with its rows.
         stats = BENCHMARK_WINDOWS.measure(run_once)
-    if cuda is None:
-        peak = peak_rss_mb() or 0.0
-        where = "process peak RSS"
-    elif engine.torch_cuda:
-        peak = (cuda.max_memory_allocated() + engine.extra_gpu_bytes()) / 2**20
-        where = "peak GPU memory"
-    else:  # onnxruntime's CUDA provider allocates outside torch: the device's use, an upper bound
-        free, total = cuda.mem_get_info()
-        peak = (total - free) / 2**20
-        where = "GPU memory in use"
+    peak, where = peak_memory(engine)
     limit = settings.max_memory_fraction * s.profile.total_memory_mb
     throughput = stats.throughput(batch)
     s.thresholds.update({"serving_batch": batch, "max_memory_mb": round(limit, 1) or None})
@@ -266,56 +279,3 @@ def check_serving(s: SuiteState, c: CheckRecord) -> str:
         f"{result.runtime} loaded it and answered a batch of {size} with the declared inputs and "
         f"outputs (max difference from the engine {worst:.3g})"
     )
-
-
-def check_scenario(s: SuiteState, c: CheckRecord) -> str:
-    from pipelines.metrics import primary_metric, task_metrics
-
-    targets = s.golden.targets
-    if targets is None:  # refused before any check ran; kept for a direct caller
-        raise PipelineError("the golden dataset has no target to judge the scenario on")
-    task = s.ctx.task
-    metric = s.settings.scenario_metric or primary_metric(task)[0]
-    higher_is_better = metric not in LOWER_IS_BETTER
-    outputs = s.golden_outputs()
-    computed = task_metrics(task, next(iter(outputs.values())), targets)
-    if metric not in computed:
-        raise PipelineError(
-            f"metric {metric!r} is not computed for task {task}; it has {', '.join(computed)}"
-        )
-    value = computed[metric]
-    threshold = s.settings.scenario_threshold
-    source = "scenario_threshold"
-    if threshold is None and s.reference is not None:
-        ref_outputs = s.reference_outputs()
-        theirs = task_metrics(task, next(iter(ref_outputs.values())), targets)[metric]
-        c.measure(f"reference.{metric}", theirs)
-        scale = s.settings.min_retention
-        threshold = theirs * scale if higher_is_better else theirs / scale
-        source = f"the reference's {theirs:.4g} scaled by min_retention {scale:g}"
-    s.thresholds.update({"scenario_metric": metric, "scenario_threshold": threshold})
-    if threshold is None:
-        c.measure(metric, value)
-        c.problems.append("no threshold")
-        return (
-            f"{metric} {value:.4g} on {s.golden.rows} rows, but there is no threshold: set "
-            "scenario_threshold (the engine has no FP32 reference to derive one from)"
-        )
-    comparison = ">=" if higher_is_better else "<="
-    passed = c.measure(metric, value, threshold, comparison)
-    verdict = "meets" if passed else "misses"
-    return (
-        f"{metric} {value:.4g} on {s.golden.rows} golden rows {verdict} {threshold:.4g} ({source})"
-    )
-
-
-CHECK_FUNCTIONS: dict[CheckId, Callable[[SuiteState, CheckRecord], str]] = {
-    CheckId.LOADS: check_loads,
-    CheckId.PARITY: check_parity,
-    CheckId.SHAPES: check_shapes,
-    CheckId.FINITE: check_finite,
-    CheckId.DETERMINISM: check_determinism,
-    CheckId.PERFORMANCE: check_performance,
-    CheckId.SERVING: check_serving,
-    CheckId.SCENARIO: check_scenario,
-}

@@ -9,6 +9,7 @@ problem with no number to it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class SuiteState:
     engine: Engine | None = None
     batches: tuple[int, int, int] = (1, 1, 1)  # min, opt, max
     reference: Artifact | None = None
+    # Progress inside the running check: (fraction of the check, message).
+    progress: Callable[[float, str], None] = lambda fraction, message: None
     _outputs: dict[str, np.ndarray] | None = None
     _reference_outputs: dict[str, np.ndarray] | None = None
 

@@ -26,6 +26,7 @@ from pipelines.core import ModelFormat
 __all__ = [
     "RUNTIME_FOR_FORMAT",
     "HardwareProfile",
+    "cards_of",
     "compatibility_problem",
     "cpu_model",
     "detect_profiles",
@@ -157,6 +158,21 @@ def cpu_model() -> str:
         if line.startswith("model name") or line.startswith("Model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cards_of(profile: HardwareProfile) -> tuple[int, str]:
+    """How many "cards" a profile's throughput is divided by, and what one is.
+
+    A CUDA profile runs an engine on one GPU: 1 "GPU". A CPU profile runs on every core of the
+    machine, so its card is a CPU socket (the distinct ``physical id`` values of this machine's
+    /proc/cpuinfo, where the check runs; 1 when it does not say).
+    """
+    if profile.device_kind == "cuda":
+        return 1, "GPU"
+    sockets = {
+        line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("physical id")
+    }
+    return max(len(sockets), 1), "CPU socket"
 
 
 def _cpuinfo_lines() -> list[str]:

@@ -19,21 +19,24 @@ __all__ = [
     "CheckId",
     "CheckResult",
     "CheckVerdict",
+    "Criterion",
     "Level",
     "Measurement",
     "SuiteReport",
+    "criteria_of",
     "level_at_least",
 ]
 
 # Bumped when a check, a default threshold or the meaning of a measurement changes: certificates
 # record it, so a reader knows which rules a verdict was given under.
-SUITE_VERSION = "1.0.0"
+# 2.0.0: the source's three criteria (API success rate, QPS per card, test cases) were added.
+SUITE_VERSION = "2.0.0"
 
 
 class Level(StrEnum):
-    BASIC = "basic"  # checks 1-5
-    PERFORMANCE = "performance"  # basic + 6, 7
-    SCENARIO = "scenario"  # performance + 8
+    BASIC = "basic"  # checks 1-6: API success rate
+    PERFORMANCE = "performance"  # basic + 7-9: QPS per card
+    SCENARIO = "scenario"  # performance + 10: test cases
 
 
 _LEVEL_ORDER = [Level.BASIC, Level.PERFORMANCE, Level.SCENARIO]
@@ -50,8 +53,10 @@ class CheckId(StrEnum):
     SHAPES = "shapes"
     FINITE = "finite"
     DETERMINISM = "determinism"
+    API_SUCCESS = "api_success"
     PERFORMANCE = "performance"
     SERVING = "serving"
+    QPS = "qps"
     SCENARIO = "scenario"
 
 
@@ -62,21 +67,32 @@ CHECKS: dict[CheckId, str] = {
     CheckId.SHAPES: "Shape coverage",
     CheckId.FINITE: "No NaN or Inf",
     CheckId.DETERMINISM: "Determinism",
+    CheckId.API_SUCCESS: "API success rate",
     CheckId.PERFORMANCE: "Performance budget",
     CheckId.SERVING: "Serving contract",
+    CheckId.QPS: "QPS per card",
     CheckId.SCENARIO: "Scenario",
 }
 
 LEVEL_CHECKS: dict[Level, tuple[CheckId, ...]] = {
     Level.BASIC: (
         CheckId.LOADS, CheckId.PARITY, CheckId.SHAPES, CheckId.FINITE, CheckId.DETERMINISM,
+        CheckId.API_SUCCESS,
     ),
     Level.PERFORMANCE: (
         CheckId.LOADS, CheckId.PARITY, CheckId.SHAPES, CheckId.FINITE, CheckId.DETERMINISM,
-        CheckId.PERFORMANCE, CheckId.SERVING,
+        CheckId.API_SUCCESS, CheckId.PERFORMANCE, CheckId.SERVING, CheckId.QPS,
     ),
     Level.SCENARIO: tuple(CHECKS),
 }  # fmt: skip
+
+# The source's definition of each level, the report's first table: the level, its criterion,
+# the check that measures it and the measurement that is its value.
+CRITERIA: dict[Level, tuple[str, CheckId, str]] = {
+    Level.BASIC: ("API call success rate", CheckId.API_SUCCESS, "success_rate"),
+    Level.PERFORMANCE: ("QPS per card", CheckId.QPS, "qps_per_card"),
+    Level.SCENARIO: ("Industry test cases", CheckId.SCENARIO, "pass_rate"),
+}
 
 
 class CheckVerdict(StrEnum):
@@ -104,6 +120,20 @@ class Measurement(_Model):
     )
     unit: str = Field("", description='e.g. "ms", "samples/s", "MiB", "" for a ratio.')
     passed: bool | None = Field(None, description="The comparison's outcome; None if not judged.")
+
+
+class Criterion(_Model):
+    """One of the source's three headline criteria, as measured (or why it was not)."""
+
+    level: Level
+    title: str = Field(description='e.g. "API call success rate".')
+    check: CheckId = Field(description="The check that measures it.")
+    verdict: CheckVerdict
+    value: float | int | bool | str | None = None
+    threshold: float | int | bool | str | None = None
+    comparison: Literal["<=", ">=", "==", ""] = ""
+    unit: str = ""
+    summary: str = Field("", description="The check's summary line (or why it did not run).")
 
 
 class CheckResult(_Model):
@@ -136,6 +166,46 @@ class SuiteReport(_Model):
         description='Where the golden inputs came from: {"source": "dataset"|"generated", ...}.',
     )
     thresholds: dict[str, Any] = Field(description="Every threshold in force (defaults filled).")
+    criteria: list[Criterion] = Field(
+        default_factory=list,
+        description="The three levels' headline criteria, basic first (empty before 2.0.0).",
+    )
     checks: list[CheckResult]
     started_at: str = Field(description="ISO 8601, UTC.")
     finished_at: str = Field(description="ISO 8601, UTC.")
+
+
+def criteria_of(checks: list[CheckResult]) -> list[Criterion]:
+    """The headline criteria, read from the checks that measure them."""
+    by_id = {check.id: check for check in checks}
+    found = []
+    for level, (title, check_id, name) in CRITERIA.items():
+        check = by_id.get(check_id)
+        if check is None:
+            found.append(
+                Criterion(
+                    level=level,
+                    title=title,
+                    check=check_id,
+                    verdict=CheckVerdict.NOT_RUN,
+                    summary=f"not part of this certification's level ({level.value} measures it)",
+                )
+            )
+            continue
+        measured = next((m for m in check.measurements if m.name == name), None)
+        if measured is None:  # e.g. a scenario judged on the task metric alone
+            measured = next((m for m in check.measurements if m.comparison), None)
+        found.append(
+            Criterion(
+                level=level,
+                title=title,
+                check=check_id,
+                verdict=check.verdict,
+                value=measured.value if measured else None,
+                threshold=measured.threshold if measured else None,
+                comparison=measured.comparison if measured else "",
+                unit=measured.unit if measured else "",
+                summary=check.summary,
+            )
+        )
+    return found

@@ -1,20 +1,33 @@
-"""The serving-contract check's hook: how the platform's serving runtime answers a request.
+"""The serving checks' hooks: how the platform's serving runtime answers requests.
 
 The serving runtime belongs to the platform (``r1platform.serving``), which ``pipelines`` never
-imports; the platform registers a probe here instead (the worker's runner does, when it is
-imported). Without one (``python -m pipelines run``), the check reports ``not run``.
+imports; the platform registers two hooks here instead (the worker's runner does, when it is
+imported): a probe, which answers one request (the serving-contract check), and a server, which
+serves an engine on loopback for as long as a ``with`` block lasts, so the API-success and QPS
+checks can drive it with many requests from another process. Without them (``python -m
+pipelines run``), those checks report ``not run``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipelines.core import Artifact
 
-__all__ = ["ProbeResult", "ServingProbe", "register", "registered"]
+__all__ = [
+    "Endpoint",
+    "ProbeResult",
+    "ServingProbe",
+    "ServingServer",
+    "register",
+    "register_server",
+    "registered",
+    "registered_server",
+]
 
 
 @dataclass
@@ -32,7 +45,23 @@ class ProbeResult:
 # (the engine's artifact, the device it runs on, one batch of the declared inputs) -> result
 ServingProbe = Callable[[Artifact, str, Mapping[str, np.ndarray]], ProbeResult]
 
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An engine served on loopback: its model URL and the headers a request needs."""
+
+    runtime: str
+    url: str  # http://127.0.0.1:<port>/v2/models/<name>
+    headers: dict[str, str]
+    max_batch_size: int
+
+
+# (the engine's artifact, the device, the largest batch the runtime may gather) -> a context
+# manager serving it while the block runs (it raises RuntimeError when the engine did not load).
+ServingServer = Callable[[Artifact, str, int], AbstractContextManager[Endpoint]]
+
 _registered: list[ServingProbe] = []
+_servers: list[ServingServer] = []
 
 
 def register(probe: ServingProbe | None) -> None:
@@ -42,3 +71,12 @@ def register(probe: ServingProbe | None) -> None:
 
 def registered() -> ServingProbe | None:
     return _registered[0] if _registered else None
+
+
+def register_server(server: ServingServer | None) -> None:
+    """Make ``server`` the serving runtime the load checks drive (None: there is none)."""
+    _servers[:] = [server] if server is not None else []
+
+
+def registered_server() -> ServingServer | None:
+    return _servers[0] if _servers else None

@@ -43,7 +43,11 @@ class CertifySettings(StageSettings):
     )
     level: Level = Field(
         Level.BASIC,
-        description="basic: checks 1-5; performance: + budget and serving; scenario: + scenario.",
+        description=(
+            "basic: loads, parity, shapes, finite, determinism and the API success rate; "
+            "performance: + latency budget, serving contract and QPS per card; scenario: + "
+            "test cases."
+        ),
     )
     golden_dataset_id: int | None = Field(
         None,
@@ -94,6 +98,45 @@ class CertifySettings(StageSettings):
             "CPU; 1e-5 for CUDA backends, which are not deterministic)."
         ),
     )
+    api_requests: int = Field(
+        2000,
+        ge=1000,
+        le=1_000_000,
+        description=(
+            "API success rate: requests sent through the serving runtime (at least 1,000, so "
+            "that 99.9% means something), mixing every batch size and dynamic dim covered."
+        ),
+    )
+    api_concurrency: int = Field(8, ge=1, le=256, description="API success rate: requests at once.")
+    min_success_rate: float = Field(
+        0.999,
+        ge=0.999,
+        le=1.0,
+        description=(
+            "API success rate to pass: a 200 whose outputs match the engine run directly (the "
+            "parity rule). The source's 99.9%; a team may raise it, not lower it."
+        ),
+    )
+    qps_seconds: float = Field(
+        30.0, ge=1.0, le=600.0, description="QPS per card: how long the sustained load runs."
+    )
+    qps_concurrency: int = Field(
+        32, ge=1, le=1024, description="QPS per card: clients sending requests at once."
+    )
+    qps_request_batch: BatchSize = Field(
+        1, description="QPS per card: samples in each request (the runtime batches requests)."
+    )
+    min_qps_per_card: float = Field(
+        500.0,
+        ge=0.0,
+        description=(
+            "QPS per card to pass (the source's 500): requests per second through the serving "
+            "runtime divided by the profile's cards (GPUs; CPU sockets on a CPU profile)."
+        ),
+    )
+    max_error_rate: float = Field(
+        0.001, ge=0.0, le=1.0, description="QPS per card: failed requests under this fraction."
+    )
     serving_batch: BatchSize | None = Field(
         None, description="Batch size the budget is judged at (default: opt_batch)."
     )
@@ -103,6 +146,23 @@ class CertifySettings(StageSettings):
     )
     max_memory_fraction: float = Field(
         0.85, gt=0.0, le=1.0, description="Peak memory under this fraction of the device's."
+    )
+    test_cases_dataset_id: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Scenario: a test-case dataset (named cases, each with inputs, an expected output "
+            "and a check: equals, argmax, within, top_k, cosine; tags such as must)."
+        ),
+    )
+    scenario_min_pass_rate: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Scenario: the test cases' pass rate to reach (default: the reference's pass rate "
+            "scaled by min_retention); every case tagged must passes whatever this is."
+        ),
     )
     scenario_metric: str | None = Field(
         None, description="Scenario metric (default: the task's primary metric)."
@@ -125,10 +185,15 @@ class CertifySettings(StageSettings):
                     f"{name} {value} is outside min_batch..max_batch "
                     f"({self.min_batch}..{self.max_batch})"
                 )
-        if self.level == Level.SCENARIO and self.golden_dataset_id is None:
+        if (
+            self.level == Level.SCENARIO
+            and self.golden_dataset_id is None
+            and self.test_cases_dataset_id is None
+        ):
             raise ValueError(
-                "the scenario level needs golden_dataset_id: a dataset with the expected "
-                "outputs (its target) to judge the scenario on"
+                "the scenario level needs test_cases_dataset_id (a test-case dataset) or "
+                "golden_dataset_id (a dataset with the expected outputs, its target) to judge "
+                "the scenario on"
             )
         if self.input_range is not None and self.input_range[0] > self.input_range[1]:
             raise ValueError("input_range must be [low, high] with low <= high")

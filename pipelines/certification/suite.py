@@ -5,7 +5,7 @@
 :class:`~pipelines.certification.report.Measurement` s and gives a verdict. A check that raises is
 a FAIL whose summary holds the error, and the checks after it still run, except when "loads"
 fails: nothing else can run then, and the rest are NOT_RUN saying so. Checks beyond the requested
-level are NOT_RUN too, so a report always lists all eight. The suite passes when no check of its
+level are NOT_RUN too, so a report always lists all ten. The suite passes when no check of its
 level fails.
 
 1. **loads**: load on ``profile.device_kind`` (timed), run one golden batch; every output there,
@@ -25,14 +25,29 @@ level fails.
    high and all zeros (ranges: ``_golden.edge_ranges``).
 5. **determinism**: one golden batch run twice differs by at most ``determinism_atol`` (default
    0, bit-identical, on the CPU; 1e-5 on CUDA).
-6. **performance**: windowed latency at ``serving_batch`` as the benchmark measures it; p99 <=
+6. **api_success** (the source's basic criterion): ``api_requests`` (2,000) requests through
+   the platform's serving runtime at ``api_concurrency``, cycling over every shape case of 3;
+   success is a 200 whose every output matches the engine run directly on that request (the
+   parity tolerance of its precision; INT8 by row cosine); the success rate >= 99.9%.
+7. **performance**: windowed latency at ``serving_batch`` as the benchmark measures it; p99 <=
    budget, throughput >= target, peak memory <= max_memory_fraction of the device's.
-7. **serving**: the platform's serving runtime (registered by the worker through
+8. **serving**: the platform's serving runtime (registered by the worker through
    ``serving_probe``) loads the engine, lists the declared inputs in its metadata and answers one
    request with every output, within 1e-5 of the engine run directly; NOT_RUN where no runtime is
    registered (``python -m pipelines``).
-8. **scenario**: the task metric of the engine on the golden set's targets >= scenario_threshold
-   (<= for error metrics), by default the reference's value scaled by min_retention.
+9. **qps** (the source's performance criterion): ``qps_concurrency`` clients send requests of
+   ``qps_request_batch`` samples for ``qps_seconds`` through the runtime's dynamic batching;
+   the requests per second after the first 10% of the run, divided by the profile's cards (one
+   GPU; a CPU socket) >= ``min_qps_per_card`` (500), with p99 in budget, errors <=
+   ``max_error_rate`` and peak memory <= max_memory_fraction of the device's.
+10. **scenario** (the source's scenario criterion): a test-case dataset's cases (every ``must``
+   case passes, and the pass rate >= scenario_min_pass_rate, by default the reference's scaled
+   by min_retention), and/or the task metric of the engine on the golden set's targets >=
+   scenario_threshold (<= for error metrics), by default the reference's value scaled by
+   min_retention. See ``_scenario``.
+
+The report's ``criteria`` list the three headline criteria first (basic: the API success rate,
+performance: QPS per card, scenario: the test cases' pass rate), read from checks 6, 9 and 10.
 
 Measured values that are not finite (an infinite error) are recorded as the strings "inf",
 "-inf" or "nan", so the report stays valid JSON.
@@ -41,12 +56,16 @@ Measured values that are not finite (an infinite error) are recorded as the stri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pipelines.certification._golden as golden_io
-from pipelines.certification._checks import CHECK_FUNCTIONS
+from pipelines.certification import _checks as checks_
+from pipelines.certification._load_checks import check_api_success, check_qps
+from pipelines.certification._parity import check_parity
+from pipelines.certification._scenario import check_scenario
 from pipelines.certification._state import CheckRecord, NotRun, SuiteState, find_reference
 from pipelines.certification.profiles import RUNTIME_FOR_FORMAT, HardwareProfile
 from pipelines.certification.report import (
@@ -57,13 +76,27 @@ from pipelines.certification.report import (
     CheckVerdict,
     Level,
     SuiteReport,
+    criteria_of,
 )
 from pipelines.certification.settings import CertifySettings
 from pipelines.core import Artifact, Cancelled, PipelineContext, PipelineError, ProgressFn
 from pipelines.engines import input_specs as engine_input_specs
 from pipelines.onnx_io import first_error_line
 
-__all__ = ["describe_file", "find_reference", "run_suite"]
+__all__ = ["CHECK_FUNCTIONS", "describe_file", "find_reference", "run_suite"]
+
+CHECK_FUNCTIONS: dict[CheckId, Callable[[SuiteState, CheckRecord], str]] = {
+    CheckId.LOADS: checks_.check_loads,
+    CheckId.PARITY: check_parity,
+    CheckId.SHAPES: checks_.check_shapes,
+    CheckId.FINITE: checks_.check_finite,
+    CheckId.DETERMINISM: checks_.check_determinism,
+    CheckId.API_SUCCESS: check_api_success,
+    CheckId.PERFORMANCE: checks_.check_performance,
+    CheckId.SERVING: checks_.check_serving,
+    CheckId.QPS: check_qps,
+    CheckId.SCENARIO: check_scenario,
+}
 
 
 def describe_file(artifact: Artifact) -> dict[str, Any]:
@@ -156,7 +189,7 @@ def run_suite(
     profiles = golden_io.tensorrt_profiles(engine_artifact)
     dim_sizes = golden_io.dynamic_dims(specs, settings.dynamic_dims, profiles)
     golden = golden_io.load_golden(ctx, settings, specs, golden_io.middle(dim_sizes))
-    if level == Level.SCENARIO and golden.targets is None:
+    if level == Level.SCENARIO and golden.targets is None and not settings.test_cases_dataset_id:
         raise PipelineError(
             f"golden dataset {settings.golden_dataset_id} has no target (a label, target or y "
             "column, or the target set on the dataset): the scenario level judges the engine's "
@@ -185,6 +218,7 @@ def run_suite(
             checks.append(_not_run(check_id, "not run: the engine did not load and run"))
             continue
         progress(index / len(CHECKS), CHECKS[check_id])
+        s.progress = lambda f, m, i=index: progress((i + f) / len(CHECKS), m)
         checks.append(_run_check(check_id, s))
     if s.engine is not None:
         engine_info["backend"] = s.engine.backend
@@ -202,6 +236,7 @@ def run_suite(
         reference=reference_info,
         golden=golden.record,
         thresholds=s.thresholds,
+        criteria=criteria_of(checks),
         checks=checks,
         started_at=started_at,
         finished_at=_now(),

@@ -20,6 +20,11 @@ Three formats are accepted (JSON Lines of numbers or of text), decided by the fi
   one kind a file, recognised by the first row's keys; stored as format ``jsonl`` with
   ``schema["text_kind"]`` (see :mod:`.text_corpus`). They fit language models only, and tensor
   datasets fit tensor models only (:func:`check_fits`).
+* **Test-case JSON Lines** (``.jsonl``), for tensor models: one case a line,
+  ``{"name", "input" | "inputs", "expected", "check", ...}`` (no ``prompt``), stored as format
+  ``jsonl`` with ``schema["test_cases"]`` (see :mod:`.tensor_cases`). They are one suite for the
+  certification's scenario level (:mod:`pipelines.certification.test_cases`): no stage reads
+  their rows.
 * **npz** (``.npz``, what ``numpy.savez`` writes): a zip of ``.npy`` arrays that share their first
   dim (the rows). Only numeric and boolean arrays: object arrays need pickle, which runs code, so
   they are refused (read with ``allow_pickle=False`` only, their headers checked first).

@@ -3,8 +3,10 @@
 :func:`inspect_dataset` runs in the web process on an upload: the format is decided by the
 content (the name only words refusals), and anything it cannot read is refused with a
 :class:`~pipelines.formats.RejectedUpload` saying what to upload instead. A JSON Lines file whose
-first row holds text (:func:`pipelines.datasets.text_corpus.is_text_jsonl`) is a text dataset for
-language models, checked by :mod:`pipelines.datasets.text_rows`; any other is rows of numbers.
+first row holds text (:func:`pipelines.datasets.text_rows.is_text_row`) is a text dataset for
+language models, checked by :mod:`pipelines.datasets.text_rows`; one whose first row is a tensor
+model's test case (:func:`~pipelines.datasets.text_rows.is_tensor_case_row`) is a test-case
+dataset, checked by :mod:`pipelines.datasets.tensor_cases`; any other is rows of numbers.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from pipelines.datasets.columns import (
     refuse,
 )
 from pipelines.datasets.npz import inspect_npz
+from pipelines.datasets.tensor_cases import inspect_test_cases
 from pipelines.datasets.text import inspect_csv, read_jsonl
-from pipelines.datasets.text_corpus import inspect_text_jsonl, is_text_jsonl
+from pipelines.datasets.text_rows import (
+    first_row,
+    inspect_text_jsonl,
+    is_tensor_case_row,
+    is_text_row,
+)
 
 _OTHER_FORMATS = (
     (b"\x93NUMPY", "a single NumPy array (.npy); save the arrays with numpy.savez as an .npz"),
@@ -80,7 +88,13 @@ def inspect_dataset(
         )
 
     first = _first_text_char(path)
-    if first == "{" and is_text_jsonl(path):
+    row = first_row(path) if first == "{" else None
+    if is_tensor_case_row(row):
+        # A tensor model's test cases: one suite for the certification, no columns, no target.
+        rows, cases = inspect_test_cases(path, max_bytes)
+        details = {"bytes": size, "default_target": None}
+        return DatasetInfo("jsonl", rows, {"test_cases": cases}, details)
+    if is_text_row(row):
         # Strings for a language model (text_corpus), not numbers: no columns, no target.
         _, rows, schema = inspect_text_jsonl(path)
         return DatasetInfo("jsonl", rows, schema, {"bytes": size, "default_target": None})

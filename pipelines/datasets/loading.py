@@ -10,7 +10,7 @@ import numpy as np
 
 from pipelines.core import DatasetRef, PipelineError, TensorSpec
 from pipelines.datasets.columns import MAX_DATASET_BYTES, SPLITS, Column, SplitData
-from pipelines.datasets.mapping import check_format, plan_inputs
+from pipelines.datasets.mapping import check_format, check_not_test_cases, plan_inputs
 from pipelines.datasets.npz import inspect_npz
 from pipelines.datasets.splits import split_fractions, split_indices
 from pipelines.datasets.text import bounded_lines, read_jsonl
@@ -95,6 +95,7 @@ def load_split(ref: DatasetRef, split: str, input_specs: list[TensorSpec]) -> Sp
     if split not in SPLITS:
         raise PipelineError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     check_format(ref)
+    check_not_test_cases(ref)
     fractions, seed = split_fractions(ref)
     path = Path(ref.path)
     if not path.is_file():

@@ -69,7 +69,20 @@ def check_format(ref: DatasetRef) -> None:
         )
 
 
-def _resolve_dims(
+def check_not_test_cases(ref: DatasetRef) -> None:
+    """Refuse a tensor test-case dataset (``schema["test_cases"]``) where rows are read.
+
+    Its cases are one suite for the certification's scenario level
+    (:mod:`pipelines.certification.test_cases`), not rows to train, calibrate or score on.
+    """
+    if (ref.schema or {}).get("test_cases"):
+        raise PipelineError(
+            f"dataset {ref.id} holds test cases for the certification's scenario level, not "
+            "rows: training, calibration and evaluation read CSV, numeric JSON Lines or npz"
+        )
+
+
+def resolve_dims(
     spec: TensorSpec, n_values: int, source_shape: tuple[int, ...], has: str
 ) -> tuple[int, ...]:
     """The non-batch dims of ``spec`` for rows of ``n_values`` values, or a PipelineError.
@@ -131,7 +144,7 @@ def plan_inputs(ref: DatasetRef, columns: list[Column], specs: list[TensorSpec])
             f"dataset {ref.id} {what} {column.name!r} has {_values(column.size)} per row "
             f"(shape {_fmt_shape(column.shape)})"
         )
-        return InputPlan(spec, [column.name], _resolve_dims(spec, column.size, column.shape, has))
+        return InputPlan(spec, [column.name], resolve_dims(spec, column.size, column.shape, has))
 
     if len(specs) > 1:
         missing = [s.name for s in specs if s.name not in by_name or s.name == target]
@@ -170,7 +183,7 @@ def plan_inputs(ref: DatasetRef, columns: list[Column], specs: list[TensorSpec])
             f"{shorten(', '.join(c.name for c in features), 120)})"
         )
     source_shape = features[0].shape if len(features) == 1 else (n_values,)
-    row_shape = _resolve_dims(spec, n_values, source_shape, has)
+    row_shape = resolve_dims(spec, n_values, source_shape, has)
     return Plan(target, [InputPlan(spec, [c.name for c in features], row_shape)])
 
 
@@ -181,6 +194,7 @@ def check_compatible(ref: DatasetRef, input_specs: list[TensorSpec]) -> None:
     PipelineError as :func:`load_split` would; a ref without a stored schema is not checked.
     """
     check_format(ref)
+    check_not_test_cases(ref)
     split_fractions(ref)
     columns = columns_from_schema(ref)
     if columns is None:

@@ -137,7 +137,7 @@ def _json_constant(name: str) -> float:
     raise ValueError(f"{name} is not a finite number")
 
 
-def _value_shape(value: Any, depth: int = 0) -> tuple[tuple[int, ...], bool]:
+def value_shape(value: Any, depth: int = 0) -> tuple[tuple[int, ...], bool]:
     """The shape of a number or nested list of numbers, and whether every number is an int.
 
     Raises ValueError (with a short reason) for anything else: ragged lists, strings, bools, null.
@@ -155,7 +155,7 @@ def _value_shape(value: Any, depth: int = 0) -> tuple[tuple[int, ...], bool]:
             raise ValueError(f"lists are nested more than {MAX_RANK} deep")
         if not value:
             raise ValueError("an empty list")
-        shapes = [_value_shape(item, depth + 1) for item in value]
+        shapes = [value_shape(item, depth + 1) for item in value]
         first = shapes[0][0]
         if any(s != first for s, _ in shapes):
             raise ValueError("a ragged list (its items have different lengths)")
@@ -210,7 +210,7 @@ def read_jsonl(path: Path, keep_values: bool) -> tuple[list[Column], int, dict[s
                 )
             for key in keys:
                 try:
-                    shape, whole = _value_shape(obj[key])
+                    shape, whole = value_shape(obj[key])
                 except (ValueError, RecursionError) as exc:
                     raise refuse(
                         f"line {lineno}, key {key!r}: {exc}; values must be numbers or nested "

@@ -34,11 +34,11 @@ from pipelines.datasets.text_rows import (
     TEXT_KINDS,
     TestCase,
     compiled_pattern,
+    first_row,
     inspect_text_jsonl,
     is_text_row,
     kind_of_keys,
     parse_text_jsonl,
-    text_lines,
 )
 from pipelines.formats.errors import RejectedUpload
 
@@ -64,36 +64,26 @@ __all__ = [
 ]
 
 
-def _first_row(path: Path) -> Any:
-    """The first non-blank line of a JSON Lines file, parsed (None if it is not JSON)."""
-    for _, line in text_lines(path):
-        if line.strip():
-            try:
-                return json.loads(line)
-            except (ValueError, RecursionError):
-                return None
-    return None
-
-
 def is_text_jsonl(path: Path) -> bool:
     """Whether a JSON Lines file is meant as a text dataset, judged by its first row."""
-    return is_text_row(_first_row(path))
+    return is_text_row(first_row(path))
 
 
 def text_kind(ref: DatasetRef) -> str | None:
     """The kind of a text dataset (one of TEXT_KINDS), None for a tensor dataset.
 
     From ``ref.schema["text_kind"]`` as recorded at upload; a ref without a schema is sniffed
-    from its file's first row (a tensor schema, with columns or arrays, is never read).
+    from its file's first row (a tensor schema, with columns, arrays or tensor test cases, is
+    never read).
     """
     schema = ref.schema or {}
     kind = schema.get("text_kind")
     if kind in TEXT_KINDS:
         return str(kind)
-    if ref.format != "jsonl" or schema.get("columns") or schema.get("arrays"):
+    if ref.format != "jsonl" or any(schema.get(k) for k in ("columns", "arrays", "test_cases")):
         return None
     try:
-        obj = _first_row(Path(ref.path))
+        obj = first_row(Path(ref.path))
     except (OSError, RejectedUpload):
         return None
     return kind_of_keys(set(obj)) if is_text_row(obj) else None
@@ -250,6 +240,11 @@ def check_fits(ref: DatasetRef, model_format: str, input_specs: list) -> None:
 
     kind = text_kind(ref)
     if is_text_format(model_format):
+        if (ref.schema or {}).get("test_cases"):
+            raise PipelineError(
+                f"dataset {ref.id} holds a tensor model's test cases (numbers in, numbers out); "
+                "a language model reads a text JSON Lines dataset, its test cases with a prompt"
+            )
         if kind is None:
             raise PipelineError(
                 f"dataset {ref.id} holds numbers ({ref.format}); a language model reads a text "

@@ -89,13 +89,26 @@ def kind_of_keys(keys: set[str] | frozenset[str]) -> str | None:
     return None
 
 
+def is_tensor_case_row(obj: Any) -> bool:
+    """Whether a parsed first JSON Lines row is a tensor model's test case
+    (:mod:`pipelines.datasets.tensor_cases`) rather than a language model's.
+
+    It has ``expected`` and ``check`` but no ``prompt``, and a ``name`` or model inputs
+    (``input``/``inputs``), which no text row has.
+    """
+    if not isinstance(obj, dict) or "prompt" in obj or not {"expected", "check"} <= obj.keys():
+        return False
+    return bool({"name", "input", "inputs"} & obj.keys())
+
+
 def is_text_row(obj: Any) -> bool:
     """Whether a parsed first JSON Lines row is meant as text (rather than numbers).
 
     It is when it has a key a text kind uses, or when every value is a string: a row of numbers
-    with one string label stays with the tensor reader, whose refusal says to encode labels.
+    with one string label stays with the tensor reader, whose refusal says to encode labels. A
+    tensor model's test case (:func:`is_tensor_case_row`) is not text.
     """
-    if not isinstance(obj, dict) or not obj:
+    if not isinstance(obj, dict) or not obj or is_tensor_case_row(obj):
         return False
     return bool(_TEXT_KEYS & set(obj)) or all(isinstance(v, str) for v in obj.values())
 
@@ -279,8 +292,33 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
+def first_row(path: Path) -> Any:
+    """The first non-blank line of a JSON Lines file, parsed (None if it is not JSON)."""
+    for _, line in text_lines(path):
+        if line.strip():
+            try:
+                return json.loads(line)
+            except (ValueError, RecursionError):
+                return None
+    return None
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def json_objects(path: Path, no_constants: Any = _no_constants) -> Iterator[tuple[int, Any]]:
+    """Every non-blank line of a JSON Lines file, parsed, with its line number; RejectedUpload
+    naming the line that is not JSON. NaN and Infinity go through ``no_constants`` (refused)."""
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line, parse_constant=no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise refuse(
+                f"line {lineno} is not valid JSON: {shorten(str(exc), 120)}", "invalid_jsonl"
+            ) from None
 
 
 @dataclass
@@ -333,15 +371,7 @@ def parse_text_jsonl(path: Path, keep_rows: bool) -> ParsedText:
     first_line = 0
     parsed = ParsedText("", [], 0, [], 0, 0, Counter(), Counter())
     names: dict[str, int] = {}
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as exc:
-            raise refuse(
-                f"line {lineno} is not valid JSON: {shorten(str(exc), 120)}", "invalid_jsonl"
-            ) from None
+    for lineno, obj in json_objects(path):
         if not isinstance(obj, dict):
             raise refuse(
                 f"line {lineno} is {_json_type(obj)}, not an object; {_KIND_HELP}",

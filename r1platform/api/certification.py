@@ -1,5 +1,5 @@
-"""Hardware profiles and certifications: ``/api/v1/profiles``, ``/api/v1/certifications`` and
-``/api/v1/versions/{id}/certified``."""
+"""Hardware profiles and certifications: ``/api/v1/profiles``, ``/api/v1/certifications`` (and
+``/everywhere``) and ``/api/v1/versions/{id}/certified``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ class CertificationIn(Schema):
     )
     golden_dataset_id: int | None = None
     idempotency_key: str | None = None
+
+
+class EverywhereIn(Schema):
+    version_id: int
+    level: str = Field("basic", description="basic, performance or scenario.")
+    thresholds: dict[str, Any] | None = Field(
+        None, description="Over the defaults; the certify stage's settings schema lists them."
+    )
+    golden_dataset_id: int | None = None
 
 
 class MeasurementOut(Schema):
@@ -145,6 +154,16 @@ class CertificationOut(Schema):
         }
 
 
+class SkippedOut(Schema):
+    profile: str = Field(description="The live profile's key.")
+    reason: str = Field(description="Why no certification was launched on it.")
+
+
+class EverywhereOut(Schema):
+    certifications: list[CertificationOut]
+    skipped: list[SkippedOut]
+
+
 class CertifiedOut(Schema):
     certified: bool
     certification_id: int | None
@@ -199,6 +218,34 @@ def create_certification(request: HttpRequest, payload: CertificationIn, respons
     if cert.job is not None and jobs.waits_for_broker(cert.job):
         return unsent(cert.job, response)
     return Status(201 if created else 200, cert)
+
+
+@router.post("/certifications/everywhere", response={201: EverywhereOut, **Errors})
+def certify_everywhere(request: HttpRequest, payload: EverywhereIn):
+    """Queue the suite on a version on every live profile whose runtime can run its format.
+
+    Each profile is launched as by POST /certifications; the live profiles that cannot run it, or
+    whose launch was refused, are in ``skipped`` with why. 400 when none could be launched. A job
+    the broker cannot take now is stored and sent once the broker is back.
+    """
+    version = get_scoped_or_404(
+        ModelVersion.objects.all(), [team_id(request)], pk=payload.version_id
+    )
+    try:
+        launched, skipped = certification.launch_everywhere(
+            version,
+            payload.level,
+            request.user,
+            golden_dataset_id=payload.golden_dataset_id,
+            thresholds=payload.thresholds,
+        )
+    except jobs.LaunchRefused as exc:
+        return Status(400, {"detail": str(exc)})
+    body = {
+        "certifications": launched,
+        "skipped": [{"profile": key, "reason": reason} for key, reason in skipped],
+    }
+    return Status(201, body)
 
 
 @router.get("/certifications", response=list[CertificationOut])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.certification.report import CheckResult, Level
+from pipelines.certification.report import CheckResult, Criterion, Level
 
 SCHEMA_ID = "r1platform.certificate/1"
 
@@ -116,6 +116,14 @@ class CertificateDocument(_Doc):
     profile: ProfileRef
     suite_version: str
     thresholds: dict[str, Any] = Field(description="Every threshold in force, defaults filled.")
+    criteria: list[Criterion] = Field(
+        default_factory=list,
+        description=(
+            "The source's three criteria first: basic (API call success rate), performance "
+            "(QPS per card), scenario (industry test cases), each measured value against its "
+            "threshold; empty for suites before 2.0.0."
+        ),
+    )
     checks: list[CheckResult]
     golden: dict[str, Any] = Field(description="Where the golden inputs came from.")
     golden_dataset: DatasetRef | None

@@ -5,25 +5,14 @@ import uuid
 
 from django import forms
 
-from pipelines.certification.profiles import compatibility_problem
 from pipelines.certification.report import Level
 from pipelines.certification.settings import CertifySettings
-from r1platform.certification.services import THRESHOLDS
+from r1platform.certification.services import THRESHOLDS, runnable_profiles
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import dataset_label
 from r1platform.registry.models import ModelVersion
-from r1platform.workers.services import live_profiles
 
 LEVEL_HELP = "basic: checks 1–5 · performance: + budget and serving contract · scenario: + scenario"
-
-
-def certifiable_profiles(version: ModelVersion) -> list:
-    """Live profiles an engine of this version's format (and compile details) can run on."""
-    return [
-        p
-        for p in live_profiles().order_by("backend", "device_kind", "device_name")
-        if compatibility_problem(p.as_pipeline(), version.format, version.details) is None
-    ]
 
 
 def threshold_help() -> list[dict]:
@@ -40,10 +29,9 @@ def threshold_help() -> list[dict]:
     ]
 
 
-class CertifyForm(forms.Form):
-    """Where and how hard to certify one version. The service does every deeper check."""
+class SuiteForm(forms.Form):
+    """How hard to certify one version, and on which golden set; the service checks the rest."""
 
-    profile = forms.ChoiceField(help_text="A live worker's hardware profile this format runs on.")
     level = forms.ChoiceField(
         choices=[(lv.value, lv.value) for lv in Level], initial=Level.BASIC, help_text=LEVEL_HELP
     )
@@ -57,26 +45,46 @@ class CertifyForm(forms.Form):
             "scenario needs). None: seeded random inputs of the declared shapes."
         ),
     )
-    thresholds = forms.CharField(
-        required=False,
-        label="Thresholds (JSON)",
-        help_text='Over the defaults, e.g. {"p99_budget_ms": 50, "min_throughput": 200}.',
-        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "mono"}),
-    )
-    # A fresh key per rendered form: a double click posts the same key, so one certification.
+    # A fresh key per rendered form: a double click posts the same key, so nothing twice.
     idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
 
     def __init__(self, *args, version: ModelVersion, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.version = version
-        self.profiles = certifiable_profiles(version)
-        self.fields["profile"].choices = [(p.key, p.label) for p in self.profiles]
+        # The live profiles this version's format (and compile details) can run on.
+        self.profiles = runnable_profiles(version)[0]
         datasets = Dataset.objects.filter(team_id=version.team_id).order_by("name", "-version")
         self.fields["golden_dataset"].choices = [("", "— none —")] + [
             (d.pk, dataset_label(d) + ("" if d.target else ", no target")) for d in datasets
         ]
         if not self.is_bound:
             self.initial["idempotency_key"] = uuid.uuid4().hex
+
+
+class CertifyEverywhereForm(SuiteForm):
+    """Certify on every live profile that runs the version (the profiles are not chosen)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # Its own ids: it sits beside the Certify form, whose fields have the same names.
+        kwargs.setdefault("auto_id", "everywhere_%s")
+        super().__init__(*args, **kwargs)
+
+
+class CertifyForm(SuiteForm):
+    """Where and how hard to certify one version. The service does every deeper check."""
+
+    field_order = ["profile", "level", "golden_dataset", "thresholds", "idempotency_key"]
+    profile = forms.ChoiceField(help_text="A live worker's hardware profile this format runs on.")
+    thresholds = forms.CharField(
+        required=False,
+        label="Thresholds (JSON)",
+        help_text='Over the defaults, e.g. {"p99_budget_ms": 50, "min_throughput": 200}.',
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "mono"}),
+    )
+
+    def __init__(self, *args, version: ModelVersion, **kwargs) -> None:
+        super().__init__(*args, version=version, **kwargs)
+        self.fields["profile"].choices = [(p.key, p.label) for p in self.profiles]
 
     def clean_thresholds(self) -> dict | None:
         raw = (self.cleaned_data.get("thresholds") or "").strip()

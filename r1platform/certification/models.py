@@ -79,3 +79,36 @@ class Certification(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("certification:detail", args=[self.pk])
+
+
+class CriteriaPolicy(models.Model):
+    """A team's certification criteria where they differ from the source's (99.9% API success,
+    500 QPS per card). A certification's own thresholds still override them; the success rate
+    can only be raised (CertifySettings refuses less than 0.999)."""
+
+    team = models.OneToOneField(Team, on_delete=models.CASCADE, related_name="criteria_policy")
+    min_success_rate = models.FloatField(
+        null=True, blank=True, help_text="API success rate a certificate needs (0.999 to 1)"
+    )
+    min_qps_per_card = models.FloatField(
+        null=True, blank=True, help_text="QPS per card a performance certificate needs"
+    )
+
+    def __str__(self) -> str:
+        found = [
+            f"{label} {value:g}"
+            for label, value in (
+                ("success rate", self.min_success_rate),
+                ("QPS per card", self.min_qps_per_card),
+            )
+            if value is not None
+        ]
+        return f"{self.team}: {', '.join(found) or 'the source criteria'}"
+
+    def thresholds(self) -> dict[str, float]:
+        """The certify thresholds this policy sets."""
+        found = {
+            "min_success_rate": self.min_success_rate,
+            "min_qps_per_card": self.min_qps_per_card,
+        }
+        return {name: value for name, value in found.items() if value is not None}

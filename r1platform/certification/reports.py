@@ -99,9 +99,61 @@ def _thresholds(doc: dict) -> list[tuple[str, str]]:
     used = (doc.get("golden") or {}).get("rows")
     if used is None:
         return pairs
-    return [
-        (k, f"{show(used)} used (at most {v})" if k == "golden_rows" else v) for k, v in pairs
-    ]
+    return [(k, f"{show(used)} used (at most {v})" if k == "golden_rows" else v) for k, v in pairs]
+
+
+def _criteria(doc: dict) -> list[dict]:
+    """The source's three criteria, each as "value comparison threshold" with its verdict."""
+    rows = []
+    for c in doc.get("criteria") or []:
+        measured = _measurement({**c, "name": c["title"]})
+        rows.append(
+            {
+                **measured,
+                "level": c["level"],
+                "verdict": c["verdict"],
+                "verdict_text": VERDICT_TEXT.get(c["verdict"], c["verdict"]),
+                "summary": c.get("summary", ""),
+            }
+        )
+    return rows
+
+
+def _load_details(checks: list[dict]) -> list[dict]:
+    """The load checks' failures by cause and latency distribution, for the report."""
+    found = []
+    for c in checks:
+        details = c.get("details") or {}
+        if c["id"] not in (CheckId.API_SUCCESS, CheckId.QPS) or "latency" not in details:
+            continue
+        failures = details.get("failures") or {}
+        found.append(
+            {
+                "title": c.get("title") or CHECKS[CheckId(c["id"])],
+                "latency": [
+                    (k.removesuffix("_ms"), show(v)) for k, v in details["latency"].items()
+                ],
+                "by_cause": list((failures.get("by_cause") or {}).items()),
+                "first": failures.get("first") or [],
+            }
+        )
+    return found
+
+
+def _test_cases(checks: list[dict]) -> dict | None:
+    """The scenario's test cases: counts by tag and every failed case with what came back."""
+    scenario = next((c for c in checks if c["id"] == CheckId.SCENARIO), None)
+    found = ((scenario or {}).get("details") or {}).get("test_cases")
+    if not found:
+        return None
+    return {
+        "cases": found.get("cases", 0),
+        "by_tag": [(tag, f"{n[0]}/{n[1]}") for tag, n in (found.get("by_tag") or {}).items()],
+        "failed": [
+            {**case, "got": ", ".join(f"{k} {show(v)}" for k, v in case.get("got", {}).items())}
+            for case in found.get("failed", [])
+        ],
+    }
 
 
 def _histograms(checks: list[dict]) -> Any:
@@ -120,6 +172,9 @@ def report_context(cert: Certification, *, live: bool = False) -> dict:
         "doc": doc,
         "live": live,
         "headline": HEADLINE.get(cert.status, cert.status),
+        "criteria": _criteria(doc),
+        "load": _load_details(doc["checks"]),
+        "test_cases": _test_cases(doc["checks"]),
         "checks": checks,
         "counts": {VERDICT_TEXT[v]: n for v, n in counts.items() if n},
         "missing": [CHECKS[c] for c in expected if c.value not in {x["id"] for x in checks}],

@@ -7,8 +7,9 @@ Every refusal happens before anything is queued. The report a worker hands back 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from django.db import transaction
 from django.utils import timezone
@@ -28,7 +29,7 @@ from r1platform.certification.document import (
     ValidityRef,
     VersionRef,
 )
-from r1platform.certification.models import Certification, CertStatus
+from r1platform.certification.models import Certification, CertStatus, CriteriaPolicy
 from r1platform.core import storage
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job, JobStatus
@@ -36,7 +37,7 @@ from r1platform.jobs.services import LaunchRefused, launch_job
 from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion
 from r1platform.workers.models import HardwareProfile
-from r1platform.workers.services import serving_problem
+from r1platform.workers.services import live_profiles, serving_problem
 
 CERTIFY_STAGE = "certify"
 # Settings launch_certification takes as arguments of their own; every other one is a threshold.
@@ -56,6 +57,14 @@ class Validity:
     valid: bool
     reasons: list[str]
     state: State
+
+
+class Everywhere(NamedTuple):
+    """What ``launch_everywhere`` did: the certifications queued, and each live profile skipped
+    with the reason, as (profile key, reason)."""
+
+    launched: list[Certification]
+    skipped: list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,9 @@ def launch_or_get_certification(
     CertificationRefused (or launch_job's LaunchRefused / IdempotencyConflict) with a message a
     user can act on; then no job and no certification exist.
     """
-    settings = _certify_settings(profile_key, level, thresholds, golden_dataset_id)
+    settings = _certify_settings(
+        profile_key, level, thresholds, golden_dataset_id, _policy_thresholds(version.team_id)
+    )
     profile = _served_profile(profile_key)
     problem = compatibility_problem(profile.as_pipeline(), version.format, version.details)
     if problem is not None:
@@ -117,10 +128,91 @@ def launch_or_get_certification(
     return cert, created
 
 
+def runnable_profiles(version: ModelVersion) -> tuple[list[HardwareProfile], list[tuple[str, str]]]:
+    """The live profiles whose runtime can run the version's format (and compile details), and
+    the other live profiles with why not, as (profile key, reason)."""
+    runnable, skipped = [], []
+    for profile in live_profiles().order_by("backend", "device_kind", "device_name", "key"):
+        problem = compatibility_problem(profile.as_pipeline(), version.format, version.details)
+        if problem is None:
+            runnable.append(profile)
+        else:
+            skipped.append((profile.key, problem))
+    return runnable, skipped
+
+
+def launch_everywhere(
+    version: ModelVersion,
+    level: str,
+    launched_by: object,
+    golden_dataset_id: int | None = None,
+    thresholds: dict | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> Everywhere:
+    """Queue the suite on ``version`` on every live profile that can run it, at one level.
+
+    Each profile is launched by ``launch_or_get_certification``, with its refusals and its own
+    transaction, so a refused profile is skipped with its reason and the others still launch.
+    With an idempotency key each profile gets a key derived from it: the same request again
+    gives back the same certifications. Raises CertificationRefused when nothing was launched.
+    """
+    runnable, skipped = runnable_profiles(version)
+    if not runnable:
+        served = ", ".join(key for key, _ in skipped) or "none"
+        raise CertificationRefused(
+            f"no live worker serves a profile that runs {version} ({version.format}); profiles "
+            f"served now: {served}. Start a worker on that hardware."
+        )
+    # What every profile shares is checked once, so a bad threshold is one refusal, not N skips.
+    _certify_settings(runnable[0].key, level, thresholds, golden_dataset_id)
+    _golden_dataset(version, golden_dataset_id, level)
+    launched, refusals = [], []
+    for profile in runnable:
+        try:
+            cert = launch_certification(
+                version=version,
+                profile_key=profile.key,
+                level=level,
+                user=launched_by,
+                thresholds=thresholds,
+                golden_dataset_id=golden_dataset_id,
+                idempotency_key=_profile_idempotency_key(idempotency_key, profile.key),
+            )
+        except LaunchRefused as exc:
+            refusals.append((profile.key, str(exc)))
+        else:
+            launched.append(cert)
+    if not launched:
+        reasons = dict.fromkeys(reason for _, reason in refusals)  # one refusal often hits all
+        raise CertificationRefused(
+            f"no certification of {version} could be launched: {'; '.join(reasons)}"
+        )
+    return Everywhere(launched, sorted(skipped + refusals))
+
+
+def _profile_idempotency_key(key: str | None, profile_key: str) -> str | None:
+    if not key:
+        return None
+    return hashlib.sha256(f"{key}\n{profile_key}".encode()).hexdigest()
+
+
+def _policy_thresholds(team_id: int) -> dict[str, float]:
+    """The team's certification criteria (none without a policy)."""
+    policy = CriteriaPolicy.objects.filter(team_id=team_id).first()
+    return policy.thresholds() if policy is not None else {}
+
+
 def _certify_settings(
-    profile_key: str, level: str, thresholds: dict | None, golden_dataset_id: int | None
+    profile_key: str,
+    level: str,
+    thresholds: dict | None,
+    golden_dataset_id: int | None,
+    team_defaults: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The certify stage's settings as asked, checked by CertifySettings; refused with a reason."""
+    """The certify stage's settings as asked, checked by CertifySettings; refused with a reason.
+
+    ``team_defaults`` (the team policy's criteria) fill what ``thresholds`` leaves unset."""
     if thresholds is not None and not isinstance(thresholds, dict):
         raise CertificationRefused('thresholds must be a JSON object, e.g. {"p99_budget_ms": 50}')
     thresholds = dict(thresholds or {})
@@ -134,7 +226,12 @@ def _certify_settings(
         raise CertificationRefused(
             f"unknown threshold {', '.join(map(repr, unknown))}; known: {', '.join(THRESHOLDS)}"
         )
-    settings: dict[str, Any] = {"profile": profile_key, "level": level, **thresholds}
+    settings: dict[str, Any] = {
+        "profile": profile_key,
+        "level": level,
+        **(team_defaults or {}),
+        **thresholds,
+    }
     if golden_dataset_id is not None:
         settings["golden_dataset_id"] = golden_dataset_id
     try:
@@ -313,6 +410,7 @@ def certificate_document(cert: Certification) -> dict[str, Any]:
         ),
         suite_version=cert.suite_version or (report.suite_version if report else ""),
         thresholds=report.thresholds if report else dict(cert.settings),
+        criteria=report.criteria if report else [],
         checks=report.checks if report else [],
         golden=report.golden if report else {},
         golden_dataset=(

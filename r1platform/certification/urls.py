@@ -14,5 +14,10 @@ urlpatterns = [
     path("<int:pk>/report.pdf", views.report_download, {"kind": "pdf"}, name="report_pdf"),
     path("<int:pk>/report.json", views.report_download, {"kind": "json"}, name="report_json"),
     path("versions/<int:pk>/certify/", views.certify, name="certify"),
+    path(
+        "versions/<int:pk>/certify-everywhere/",
+        views.certify_everywhere,
+        name="certify_everywhere",
+    ),
     path("models/<int:pk>/", views.model_matrix, name="matrix"),
 ]

@@ -13,10 +13,15 @@ from django.views.decorators.vary import vary_on_headers
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from r1platform.accounts.scoping import get_scoped_or_404, scoped, teams_for
-from r1platform.certification.forms import CertifyForm, threshold_help
+from r1platform.certification.forms import CertifyEverywhereForm, CertifyForm, threshold_help
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.certification.reports import report_context, stored_report
-from r1platform.certification.services import LAUNCH_SETTINGS, launch_certification
+from r1platform.certification.services import (
+    LAUNCH_SETTINGS,
+    Everywhere,
+    launch_certification,
+    launch_everywhere,
+)
 from r1platform.certification.tables import compatibility_matrix, rows
 from r1platform.jobs.services import LaunchRefused
 from r1platform.registry.models import ModelVersion, RegisteredModel
@@ -25,6 +30,11 @@ PAGE_SIZE = 25
 DETAIL = "certification/detail.html"
 CERTIFY = "certification/certify.html"
 RECERTIFY_STATES = ("invalid", "failed", "error")
+
+
+def _get_version_for_user(request, pk: int) -> ModelVersion:
+    qs = ModelVersion.objects.select_related("model", "team")
+    return get_scoped_or_404(qs, teams_for(request.user), pk=pk)
 
 
 def _get_cert_for_user(request, pk: int) -> Certification:
@@ -84,8 +94,7 @@ def report_download(request, pk: int, kind: str):
 
 @login_required
 def certify(request, pk: int):
-    qs = ModelVersion.objects.select_related("model", "team")
-    version = get_scoped_or_404(qs, teams_for(request.user), pk=pk)
+    version = _get_version_for_user(request, pk)
     template_name = CERTIFY + ("#certify-form" if _wants_partial(request) else "")
     form = CertifyForm(request.POST if request.method == "POST" else None, version=version)
     if request.method == "POST":
@@ -112,6 +121,45 @@ def certify(request, pk: int):
         return render(request, template_name, context, status=400)
     context = {"form": form, "version": version, "threshold_help": threshold_help()}
     return render(request, template_name, context)
+
+
+@login_required
+@require_POST
+def certify_everywhere(request, pk: int):
+    version = _get_version_for_user(request, pk)
+    form = CertifyEverywhereForm(request.POST, version=version)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            done = launch_everywhere(
+                version,
+                data["level"],
+                request.user,
+                golden_dataset_id=data["golden_dataset"],
+                idempotency_key=data["idempotency_key"],
+            )
+        except LaunchRefused as exc:
+            refusal = str(exc)
+        else:
+            messages.success(request, _everywhere_message(version, done))
+            # The matrix shows a pending cell per launched certification, filled as jobs end.
+            return redirect("certification:matrix", version.model_id)
+    else:
+        refusal = "; ".join(
+            f"{k}: {e[0]['message']}" for k, e in form.errors.get_json_data().items()
+        )
+    messages.error(request, f"Could not certify {version} on every profile: {refusal}")
+    return redirect(version.get_absolute_url() + "#certifications")
+
+
+def _everywhere_message(version: ModelVersion, done: Everywhere) -> str:
+    count = len(done.launched)
+    profiles = ", ".join(cert.profile.key for cert in done.launched)
+    message = f"Queued {count} certification{'s' if count > 1 else ''} of {version} on: {profiles}."
+    if done.skipped:
+        skipped = "; ".join(f"{key} ({reason})" for key, reason in done.skipped)
+        message += f" Skipped: {skipped}."
+    return message
 
 
 @login_required

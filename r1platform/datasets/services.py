@@ -97,6 +97,11 @@ def upload_dataset(
 def _check_target(schema: dict, target: str) -> None:
     if not target:
         return
+    if schema.get("test_cases"):
+        raise DatasetRefused(
+            f"target {target!r} given, but this is a test-case dataset: each case holds its "
+            "expected output; leave the target blank"
+        )
     if schema.get("text_kind"):
         raise DatasetRefused(
             f"target {target!r} given, but this is a text dataset ({schema['text_kind']}): "

@@ -21,6 +21,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from pipelines.certification.profiles import compatibility_problem
+from pipelines.certification.test_cases import check_dataset_fits
 from pipelines.core import DatasetRef, PipelineError, StageConfigError
 from pipelines.datasets import check_fits
 from pipelines.stages import default_pipeline, validate_pipeline
@@ -35,6 +36,9 @@ from r1platform.registry.models import ModelVersion
 from r1platform.registry.services import input_specs
 from r1platform.workers.models import HardwareProfile
 from r1platform.workers.services import lost_workers, serving_problem
+
+# The certify setting that names a test-case dataset.
+TEST_CASES_SETTING = "test_cases_dataset_id"
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +102,22 @@ def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
     """Every dataset the settings name exists in the version's team and fits the model's input."""
     ids = dataset_ids_in(stages)
     found = {d.pk: d for d in Dataset.objects.filter(team_id=version.team_id, pk__in=ids)}
+    # Test cases are judged case by case (the certification's scenario), not read as rows.
+    case_ids = {
+        int(value)
+        for stage in stages
+        for key, value in (stage.get("settings") or {}).items()
+        if key == TEST_CASES_SETTING and value is not None
+    }
     for dataset_id in ids:
         dataset = found.get(dataset_id)
         if dataset is None:
             raise LaunchRefused(f"dataset {dataset_id} does not exist in this team")
         try:
-            check_fits(dataset_ref(dataset), version.format, input_specs(version))
+            if dataset_id in case_ids:
+                check_dataset_fits(dataset_ref(dataset), input_specs(version))
+            else:
+                check_fits(dataset_ref(dataset), version.format, input_specs(version))
         except PipelineError as exc:
             raise LaunchRefused(str(exc)) from None
 

@@ -18,5 +18,9 @@ GPU_MEMORY_FRACTION: float = float(_CERTIFY["max_memory_fraction"].default)
 # Failed answers (5xx and models that failed to load) over all requests. The certification suite
 # has no error-rate default (it fails on any wrong answer), so the platform sets it here: 0.1%.
 SERVING_ERROR_RATIO: float = 0.001
+# Answers in a row over a model's latency budget (the serving process's
+# r1_serving_consecutive_slow_requests) that fire an alert at once: the certification source's
+# monitoring rule, which a p99 over minutes would only see later.
+SLOW_STREAK: int = 5
 # A queue whose depth keeps growing this long is not being drained.
 QUEUE_GROWING_FOR: str = "10m"

@@ -215,6 +215,7 @@ class _Api:
             if spec is not None:
                 elapsed = time.perf_counter() - started
                 self.metrics.latency.labels(label).observe(elapsed)
+                self.metrics.slow_streaks.observe(label, status, elapsed)
                 self.stats.observe(spec, status, elapsed)
 
     # -- pieces ------------------------------------------------------------------------------------

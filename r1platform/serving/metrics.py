@@ -5,6 +5,10 @@ that are not served are counted under ``model=""``, so a caller cannot grow the 
 
 ``/metrics`` names teams and models, so it wants a bearer token: ``R1_METRICS_TOKEN`` (what
 Prometheus sends) sees every series; a team's API token sees only its own models' series.
+
+``r1_serving_consecutive_slow_requests`` is the one series Prometheus cannot derive from a
+histogram: how many answers in a row, per model, took longer than the latency budget (the alert
+``ServingConsecutiveSlowRequests`` fires at five).
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import hmac
 from collections.abc import Collection, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from pipelines.certification.settings import CertifySettings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Deployments carry no latency budget of their own, so every model is held to the certification
+# suite's default p99 budget (500 ms), the number the p99 alert fires at too.
+LATENCY_BUDGET_SECONDS: float = float(CertifySettings.model_fields["p99_budget_ms"].default) / 1000
 
 
 class ServingMetrics:
@@ -57,6 +66,8 @@ class ServingMetrics:
         self.models_ready = Gauge(
             "r1_serving_models_ready", "Models loaded and answering", registry=self.registry
         )
+        self.slow_streaks = SlowStreaks()
+        self.registry.register(self.slow_streaks)
 
     def exposition(self, teams: Collection[str] | None = None) -> bytes:
         """Every series, or (``teams`` given, as slugs) only those of these teams' models."""
@@ -64,6 +75,44 @@ class ServingMetrics:
             return generate_latest(self.registry)
         prefixes = tuple(f"{team}/" for team in teams)
         return generate_latest(_OnlyModels(self.registry, prefixes))  # type: ignore[arg-type]
+
+
+class SlowStreaks:
+    """Per model, how many answers in a row (the latest last) took longer than the budget.
+
+    Only answered requests (200) count: a 4xx or 5xx is not a sample of the model's latency (a
+    refused body is answered at once, a failure has its own error-rate alert), so it neither
+    extends nor breaks a streak. Requests count in the order they were answered.
+
+    ``observe`` runs on the serving event loop for every answer, so it is one dict write and no
+    lock; ``collect`` runs on the same loop when ``/metrics`` is read. A prometheus-client Gauge
+    would take a lock per update.
+    """
+
+    NAME = "r1_serving_consecutive_slow_requests"
+    HELP = "Answers in a row, latest last, that took longer than the model's latency budget"
+
+    def __init__(self, budget_seconds: float = LATENCY_BUDGET_SECONDS) -> None:
+        self.budget_seconds = budget_seconds
+        self._streaks: dict[str, int] = {}
+
+    def observe(self, model: str, status: int, seconds: float) -> None:
+        if status == 200:
+            slow = seconds > self.budget_seconds
+            self._streaks[model] = self._streaks.get(model, 0) + 1 if slow else 0
+
+    def forget(self, model: str) -> None:
+        """Drop a model that is no longer served, so its last streak does not alert forever."""
+        self._streaks.pop(model, None)
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["model"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["model"])
+        for model, streak in list(self._streaks.items()):
+            family.add_metric([model], streak)
+        yield family
 
 
 class _OnlyModels:

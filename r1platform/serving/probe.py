@@ -1,9 +1,11 @@
-"""The certification suite's serving-contract probe: this runtime, on loopback, one request.
+"""The certification suite's serving hooks: this runtime, on loopback.
 
-Registered with ``pipelines.certification.serving_probe`` by the worker's runner. It serves the
-engine exactly as ``manage.py serve`` would (same app, same loader, batching on), asks for its
-metadata, sends one Open Inference Protocol request of the declared inputs and returns what came
-back, for the check to compare with the engine run directly.
+Registered with ``pipelines.certification.serving_probe`` by the worker's runner. Both serve the
+engine exactly as ``manage.py serve`` would (same app, same loader, dynamic batching on).
+:func:`serving_probe` asks for its metadata, sends one Open Inference Protocol request of the
+declared inputs and returns what came back, for the serving-contract check to compare with the
+engine run directly. :func:`serving_server` keeps it served while a ``with`` block runs, for the
+API-success and QPS checks, which drive it from a client process.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import secrets
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 
-from pipelines.certification.serving_probe import ProbeResult
+from pipelines.certification.serving_probe import Endpoint, ProbeResult
 from pipelines.core import Artifact
 from r1platform.serving.app import build_app
 from r1platform.serving.protocol import datatype
@@ -36,42 +39,29 @@ _NUMPY_FOR = {
 
 
 def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarray]) -> ProbeResult:
-    token = secrets.token_urlsafe(24)
     batch = len(next(iter(feeds.values())))
-    spec = ModelSpec(
-        team_id=0,
-        team="certification",
-        name=NAME,
-        version=1,
-        artifact=artifact,
-        device=device,
-        max_batch_size=max(batch, 1),
-    )
-    app = build_app(StaticModelSource([spec], {token: 0}))
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    with serving_in_thread(app) as url:
-        base = f"{url}/v2/models/{NAME}"
-        try:
-            _wait_ready(f"{url}/v2/health/ready", headers)
-            _call(f"{base}/ready", headers)  # 503 with the reason when the engine did not load
-            metadata = _call(base, headers)
-        except RuntimeError as exc:
-            return ProbeResult(RUNTIME, ready=False, error=str(exc))
-        body = {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(array.shape),
-                    "datatype": datatype(str(array.dtype)),
-                    "data": np.asarray(array).ravel().tolist(),
-                }
-                for name, array in feeds.items()
-            ]
-        }
-        try:
-            answer = _call(f"{base}/infer", headers, json.dumps(body).encode())
-        except RuntimeError as exc:
-            return ProbeResult(RUNTIME, ready=True, error=f"the infer request failed: {exc}")
+    headers = {"Content-Type": "application/json"}
+    try:
+        with serving_server(artifact, device, max(batch, 1)) as endpoint:
+            headers.update(endpoint.headers)
+            metadata = _call(endpoint.url, headers)
+            body = {
+                "inputs": [
+                    {
+                        "name": name,
+                        "shape": list(array.shape),
+                        "datatype": datatype(str(array.dtype)),
+                        "data": np.asarray(array).ravel().tolist(),
+                    }
+                    for name, array in feeds.items()
+                ]
+            }
+            try:
+                answer = _call(f"{endpoint.url}/infer", headers, json.dumps(body).encode())
+            except RuntimeError as exc:
+                return ProbeResult(RUNTIME, ready=True, error=f"the infer request failed: {exc}")
+    except RuntimeError as exc:  # it did not start, or the engine did not load
+        return ProbeResult(RUNTIME, ready=False, error=str(exc))
     return ProbeResult(
         RUNTIME,
         ready=True,
@@ -82,6 +72,29 @@ def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarra
             for t in answer.get("outputs", [])
         },
     )
+
+
+@contextmanager
+def serving_server(artifact: Artifact, device: str, max_batch_size: int) -> Iterator[Endpoint]:
+    """Serve ``artifact`` on loopback with dynamic batching up to ``max_batch_size``; yield its
+    endpoint once the model is ready (RuntimeError with the reason when it did not load)."""
+    token = secrets.token_urlsafe(24)
+    spec = ModelSpec(
+        team_id=0,
+        team="certification",
+        name=NAME,
+        version=1,
+        artifact=artifact,
+        device=device,
+        max_batch_size=max(max_batch_size, 1),
+    )
+    app = build_app(StaticModelSource([spec], {token: 0}))
+    headers = {"Authorization": f"Bearer {token}"}
+    with serving_in_thread(app) as url:
+        base = f"{url}/v2/models/{NAME}"
+        _wait_ready(f"{url}/v2/health/ready", headers)
+        _call(f"{base}/ready", headers)
+        yield Endpoint(RUNTIME, base, headers, spec.max_batch_size)
 
 
 def _wait_ready(url: str, headers: dict[str, str]) -> None:

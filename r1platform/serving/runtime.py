@@ -276,6 +276,7 @@ class ModelRuntime:
         if current is None:
             return
         self._models = {k: m for k, m in self._models.items() if k != key}
+        self.metrics.slow_streaks.forget(current.spec.label)
         self._retire_later(current)
         self._count_ready()
 

@@ -141,9 +141,11 @@ def test_it_passes_basic_on_an_fp32_onnx_child_of_a_torchscript_parent(
     assert [c.id for c in report.checks] == list(CHECKS)  # every check, in report order
     assert verdicts(report) == {
         "loads": "pass", "parity": "pass", "shapes": "pass", "finite": "pass",
-        "determinism": "pass", "performance": "not_run", "serving": "not_run",
-        "scenario": "not_run",
+        "determinism": "pass", "api_success": "not_run", "performance": "not_run",
+        "serving": "not_run", "qps": "not_run", "scenario": "not_run",
     }  # fmt: skip
+    # pipelines alone has no serving runtime: the API success rate is said not run, with why.
+    assert "no serving runtime" in checks_of(report)["api_success"].summary
     child = Path(ctx.current_artifact.path)
     assert report.engine["sha256"] == hashlib.sha256(child.read_bytes()).hexdigest()
     assert report.engine["size_bytes"] == child.stat().st_size
@@ -182,8 +184,8 @@ def test_it_fails_finite_on_a_graph_that_outputs_nan_and_still_reports_every_che
     assert report.verdict == "failed" and len(report.checks) == len(CHECKS)
     assert verdicts(report) == {
         "loads": "pass", "parity": "not_run", "shapes": "pass", "finite": "fail",
-        "determinism": "pass", "performance": "not_run", "serving": "not_run",
-        "scenario": "not_run",
+        "determinism": "pass", "api_success": "not_run", "performance": "not_run",
+        "serving": "not_run", "qps": "not_run", "scenario": "not_run",
     }  # fmt: skip
     finite = values(checks_of(report)["finite"])
     assert finite["golden.nonfinite_values"] > 0  # log of the negative half of the golden rows

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from django import template
 
-from r1platform.certification.forms import CertifyForm, threshold_help
+from r1platform.certification.forms import CertifyEverywhereForm, CertifyForm, threshold_help
 from r1platform.certification.tables import version_certifications
 
 register = template.Library()
@@ -27,11 +27,13 @@ def when(value) -> str:
 
 @register.inclusion_tag("certification/partials/version_section.html", takes_context=True)
 def certification_section(context, version):
-    """The version page's section: its certifications per profile and the Certify form."""
+    """The version page's section: its certifications per profile, the Certify form and the
+    "Certify on every profile" form."""
     return {
         "version": version,
         "rows": version_certifications(version),
         "form": CertifyForm(version=version),
+        "everywhere_form": CertifyEverywhereForm(version=version),
         "threshold_help": threshold_help(),
         "csrf_token": context.get("csrf_token"),
         "request": context.get("request"),
