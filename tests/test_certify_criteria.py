@@ -311,7 +311,7 @@ def test_scenario_judges_the_test_cases_must_first_and_lists_every_failed_case(
     assert strict["criteria"][2]["verdict"] == "fail" and strict["verdict"] == "failed"
 
 
-def test_the_reports_show_the_three_criteria_first(enqueued, version, user, ort):
+def test_the_reports_show_the_three_criteria_first(enqueued, version, user, ort, api):
     from r1platform.certification.reports import render_html
     from r1platform.certification.services import certificate_document, launch_certification
     from tests.certification_data import finish
@@ -334,3 +334,38 @@ def test_the_reports_show_the_three_criteria_first(enqueued, version, user, ort)
     assert document["criteria"][1]["value"] == 812.4
     assert document["criteria"][1]["threshold"] == 500.0
     assert document["criteria"][2]["verdict"] == "not_run"
+    body = api.get(f"/api/v1/certifications/{cert.pk}").json()
+    assert [c["title"] for c in body["criteria"]] == [
+        "API call success rate", "QPS per card", "Industry test cases",
+    ]  # fmt: skip
+
+
+def test_the_api_launches_the_scenario_on_a_test_case_dataset_and_refuses_other_datasets(
+    enqueued, version, user, ort, api, tmp_path, mlp_onnx
+):
+    from r1platform.core.storage import spool_local_file
+    from r1platform.datasets.services import upload_dataset
+    from tests.certification_data import make_dataset
+
+    cases = upload_dataset(
+        team=version.team, user=user, name="fraud-cases",
+        uploaded=spool_local_file(_cases_file(tmp_path, mlp_onnx, wrong_must=False)),
+        target="", splits=None,
+    )  # fmt: skip
+    rows = make_dataset(version.team, user, tmp_path, "rows", features=16, target=False)
+
+    def post(**body):
+        payload = {"version_id": version.pk, "profile": ort.key, "level": "scenario", **body}
+        return api.post("/api/v1/certifications", payload, content_type="application/json")
+
+    from r1platform.certification.models import Certification
+
+    launched = post(test_cases_dataset_id=cases.pk)
+    assert launched.status_code == 201, launched.content
+    cert = Certification.objects.get(pk=launched.json()["id"])
+    assert cert.settings["test_cases_dataset_id"] == cases.pk
+    # A golden set without a target is fine when the test cases judge the scenario.
+    assert post(test_cases_dataset_id=cases.pk, golden_dataset_id=rows.pk).status_code == 201
+    refused = post(test_cases_dataset_id=rows.pk)
+    assert refused.status_code == 400 and "not a test-case dataset" in refused.json()["detail"]
+    assert post().status_code == 400  # the scenario needs test cases or a golden target

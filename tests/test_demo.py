@@ -5,7 +5,8 @@ from __future__ import annotations
 from django_celery_beat.models import PeriodicTask
 
 from pipelines.certification.profiles import detect_profiles
-from r1platform.core.demo import DEMO_POOL, seed_demo
+from r1platform.core.demo import DEMO_CASES, DEMO_POOL, seed_demo
+from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job
 from r1platform.schedules.models import Schedule
 from r1platform.workers.services import report_worker
@@ -24,6 +25,12 @@ def test_it_seeds_a_certifying_job_and_a_nightly_schedule_once(db, settings):
     (job,) = Job.objects.all()
     assert job.stages[-1]["name"] == "certify"
     assert job.stages[-1]["settings"]["profile"] == profiles[0].key
+    # The demo certifies at the scenario level on its seeded industry test cases.
+    cases = Dataset.objects.get(name=DEMO_CASES)
+    assert cases.schema["test_cases"]["count"] == 40
+    assert cases.schema["test_cases"]["tags"]["must"] == 10
+    assert job.stages[-1]["settings"]["level"] == "scenario"
+    assert job.stages[-1]["settings"]["test_cases_dataset_id"] == cases.pk
     (schedule,) = Schedule.objects.all()
     assert schedule.model_id == first.model_id
     assert (schedule.cron, schedule.enabled) == ("0 3 * * *", True)

@@ -51,6 +51,9 @@ class CertificationIn(Schema):
         None, description="Over the defaults; the certify stage's settings schema lists them."
     )
     golden_dataset_id: int | None = None
+    test_cases_dataset_id: int | None = Field(
+        None, description="A test-case dataset the scenario level judges (its cases, must first)."
+    )
     idempotency_key: str | None = None
 
 
@@ -61,6 +64,7 @@ class EverywhereIn(Schema):
         None, description="Over the defaults; the certify stage's settings schema lists them."
     )
     golden_dataset_id: int | None = None
+    test_cases_dataset_id: int | None = None
 
 
 class MeasurementOut(Schema):
@@ -103,6 +107,12 @@ class CertificationOut(Schema):
     thresholds: dict[str, Any]
     engine_sha256: str
     suite_version: str
+    criteria: list[dict[str, Any]] = Field(
+        description=(
+            "The source's three criteria, basic first: level, title, check, verdict, value, "
+            "threshold, comparison, unit, summary (empty until the suite ran)."
+        )
+    )
     checks: list[CheckOut]
     validity: ValidityOut
     error: str
@@ -123,6 +133,10 @@ class CertificationOut(Schema):
     @staticmethod
     def resolve_checks(cert: Certification) -> list[dict[str, Any]]:
         return (cert.report or {}).get("checks", [])
+
+    @staticmethod
+    def resolve_criteria(cert: Certification) -> list[dict[str, Any]]:
+        return (cert.report or {}).get("criteria", [])
 
     @staticmethod
     def resolve_model_id(cert: Certification) -> int:
@@ -207,7 +221,9 @@ def create_certification(request: HttpRequest, payload: CertificationIn, respons
             profile_key=payload.profile,
             level=payload.level,
             user=request.user,
-            thresholds=payload.thresholds,
+            thresholds=certification.with_test_cases(
+                payload.thresholds, payload.test_cases_dataset_id
+            ),
             golden_dataset_id=payload.golden_dataset_id,
             idempotency_key=key or None,
         )
@@ -237,7 +253,9 @@ def certify_everywhere(request: HttpRequest, payload: EverywhereIn):
             payload.level,
             request.user,
             golden_dataset_id=payload.golden_dataset_id,
-            thresholds=payload.thresholds,
+            thresholds=certification.with_test_cases(
+                payload.thresholds, payload.test_cases_dataset_id
+            ),
         )
     except jobs.LaunchRefused as exc:
         return Status(400, {"detail": str(exc)})

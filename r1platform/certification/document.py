@@ -127,6 +127,9 @@ class CertificateDocument(_Doc):
     checks: list[CheckResult]
     golden: dict[str, Any] = Field(description="Where the golden inputs came from.")
     golden_dataset: DatasetRef | None
+    test_cases_dataset: DatasetRef | None = Field(
+        None, description="The test-case dataset the scenario level judged, or null."
+    )
     reference: dict[str, Any] | None = Field(
         description="The FP32 ancestor parity was judged against."
     )

@@ -12,7 +12,10 @@ from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import dataset_label
 from r1platform.registry.models import ModelVersion
 
-LEVEL_HELP = "basic: checks 1–5 · performance: + budget and serving contract · scenario: + scenario"
+LEVEL_HELP = (
+    "basic: checks 1–5 + API success rate · performance: + budget, serving contract and QPS per "
+    "card · scenario: + test cases"
+)
 
 
 def threshold_help() -> list[dict]:
@@ -45,6 +48,13 @@ class SuiteForm(forms.Form):
             "scenario needs). None: seeded random inputs of the declared shapes."
         ),
     )
+    test_cases = forms.TypedChoiceField(
+        coerce=int,
+        empty_value=None,
+        required=False,
+        label="Test cases",
+        help_text="A test-case dataset the scenario level judges (every must case passes).",
+    )
     # A fresh key per rendered form: a double click posts the same key, so nothing twice.
     idempotency_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
 
@@ -56,6 +66,9 @@ class SuiteForm(forms.Form):
         datasets = Dataset.objects.filter(team_id=version.team_id).order_by("name", "-version")
         self.fields["golden_dataset"].choices = [("", "— none —")] + [
             (d.pk, dataset_label(d) + ("" if d.target else ", no target")) for d in datasets
+        ]
+        self.fields["test_cases"].choices = [("", "— none —")] + [
+            (d.pk, dataset_label(d)) for d in datasets if (d.schema or {}).get("test_cases")
         ]
         if not self.is_bound:
             self.initial["idempotency_key"] = uuid.uuid4().hex
@@ -73,7 +86,14 @@ class CertifyEverywhereForm(SuiteForm):
 class CertifyForm(SuiteForm):
     """Where and how hard to certify one version. The service does every deeper check."""
 
-    field_order = ["profile", "level", "golden_dataset", "thresholds", "idempotency_key"]
+    field_order = [
+        "profile",
+        "level",
+        "golden_dataset",
+        "test_cases",
+        "thresholds",
+        "idempotency_key",
+    ]
     profile = forms.ChoiceField(help_text="A live worker's hardware profile this format runs on.")
     thresholds = forms.CharField(
         required=False,

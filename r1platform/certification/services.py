@@ -42,6 +42,8 @@ from r1platform.workers.services import live_profiles, serving_problem
 CERTIFY_STAGE = "certify"
 # Settings launch_certification takes as arguments of their own; every other one is a threshold.
 LAUNCH_SETTINGS = ("profile", "level", "golden_dataset_id")
+# The threshold that names the scenario's test-case dataset (checked by launch_job).
+TEST_CASES = "test_cases_dataset_id"
 THRESHOLDS = tuple(name for name in CertifySettings.model_fields if name not in LAUNCH_SETTINGS)
 REPORT_KINDS = ("json", "html", "pdf")
 
@@ -77,6 +79,13 @@ class CertAnswer:
 # -- launch ----------------------------------------------------------------------------------------
 
 
+def with_test_cases(thresholds: dict | None, test_cases_dataset_id: int | None) -> dict | None:
+    """``thresholds`` with the scenario's test-case dataset (a form's or the API's own field)."""
+    if test_cases_dataset_id is None:
+        return thresholds
+    return {**(thresholds or {}), TEST_CASES: test_cases_dataset_id}
+
+
 def launch_certification(**launch: Any) -> Certification:
     """``launch_or_get_certification``'s certification alone."""
     return launch_or_get_certification(**launch)[0]
@@ -106,7 +115,9 @@ def launch_or_get_certification(
     problem = compatibility_problem(profile.as_pipeline(), version.format, version.details)
     if problem is not None:
         raise CertificationRefused(f"{version} cannot be certified on {profile.key}: {problem}")
-    golden = _golden_dataset(version, golden_dataset_id, settings["level"])
+    golden = _golden_dataset(
+        version, golden_dataset_id, settings["level"], settings.get(TEST_CASES) is not None
+    )
     stages = [{"name": CERTIFY_STAGE, "settings": settings}]
     # One transaction: the worker that takes the job (enqueued on commit) finds the row.
     with transaction.atomic():
@@ -166,7 +177,8 @@ def launch_everywhere(
         )
     # What every profile shares is checked once, so a bad threshold is one refusal, not N skips.
     _certify_settings(runnable[0].key, level, thresholds, golden_dataset_id)
-    _golden_dataset(version, golden_dataset_id, level)
+    has_cases = (thresholds or {}).get(TEST_CASES) is not None
+    _golden_dataset(version, golden_dataset_id, level, has_cases)
     launched, refusals = [], []
     for profile in runnable:
         try:
@@ -253,8 +265,11 @@ def _served_profile(key: str) -> HardwareProfile:
     return HardwareProfile.objects.get(key=key)
 
 
-def _golden_dataset(version: ModelVersion, dataset_id: int | None, level: str) -> Dataset | None:
-    """The team's golden dataset, with a target where the scenario needs expected outputs.
+def _golden_dataset(
+    version: ModelVersion, dataset_id: int | None, level: str, has_cases: bool = False
+) -> Dataset | None:
+    """The team's golden dataset, with a target where the scenario needs expected outputs (and
+    has no test cases to judge instead).
 
     Whether its columns fit the model's input is checked by launch_job (check_datasets).
     """
@@ -263,7 +278,7 @@ def _golden_dataset(version: ModelVersion, dataset_id: int | None, level: str) -
     dataset = Dataset.objects.filter(team_id=version.team_id, pk=dataset_id).first()
     if dataset is None:
         raise CertificationRefused(f"dataset {dataset_id} does not exist in this team")
-    if level == Level.SCENARIO and not _target_of(dataset):
+    if level == Level.SCENARIO and not has_cases and not _target_of(dataset):
         raise CertificationRefused(
             f"the scenario level judges the model on expected outputs, and {dataset} has no "
             f"target column (none named, and no {' / '.join(TARGET_NAMES)} column); upload it "
@@ -378,6 +393,18 @@ def profile_of(cert: Certification) -> dict[str, Any]:
     return cert.profile_snapshot or cert.profile.as_pipeline().to_dict()
 
 
+def _dataset_ref(dataset: Dataset | None) -> DatasetRef | None:
+    if dataset is None:
+        return None
+    return DatasetRef(
+        id=dataset.pk,
+        name=dataset.name,
+        version=dataset.version,
+        sha256=dataset.sha256,
+        target=dataset.target,
+    )
+
+
 def certificate_document(cert: Certification) -> dict[str, Any]:
     """The certificate as the versioned JSON document (docs/certificate.schema.json)."""
     version = cert.version
@@ -413,16 +440,11 @@ def certificate_document(cert: Certification) -> dict[str, Any]:
         criteria=report.criteria if report else [],
         checks=report.checks if report else [],
         golden=report.golden if report else {},
-        golden_dataset=(
-            DatasetRef(
-                id=golden.pk,
-                name=golden.name,
-                version=golden.version,
-                sha256=golden.sha256,
-                target=golden.target,
-            )
-            if golden
-            else None
+        golden_dataset=_dataset_ref(golden),
+        test_cases_dataset=_dataset_ref(
+            Dataset.objects.filter(
+                team_id=cert.team_id, pk=(cert.settings or {}).get(TEST_CASES) or 0
+            ).first()
         ),
         reference=report.reference if report else None,
         lineage=[

@@ -21,6 +21,7 @@ from r1platform.certification.services import (
     Everywhere,
     launch_certification,
     launch_everywhere,
+    with_test_cases,
 )
 from r1platform.certification.tables import compatibility_matrix, rows
 from r1platform.jobs.services import LaunchRefused
@@ -106,7 +107,7 @@ def certify(request, pk: int):
                     profile_key=data["profile"],
                     level=data["level"],
                     user=request.user,
-                    thresholds=data["thresholds"],
+                    thresholds=with_test_cases(data["thresholds"], data["test_cases"]),
                     golden_dataset_id=data["golden_dataset"],
                     idempotency_key=data["idempotency_key"],
                 )
@@ -136,6 +137,7 @@ def certify_everywhere(request, pk: int):
                 data["level"],
                 request.user,
                 golden_dataset_id=data["golden_dataset"],
+                thresholds=with_test_cases(None, data["test_cases"]),
                 idempotency_key=data["idempotency_key"],
             )
         except LaunchRefused as exc:

@@ -8,7 +8,13 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from pipelines.demo import DEMO_HIDDEN, DIGITS_INPUT, build_digits_classifier, write_digits_dataset
+from pipelines.demo import (
+    DEMO_HIDDEN,
+    DIGITS_INPUT,
+    build_digits_classifier,
+    write_digits_dataset,
+    write_digits_test_cases,
+)
 from r1platform.accounts.models import Membership, Team
 from r1platform.core.storage import spool_local_file
 from r1platform.datasets.models import Dataset
@@ -22,15 +28,20 @@ DEMO_PASSWORD = "r1-demo-password"
 DEMO_TEAM = "demo"
 DEMO_MODEL = "digits-mlp"
 DEMO_DATASET = "digits"
+DEMO_CASES = "digits-cases"
 DEMO_POOL = "cpu"
 
 
-def demo_pipeline(dataset_id: int, profile: str | None = None) -> list[dict]:
+def demo_pipeline(
+    dataset_id: int, profile: str | None = None, cases_id: int | None = None
+) -> list[dict]:
     """Fine-tune on digits, quantize to static INT8 (Q/DQ) calibrated on it, compile, measure.
 
-    With a hardware ``profile``, the compiled engine is then certified on it at the performance
-    level, with the digits validation split as the golden set.
+    With a hardware ``profile``, the compiled engine is then certified on it, with the digits
+    validation split as the golden set: at the scenario level on the demo's test cases
+    (``cases_id``), else at the performance level.
     """
+    level = {"level": "scenario", "test_cases_dataset_id": cases_id} if cases_id else {}
     certify = [
         {
             "name": "certify",
@@ -38,6 +49,7 @@ def demo_pipeline(dataset_id: int, profile: str | None = None) -> list[dict]:
                 "profile": profile,
                 "level": "performance",
                 "golden_dataset_id": dataset_id,
+                **level,
             },
         }
     ]
@@ -84,6 +96,7 @@ def seed_demo() -> ModelVersion:
                 uploaded=spool_local_file(path),
                 target="label",
             )
+    cases = _seed_demo_cases(team, user)
     existing = RegisteredModel.objects.filter(team=team, name=DEMO_MODEL).first()
     if existing is not None:
         return existing.versions.order_by("number").first()
@@ -93,12 +106,25 @@ def seed_demo() -> ModelVersion:
     launch_job(
         version=version,
         user=user,
-        stages=demo_pipeline(dataset.pk, profile),
+        stages=demo_pipeline(dataset.pk, profile, cases.pk),
         idempotency_key="demo-pipeline",
     )
     if profile is not None:
         _seed_demo_schedule(team, user, version.model, profile)
     return version
+
+
+def _seed_demo_cases(team: Team, user: object) -> Dataset:
+    """The demo's industry test cases for the digits model (the scenario level's suite)."""
+    found = Dataset.objects.filter(team=team, name=DEMO_CASES).first()
+    if found is not None:
+        return found
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits-cases.jsonl"
+        write_digits_test_cases(path)
+        return upload_dataset(
+            team=team, user=user, name=DEMO_CASES, uploaded=spool_local_file(path), target=""
+        )
 
 
 def _seed_demo_schedule(team: Team, user: object, model: RegisteredModel, profile: str) -> None:
