@@ -9,6 +9,7 @@
 | `GET /v2/models/{name}[/versions/{v}]/ready` | token | 200, or 503 with the reason |
 | `POST /v2/models/{name}[/versions/{v}]/infer` | token | outputs; 400 bad input, 500 failed |
 | `GET /metrics` | metrics token or token | Prometheus metrics (a team token: its models only) |
+| `GET /v1/models`, `POST /v1/[chat/]completions` | token | OpenAI-compatible (``openai_api``) |
 
 Model names are a team's registered model names: a token sees only its own team's models, and
 another team's model does not exist for it (404). Errors are ``{"error": "..."}``. A token works
@@ -44,6 +45,8 @@ from pipelines.core import PipelineError
 from pipelines.engines import EngineInputError
 from r1platform.serving.memory import BodyBudget, mmap_large_buffers
 from r1platform.serving.metrics import ServingMetrics, is_metrics_token
+from r1platform.serving.openai_api import OpenAIApi
+from r1platform.serving.openai_protocol import ApiError
 from r1platform.serving.protocol import (
     JSON_LENGTH_HEADER,
     ProtocolError,
@@ -176,6 +179,12 @@ class _Api:
             spec = served.spec
             label, version = spec.label, str(spec.version)
             _ready(served)
+            if served.text is not None:
+                message = (
+                    f"model {spec.name!r} is a text-generation model: call /v1/completions or "
+                    "/v1/chat/completions"
+                )
+                raise ServingError(400, message)
             async with self.bodies.hold(self._large_body_size(request)):
                 body = await self._body(request)
                 header_length = request.headers.get(JSON_LENGTH_HEADER)
@@ -250,6 +259,14 @@ class _Api:
             )
         return team
 
+    def openai_team(self, request: Request) -> int:
+        """The caller's team for the OpenAI-compatible routes (their error shape)."""
+        try:
+            return self._team(request)
+        except ServingError as exc:
+            kind = "authentication_error" if exc.status == 401 else "server_error"
+            raise ApiError(exc.status, str(exc), kind=kind) from None
+
     def _large_body_size(self, request: Request) -> int:
         """What this body takes from the budget: 0 when small, the limit when of unknown size."""
         declared = request.headers.get("content-length", "")
@@ -297,6 +314,7 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     tokens = TokenCache(options.token_max_age_seconds)
     refresher = TokenRefresher(source, tokens, every=min(options.poll_seconds, 1.0))
     api = _Api(runtime, metrics, options, tokens)
+    openai = OpenAIApi(runtime, metrics, stats, api.openai_team, options.max_body_bytes)
     models, versions = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     # Routes are matched in order: inference, the hot path, first.
     routes = [
@@ -306,6 +324,9 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
         Route(models + "/ready", api.model_ready),
         Route(versions, api.model_metadata),
         Route(versions + "/ready", api.model_ready),
+        Route("/v1/chat/completions", openai.chat, methods=["POST"]),
+        Route("/v1/completions", openai.completions, methods=["POST"]),
+        Route("/v1/models", openai.models),
         Route("/v2", api.server_metadata),
         Route("/v2/health/live", api.live),
         Route("/v2/health/ready", api.ready),

@@ -23,6 +23,8 @@ from pipelines.certification.settings import CertifySettings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Deployments carry no latency budget of their own, so every model is held to the certification
 # suite's default p99 budget (500 ms), the number the p99 alert fires at too.
 LATENCY_BUDGET_SECONDS: float = float(CertifySettings.model_fields["p99_budget_ms"].default) / 1000
@@ -66,6 +68,7 @@ class ServingMetrics:
         self.models_ready = Gauge(
             "r1_serving_models_ready", "Models loaded and answering", registry=self.registry
         )
+        self.text = TextMetrics(self.registry)
         self.slow_streaks = SlowStreaks()
         self.registry.register(self.slow_streaks)
 
@@ -75,6 +78,57 @@ class ServingMetrics:
             return generate_latest(self.registry)
         prefixes = tuple(f"{team}/" for team in teams)
         return generate_latest(_OnlyModels(self.registry, prefixes))  # type: ignore[arg-type]
+
+
+class TextMetrics:
+    """Language-model answers (the OpenAI-compatible routes), per model and version: what users
+    of a streaming API watch. Requests by status are counted in ``r1_serving_requests``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.ttft = Histogram(
+            "r1_serving_time_to_first_token_seconds",
+            "Time from reading a generation request to its first output token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "r1_serving_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request",
+            labels,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            "r1_serving_generation_seconds",
+            "Time from reading a generation request to its last token",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "r1_serving_prompt_tokens",
+            "Prompt tokens of generation requests",
+            labels,
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "r1_serving_generated_tokens", "Tokens generated", labels, registry=registry
+        )
+        self.decode_failures = Counter(
+            "r1_serving_decode_failures",
+            "Generation requests that ended in an engine error or produced invalid UTF-8",
+            labels,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "r1_serving_decode_batch_size",
+            "Requests in the engine's batch when an output token was delivered",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
 
 
 class SlowStreaks:

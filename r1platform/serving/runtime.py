@@ -7,6 +7,11 @@ swapped in on the event loop in one step: requests that arrive after it go to th
 those already queued finish on the old one, which is then drained and released. No request is
 refused during a swap.
 
+A language model (a text format, ``pipelines.llm``) is served by a
+:class:`~pipelines.llm.serving_engine.ServingEngine` instead of an engine and a batcher: its
+requests are decoded together by the engine itself. On a swap its streams in flight finish on the
+engine they started on, which is closed once they have all ended.
+
 A model that fails to load (a missing or altered file, one its runtime cannot read) is not
 ready: its endpoints answer 503 with the reason, and the failure is counted. The others are not
 touched. When a new version fails to load, the version already serving keeps serving; the
@@ -24,6 +29,8 @@ from pathlib import Path
 
 from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
 from pipelines.engines import Engine, load_engine
+from pipelines.llm.kinds import is_text_format
+from pipelines.llm.serving_engine import ServingEngine
 from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
 from r1platform.core.storage import sha256_file
 from r1platform.serving.batcher import DynamicBatcher
@@ -37,18 +44,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServedModel:
-    """One model of the pool: loaded and batching, or not ready with the reason."""
+    """One model of the pool: loaded and batching (a tensor model's engine and batcher, or a
+    language model's ``text`` engine), or not ready with the reason."""
 
     spec: ModelSpec
     engine: Engine | None = None
     batcher: DynamicBatcher | None = None
+    text: ServingEngine | None = None
     error: str = ""
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        return self.batcher is not None or self.text is not None
+
+    @property
+    def is_text(self) -> bool:
+        return is_text_format(self.spec.artifact.format)
 
     @property
     def batchable(self) -> bool:
@@ -94,10 +107,13 @@ def batch_range(engine_range: tuple[int, int] | None, max_batch_size: int) -> tu
 def check_file(spec: ModelSpec) -> Path:
     """The model's file, or PipelineError when it is missing or not the one registered."""
     path = Path(spec.artifact.path)
-    if not path.is_file():
+    if not path.is_file() and not (is_text_format(spec.artifact.format) and path.is_dir()):
         raise PipelineError(f"its file {path} is missing")
-    # An archive version (ONNX with external data) runs unpacked; its sha256 is the archive's.
+    # An archive version (ONNX with external data, a model folder) runs unpacked; its sha256 is
+    # the archive's.
     stored = Path(spec.artifact.meta.get("stored_file") or path)
+    if spec.sha256 and not stored.is_file():
+        raise PipelineError(f"its stored file {stored} is missing")
     if spec.sha256 and sha256_file(stored)[0] != spec.sha256:
         raise PipelineError(
             f"its file {path.name} no longer matches the sha256 it was registered with; "
@@ -133,6 +149,9 @@ def load_model(spec: ModelSpec) -> ServedModel:
     narrowed to the pool's ``max_batch_size`` (a dynamic batch dim has none of its own).
     """
     check_file(spec)
+    if is_text_format(spec.artifact.format):
+        text = ServingEngine(spec.artifact, max_requests=spec.max_batch_size)
+        return ServedModel(spec=spec, text=text)
     engine = load_engine(spec.artifact, spec.device, spec.cache_root)
     engine.batch_range = batch_range(engine.batch_range, spec.max_batch_size)
     inputs, outputs = tensor_specs(spec.artifact)
@@ -244,11 +263,11 @@ class ModelRuntime:
     async def _install(self, served: ServedModel) -> None:
         key = served.spec.key
         current = self._models.get(key)
-        if served.engine is None:
+        if not served.ready and served.engine is None:
             if current is not None and current.ready:
                 current.error = served.error  # the version serving now goes on serving
                 return
-        else:
+        elif served.engine is not None:
             spec = served.spec
             assert served.engine.batch_range is not None
             served.batcher = DynamicBatcher(
@@ -288,8 +307,11 @@ class ModelRuntime:
     async def _retire(self, served: ServedModel) -> None:
         if served.batcher is not None:
             await served.batcher.drain()
+        if served.text is not None:
+            await served.text.drain()  # streams in flight finish on the version they started on
+            await asyncio.to_thread(served.text.close)
         # Dropping the last references releases the engine (its session and memory).
-        served.batcher, served.engine = None, None
+        served.batcher, served.engine, served.text = None, None, None
 
     def _count_ready(self) -> None:
         self.metrics.models_ready.set(sum(m.ready for m in self._models.values()))

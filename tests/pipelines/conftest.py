@@ -25,10 +25,12 @@ from pipelines.onnx_io import read_tensor_specs
 def no_serving_runtime():
     """pipelines on its own, as ``python -m pipelines`` runs it: no serving runtime registered
     (importing the platform's worker runner registers one for the whole process)."""
-    before = serving_probe.registered()
+    before = serving_probe.registered(), serving_probe.registered_server()
     serving_probe.register(None)
+    serving_probe.register_server(None)
     yield
-    serving_probe.register(before)
+    serving_probe.register(before[0])
+    serving_probe.register_server(before[1])
 
 
 HIDDEN = 256  # big enough that int8 weights dominate the file size, small enough to be instant
