@@ -199,6 +199,9 @@ R1_WORKER_LOST_SECONDS = env_int("R1_WORKER_LOST_SECONDS", 60, minimum=2)
 # A serving process writes each model's traffic, errors and latency (a ServingWindow row) this
 # often, for the model page's charts.
 R1_SERVING_STATS_SECONDS = env_int("R1_SERVING_STATS_SECONDS", 60, minimum=1)
+# Tokens of KV cache a served language model holds at most (all its requests in flight
+# together); requests beyond it wait for room. 65,536 tokens of Gemma 3 270M are about 2.3 GB.
+R1_LLM_KV_CACHE_TOKENS = env_int("R1_LLM_KV_CACHE_TOKENS", 65536, minimum=1024)
 # The beat process runs the reaper: the stale running jobs of lost workers are re-queued. A tick
 # not taken within a minute is dropped (the next one does the same work).
 CELERY_BEAT_SCHEDULE = {

@@ -195,7 +195,8 @@ class ServingEngine:
     """A checkpoint decoded by transformers' continuous batching, for a serving process.
 
     ``max_requests``: requests decoded together at most (the pool's ``max_batch_size``); the
-    KV cache holds that many requests at full context length, or ``kv_cache_tokens`` tokens.
+    KV cache holds that many requests at full context length, capped at ``kv_cache_tokens``
+    tokens (never less than one request at full context); requests beyond it wait for room.
     """
 
     def __init__(
@@ -221,8 +222,8 @@ class ServingEngine:
         self.max_requests = max(1, max_requests)
         pages = math.ceil(self.context_length / PAGE_SIZE)
         blocks = self.max_requests * pages
-        if kv_cache_tokens:
-            blocks = max(pages, math.ceil(kv_cache_tokens / PAGE_SIZE))
+        if kv_cache_tokens:  # a cap: at least one request at full context
+            blocks = max(pages, min(blocks, math.ceil(kv_cache_tokens / PAGE_SIZE)))
         # temperature and top_p here only make the manager build its per-request processors:
         # every request passes its own values (SamplingParams.engine_kwargs).
         generation = GenerationConfig(

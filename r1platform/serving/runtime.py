@@ -27,6 +27,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from django.conf import settings
+
 from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
 from pipelines.engines import Engine, load_engine
 from pipelines.llm.kinds import is_text_format
@@ -150,7 +152,11 @@ def load_model(spec: ModelSpec) -> ServedModel:
     """
     check_file(spec)
     if is_text_format(spec.artifact.format):
-        text = ServingEngine(spec.artifact, max_requests=spec.max_batch_size)
+        text = ServingEngine(
+            spec.artifact,
+            max_requests=spec.max_batch_size,
+            kv_cache_tokens=settings.R1_LLM_KV_CACHE_TOKENS,
+        )
         return ServedModel(spec=spec, text=text)
     engine = load_engine(spec.artifact, spec.device, spec.cache_root)
     engine.batch_range = batch_range(engine.batch_range, spec.max_batch_size)
