@@ -47,6 +47,9 @@ PAGE_SIZE = 32
 # this is not an unfinished character but invalid UTF-8.
 MAX_CHAR_TOKENS = 4
 REPLACEMENT = "\ufffd"
+# KV-cache tokens an engine holds at most for all its requests together (about 2.3 GB for
+# Gemma 3 270M); a long-context model would otherwise reserve a full context per request.
+DEFAULT_KV_CACHE_TOKENS = 65536
 
 
 class DecodeFailure(PipelineError):
@@ -205,7 +208,7 @@ class ServingEngine:
         *,
         max_requests: int = 32,
         threads: int | None = None,
-        kv_cache_tokens: int | None = None,
+        kv_cache_tokens: int | None = DEFAULT_KV_CACHE_TOKENS,
     ) -> None:
         if artifact.format != ModelFormat.HF_CHECKPOINT.value:
             raise PipelineError(
