@@ -35,14 +35,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LoadPlan", "Outcome", "build_bodies", "main", "run_plan"]
+from pipelines.certification._numerics import (
+    Tolerance,
+    abs_error,
+    normalised_statistic,
+    row_cosine,
+)
 
-_NUMPY_FOR = {
+__all__ = ["NUMPY_FOR", "LoadPlan", "Outcome", "build_bodies", "main", "run_plan"]
+
+# The Open Inference Protocol's datatypes and the numpy dtypes that carry them.
+NUMPY_FOR = {
     "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
     "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
     "FP32": "float32", "FP64": "float64",
 }  # fmt: skip
-_DATATYPE_FOR = {numpy: name for name, numpy in _NUMPY_FOR.items()}
+_DATATYPE_FOR = {numpy: name for name, numpy in NUMPY_FOR.items()}
 REQUEST_TIMEOUT_S = 60.0
 
 
@@ -99,22 +107,18 @@ def build_bodies(npz: Any, count: int) -> list[tuple[bytes, dict[str, np.ndarray
 
 
 def _statistic(got: np.ndarray, want: np.ndarray, rule: list[Any]) -> float:
-    from pipelines.certification._numerics import Tolerance, abs_error, normalised_statistic
-
     tolerance = Tolerance(float(rule[0]), float(rule[1]), str(rule[2]))
     return normalised_statistic(abs_error(got, want), want, tolerance)
 
 
 def _verify(answer: dict[str, Any], expected: dict[str, np.ndarray], plan: LoadPlan) -> str:
     """The cause of a mismatch, or "" when every expected output came back within the rule."""
-    from pipelines.certification._numerics import row_cosine
-
     got = {t.get("name"): t for t in answer.get("outputs", [])}
     for name, want in expected.items():
         tensor = got.get(name)
         if tensor is None:
             return f"output {name} missing"
-        dtype = _NUMPY_FOR.get(str(tensor.get("datatype")))
+        dtype = NUMPY_FOR.get(str(tensor.get("datatype")))
         try:
             value = np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
         except (KeyError, TypeError, ValueError) as exc:

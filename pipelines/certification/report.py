@@ -176,36 +176,26 @@ class SuiteReport(_Model):
 
 
 def criteria_of(checks: list[CheckResult]) -> list[Criterion]:
-    """The headline criteria, read from the checks that measure them."""
+    """The headline criteria, read from the checks that measure them (a criterion above the
+    certification's level, whose check is absent, is NOT_RUN saying so)."""
     by_id = {check.id: check for check in checks}
     found = []
     for level, (title, check_id, name) in CRITERIA.items():
         check = by_id.get(check_id)
         if check is None:
-            found.append(
-                Criterion(
-                    level=level,
-                    title=title,
-                    check=check_id,
-                    verdict=CheckVerdict.NOT_RUN,
-                    summary=f"not part of this certification's level ({level.value} measures it)",
-                )
-            )
+            summary = f"not part of this certification's level ({level.value} measures it)"
+            found.append(Criterion(level=level, title=title, check=check_id,
+                                   verdict=CheckVerdict.NOT_RUN, summary=summary))  # fmt: skip
             continue
-        measured = next((m for m in check.measurements if m.name == name), None)
-        if measured is None:  # e.g. a scenario judged on the task metric alone
-            measured = next((m for m in check.measurements if m.comparison), None)
-        found.append(
-            Criterion(
-                level=level,
-                title=title,
-                check=check_id,
-                verdict=check.verdict,
-                value=measured.value if measured else None,
-                threshold=measured.threshold if measured else None,
-                comparison=measured.comparison if measured else "",
-                unit=measured.unit if measured else "",
-                summary=check.summary,
-            )
+        # Its own measurement, else (a scenario judged on the task metric alone) the first judged.
+        measured = next((m for m in check.measurements if m.name == name), None) or next(
+            (m for m in check.measurements if m.comparison), None
         )
+        values = (
+            {"value": measured.value, "threshold": measured.threshold,
+             "comparison": measured.comparison, "unit": measured.unit}
+            if measured else {}
+        )  # fmt: skip
+        found.append(Criterion(level=level, title=title, check=check_id, verdict=check.verdict,
+                               summary=check.summary, **values))  # fmt: skip
     return found

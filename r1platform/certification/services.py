@@ -33,7 +33,7 @@ from r1platform.certification.models import Certification, CertStatus, CriteriaP
 from r1platform.core import storage
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.models import Job, JobStatus
-from r1platform.jobs.services import LaunchRefused, launch_job
+from r1platform.jobs.services import TEST_CASES_SETTING, LaunchRefused, launch_job
 from r1platform.registry import services as registry
 from r1platform.registry.models import ModelVersion
 from r1platform.workers.models import HardwareProfile
@@ -43,7 +43,7 @@ CERTIFY_STAGE = "certify"
 # Settings launch_certification takes as arguments of their own; every other one is a threshold.
 LAUNCH_SETTINGS = ("profile", "level", "golden_dataset_id")
 # The threshold that names the scenario's test-case dataset (checked by launch_job).
-TEST_CASES = "test_cases_dataset_id"
+TEST_CASES = TEST_CASES_SETTING
 THRESHOLDS = tuple(name for name in CertifySettings.model_fields if name not in LAUNCH_SETTINGS)
 REPORT_KINDS = ("json", "html", "pdf")
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from pipelines.certification.load_client import NUMPY_FOR
 from pipelines.certification.serving_probe import Endpoint, ProbeResult
 from pipelines.core import Artifact
 from r1platform.serving.app import build_app
@@ -30,12 +31,6 @@ from r1platform.serving.source import ModelSpec, StaticModelSource
 RUNTIME = "r1platform serving (Open Inference Protocol v2)"
 NAME = "certification-probe"
 READY_TIMEOUT = 120.0
-
-_NUMPY_FOR = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
-    "FP32": "float32", "FP64": "float64",
-}  # fmt: skip
 
 
 def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarray]) -> ProbeResult:
@@ -68,7 +63,7 @@ def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarra
         metadata_inputs=[t["name"] for t in metadata.get("inputs", [])],
         metadata_outputs=[t["name"] for t in metadata.get("outputs", [])],
         outputs={
-            t["name"]: np.asarray(t["data"], dtype=_NUMPY_FOR[t["datatype"]]).reshape(t["shape"])
+            t["name"]: np.asarray(t["data"], dtype=NUMPY_FOR[t["datatype"]]).reshape(t["shape"])
             for t in answer.get("outputs", [])
         },
     )
