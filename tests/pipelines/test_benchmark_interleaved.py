@@ -42,8 +42,10 @@ def test_it_times_targets_in_round_robin_windows_rotating_the_order() -> None:
 def test_rounds_go_on_until_every_target_agrees() -> None:
     calls = itertools.count()
 
-    def slowing() -> None:  # each call slower than the one before: its windows never agree
-        time.sleep(0.0002 * (1 + next(calls)))
+    def slowing() -> None:  # each call 30% slower than the one before: its windows never agree
+        # Geometric, from 2 ms (one call a sample): three windows apart the p50 differs by far
+        # more than a busy machine's sleep overshoot, which made a linear ramp's windows agree.
+        time.sleep(min(0.002 * 1.3 ** next(calls), 0.5))
 
     stats = measure_interleaved(
         {"steady": lambda: time.sleep(0.001), "slowing": slowing},
