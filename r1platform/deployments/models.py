@@ -25,6 +25,18 @@ class ServingPool(models.Model):
     # Dynamic batching: a request waits at most this long for others to fill a batch.
     max_queue_delay_ms = models.FloatField(default=5.0)
     max_batch_size = models.PositiveIntegerField(default=32)
+    # Where the dashboard reaches the pool's serving process (the playground), e.g.
+    # http://127.0.0.1:8100; empty: the dashboard does not reach it.
+    url = models.URLField(blank=True, default="")
+    # What decodes a language model here: the serving process's own engine (ONNX Runtime GenAI or
+    # transformers on the CPU), or an engine server it starts, supervises and proxies to.
+    text_engine = models.CharField(
+        max_length=16,
+        choices=[("builtin", "built in"), ("vllm", "vLLM"), ("trtllm", "TensorRT-LLM")],
+        default="builtin",
+    )
+    # Engine servers per language-model deployment behind the serving process (vllm, trtllm).
+    engine_replicas = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
