@@ -340,7 +340,7 @@ def _eos_ids(config: Any, tokenizer: Any, folder: Path) -> set[int]:
 class _OrtGenaiTextModel(TextModel):
     backend = "onnxruntime-genai"
 
-    def __init__(self, artifact: Artifact, threads: int) -> None:
+    def __init__(self, artifact: Artifact, threads: int, engine_batch: int | None = None) -> None:
         _set_passive_openmp()
         import numpy as np
         import onnxruntime_genai as og
@@ -353,6 +353,9 @@ class _OrtGenaiTextModel(TextModel):
         # The folder's own genai_config.json is never written: the overlay is in memory.
         options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        if engine_batch:  # requests og.Engine decodes together (its CPU batches are static)
+            batching = {"static_batching": {"max_batch_size": int(engine_batch)}}
+            config.overlay(json.dumps({"engine": batching}))
         config.clear_providers()  # the CPU: the platform builds ONNX Runtime GenAI models for it
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
@@ -457,11 +460,17 @@ def _leading_bos(folder: Path) -> int | None:
 
 
 def open_text_model(
-    artifact: Artifact, *, threads: int | None = None, base: Artifact | None = None
+    artifact: Artifact,
+    *,
+    threads: int | None = None,
+    base: Artifact | None = None,
+    engine_batch: int | None = None,
 ) -> TextModel:
     """``artifact`` loaded to run on the CPU with ``threads`` intra-op threads (None: the
     platform's default, see :func:`_thread_count`). A ``lora_adapter`` needs ``base``, the
-    ``hf_checkpoint`` it was trained on. PipelineError when it cannot be loaded."""
+    ``hf_checkpoint`` it was trained on. ``engine_batch``: for an ONNX Runtime GenAI folder
+    served by ``og.Engine``, the requests it batches together. PipelineError when it cannot be
+    loaded."""
     fmt = artifact.format
     if fmt not in RUNNABLE_FORMATS:
         hint = " (convert it to a checkpoint first)" if fmt == ModelFormat.GGUF.value else ""
@@ -482,7 +491,7 @@ def open_text_model(
     n = _thread_count(threads)
     try:
         if fmt == ModelFormat.ORT_GENAI.value:
-            return _OrtGenaiTextModel(artifact, n)
+            return _OrtGenaiTextModel(artifact, n, engine_batch)
         return _TorchTextModel(artifact, n, base)
     except PipelineError:
         raise

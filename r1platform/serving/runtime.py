@@ -32,7 +32,7 @@ from django.conf import settings
 from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
 from pipelines.engines import Engine, load_engine
 from pipelines.llm.kinds import is_text_format
-from pipelines.llm.serving_engine import ServingEngine
+from pipelines.llm.serving_engine import ServingEngine, open_serving_engine
 from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
 from r1platform.core.storage import sha256_file
 from r1platform.serving.batcher import DynamicBatcher
@@ -152,10 +152,11 @@ def load_model(spec: ModelSpec) -> ServedModel:
     """
     check_file(spec)
     if is_text_format(spec.artifact.format):
-        text = ServingEngine(
+        text = open_serving_engine(
             spec.artifact,
             max_requests=spec.max_batch_size,
             kv_cache_tokens=settings.R1_LLM_KV_CACHE_TOKENS,
+            gather_s=spec.max_queue_delay_ms / 1000,
         )
         return ServedModel(spec=spec, text=text)
     engine = load_engine(spec.artifact, spec.device, spec.cache_root)
