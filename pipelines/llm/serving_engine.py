@@ -307,6 +307,11 @@ class ServingEngine:
         """Requests submitted and not finished or cancelled."""
         return len(self._requests)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine no longer decodes (its loop died), or None while it is healthy."""
+        return None
+
     def batch_size(self) -> int:
         """Requests in the engine's current batch."""
         raise NotImplementedError

@@ -137,6 +137,10 @@ class OrtGenaiServingEngine(ServingEngine):
     def _cancel(self, request: TextRequest) -> None:
         self._commands.put(("cancel", request.request_id))
 
+    @property
+    def failure(self) -> str | None:
+        return None if self._closed else self._dead
+
     def batch_size(self) -> int:
         """Requests in the engine's batch at its last step (read from another thread)."""
         return self._batch

@@ -148,6 +148,12 @@ class TransformersServingEngine(ServingEngine):
         with router._lock:
             router.result_handlers.pop(request.request_id, None)
 
+    @property
+    def failure(self) -> str | None:
+        if self._closed or self.manager is None or self.manager.is_running():
+            return None
+        return "transformers' batching loop stopped (an error in a decoding step)"
+
     def batch_size(self) -> int:
         """Requests in the engine's current batch (read from another thread: a dict's size)."""
         manager = self.manager

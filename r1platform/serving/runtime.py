@@ -10,7 +10,8 @@ refused during a swap.
 A language model (a text format, ``pipelines.llm``) is served by a
 :class:`~pipelines.llm.serving_engine.ServingEngine` instead of an engine and a batcher: its
 requests are decoded together by the engine itself. On a swap its streams in flight finish on the
-engine they started on, which is closed once they have all ended.
+engine they started on, which is closed once they have all ended. An engine whose decoding loop
+died (an error in a step: a NaN the sampler rejects) is loaded again by the poller.
 
 A model that fails to load (a missing or altered file, one its runtime cannot read) is not
 ready: its endpoints answer 503 with the reason, and the failure is counted. The others are not
@@ -24,6 +25,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +171,10 @@ def load_model(spec: ModelSpec) -> ServedModel:
     return served
 
 
+# A language model's engine that failed is loaded again at most this often.
+ENGINE_RESTART_SECONDS = 10.0
+
+
 class ModelRuntime:
     """What the HTTP app asks: which models serve, and in which state (tokens: ``tokens``)."""
 
@@ -189,6 +195,7 @@ class ModelRuntime:
         # Read by the event loop, replaced whole by the loop.
         self._models: dict[tuple[int, str], ServedModel] = {}
         self._attempted: dict[tuple[int, str], tuple[object, ...]] = {}
+        self._restarted: dict[tuple[int, str], float] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -250,6 +257,23 @@ class ModelRuntime:
         for key in set(self._models) - set(specs):
             self._attempted.pop(key, None)
             self._on_loop(self._remove(key))
+        self._restart_failed_engines(specs)
+
+    def _restart_failed_engines(self, specs: dict[tuple[int, str], ModelSpec]) -> None:
+        """A language model whose engine's loop died (an error in a decoding step) is loaded
+        again, at most once per ``ENGINE_RESTART_SECONDS``; its requests meanwhile fail fast."""
+        now = time.monotonic()
+        for key, served in list(self._models.items()):
+            failure = served.text.failure if served.text is not None else None
+            if failure is None or key not in specs or self._stop.is_set():
+                continue
+            if now - self._restarted.get(key, -ENGINE_RESTART_SECONDS) < ENGINE_RESTART_SECONDS:
+                continue
+            self._restarted[key] = now
+            label = served.spec.label
+            log.error("serving: %s: engine failed (%s); loading it again", label, failure)
+            self.metrics.load_failures.labels(served.spec.label).inc()
+            self._on_loop(self._install(self._load(specs[key])))
 
     def _load(self, spec: ModelSpec) -> ServedModel:
         log.info("serving: loading %s v%s (revision %s)", spec.label, spec.version, spec.revision)
