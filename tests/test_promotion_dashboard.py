@@ -315,12 +315,16 @@ def test_the_admin_edits_pools_and_policies(admin_client, ort, team):
             "description": "",
             "max_queue_delay_ms": 2.5,
             "max_batch_size": 16,
+            "url": "http://127.0.0.1:8100",
+            "text_engine": "builtin",
+            "engine_replicas": 1,
             "created_at_0": "2026-11-22",
             "created_at_1": "08:00:00",
         },
     )
     assert response.status_code == 302, response.content.decode()[:2000]
-    assert ServingPool.objects.get(name="cpu-z").max_batch_size == 16
+    pool = ServingPool.objects.get(name="cpu-z")
+    assert (pool.max_batch_size, pool.url) == (16, "http://127.0.0.1:8100")
 
     response = admin_client.post(
         reverse("admin:deployments_promotionpolicy_add"),
