@@ -119,6 +119,14 @@ def test_a_checkpoint_is_fine_tuned_merged_quantized_evaluated_and_benchmarked(
     loaded = Path(version_artifact(int8, "check").path)
     assert (loaded / "genai_config.json").is_file()
 
+    # Served, the adapter runs over the checkpoint it was trained on, found through its lineage.
+    from r1platform.serving.deployments_source import adapter_base
+
+    base = adapter_base(adapter)
+    assert base is not None and base.format == "hf_checkpoint"
+    assert (Path(base.path) / "config.json").is_file()
+    assert adapter_base(int8) is None and adapter_base(merged) is None
+
     # The pages speak of a language model's rows: concurrency and output tokens/s.
     page = member_client.get(int8.get_absolute_url()).content.decode()
     assert "Output tokens/s" in page and "Concurrency" in page

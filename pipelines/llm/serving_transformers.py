@@ -13,6 +13,9 @@ between two steps. The engine is transformers'; this module only adapts it:
   The manager samples (``do_sample``) for every request, so greedy decoding (temperature 0) is
   top-p 0, which keeps only the most likely token. The manager seeds one generator for all the
   requests of a batch, so a per-request seed cannot be honoured: callers refuse it.
+* A LoRA adapter is served over its base checkpoint with its weights merged in (peft's
+  ``merge_and_unload``): the manager's batches run one set of weights, so adapters cannot share
+  a base in one engine here (vLLM's multi-LoRA does that on GPU pools).
 * The KV cache holds ``max_requests`` requests at full context length, capped at
   ``kv_cache_tokens`` tokens (never less than one request at full context); requests beyond it
   wait for room.
@@ -61,12 +64,15 @@ class TransformersServingEngine(ServingEngine):
         max_requests: int = 32,
         threads: int | None = None,
         kv_cache_tokens: int | None = DEFAULT_KV_CACHE_TOKENS,
+        base: Artifact | None = None,
     ) -> None:
-        if artifact.format != ModelFormat.HF_CHECKPOINT.value:
+        if artifact.format not in (ModelFormat.HF_CHECKPOINT.value, ModelFormat.LORA_ADAPTER.value):
             raise PipelineError(f"{artifact.key} is a {artifact.format} model, not a checkpoint")
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        self.text_model: Any = open_text_model(artifact, threads=threads)
+        self.text_model: Any = open_text_model(artifact, threads=threads, base=base)
+        if base is not None:  # the adapter's weights added into the base's: one copy, no peft
+            self.text_model.model = self.text_model.model.merge_and_unload()
         super().__init__(str(self.text_model.key), max_requests)
         self.tokenizer = self.text_model.tokenizer
         self.context_length = int(self.text_model.context_length)

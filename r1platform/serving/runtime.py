@@ -159,6 +159,7 @@ def load_model(spec: ModelSpec) -> ServedModel:
             max_requests=spec.max_batch_size,
             kv_cache_tokens=settings.R1_LLM_KV_CACHE_TOKENS,
             gather_s=spec.max_queue_delay_ms / 1000,
+            base=spec.base,
         )
         return ServedModel(spec=spec, text=text)
     engine = load_engine(spec.artifact, spec.device, spec.cache_root)

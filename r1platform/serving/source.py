@@ -40,6 +40,8 @@ class ModelSpec:
     # The registry rows served, for the serving history (0 when not from the registry).
     model_id: int = 0
     version_id: int = 0
+    # A LoRA adapter's base: the checkpoint it was trained on (None for every other format).
+    base: Artifact | None = None
 
     @property
     def key(self) -> tuple[int, str]:
