@@ -302,7 +302,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from pipelines.core import Artifact
-    from pipelines.llm.serving_engine import open_serving_engine
+    from pipelines.llm.serving_engines import open_serving_engine
 
     versions = prepare(args)
     tokenizer = AutoTokenizer.from_pretrained(

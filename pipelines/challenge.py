@@ -15,6 +15,7 @@ from typing import Any
 from pipelines.core import Artifact, DatasetRef, PipelineError
 from pipelines.datasets import load_split
 from pipelines.engines import input_specs, predict
+from pipelines.llm.kinds import TEXT_GENERATION
 from pipelines.metrics import primary_metric, task_metrics
 
 __all__ = ["Challenge", "challenge", "score"]
@@ -34,8 +35,11 @@ class Challenge:
     rows: int
 
     def improvement(self) -> float:
-        """How much better the challenger is, in the metric's units (negative: worse)."""
+        """How much better the challenger is, in the metric's units (negative: worse);
+        for perplexity, the share by which it is lower (0.02: 2% lower than the champion's)."""
         delta = self.challenger - self.champion
+        if self.metric == "perplexity":
+            return -delta / self.champion
         return delta if self.higher_is_better else -delta
 
     def margin_won(self, margin: float) -> bool:
@@ -72,13 +76,28 @@ def score(
 
 
 def challenge(
-    champion: Artifact, challenger: Artifact, dataset: DatasetRef, split: str, task: str
+    champion: Artifact,
+    challenger: Artifact,
+    dataset: DatasetRef,
+    split: str,
+    task: str,
+    *,
+    bases: tuple[Artifact | None, Artifact | None] = (None, None),
 ) -> Challenge:
     """Score ``champion`` and ``challenger`` on the same ``split`` of ``dataset`` for ``task``.
 
     Each model reads the split mapped onto its own inputs (an INT8 model and its FP32 parent may
-    name them differently), so both see the same rows. PipelineError when either cannot run.
+    name them differently), so both see the same rows. A language model (``text-generation``)
+    is scored by :func:`pipelines.llm.challenge_text.text_score` (test cases, else perplexity);
+    ``bases`` are the champion's and the challenger's base checkpoints where one is a LoRA
+    adapter. PipelineError when either cannot run.
     """
+    if task == TEXT_GENERATION:
+        from pipelines.llm.challenge_text import text_score
+
+        metric, higher, champion_value, rows = text_score(champion, dataset, split, base=bases[0])
+        _, _, challenger_value, _ = text_score(challenger, dataset, split, base=bases[1])
+        return Challenge(metric, higher, champion_value, challenger_value, split, rows)
     metric, higher, champion_value, rows = score(champion, dataset, split, task)
     _, _, challenger_value, _ = score(challenger, dataset, split, task)
     return Challenge(metric, higher, champion_value, challenger_value, split, rows)

@@ -120,7 +120,7 @@ def test_a_checkpoint_is_fine_tuned_merged_quantized_evaluated_and_benchmarked(
     assert (loaded / "genai_config.json").is_file()
 
     # Served, the adapter runs over the checkpoint it was trained on, found through its lineage.
-    from r1platform.serving.deployments_source import adapter_base
+    from r1platform.registry.services import adapter_base
 
     base = adapter_base(adapter)
     assert base is not None and base.format == "hf_checkpoint"

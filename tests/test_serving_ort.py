@@ -13,7 +13,8 @@ import pytest
 from pipelines.core import Artifact
 from pipelines.llm.builder import BuildSettings, build_ort_genai
 from pipelines.llm.runtime import open_text_model
-from pipelines.llm.serving_engine import SamplingParams, open_serving_engine
+from pipelines.llm.serving_engine import SamplingParams
+from pipelines.llm.serving_engines import open_serving_engine
 from pipelines.llm.serving_ort import OrtGenaiServingEngine
 from r1platform.serving.app import ServingOptions, build_app
 from r1platform.serving.server import serving_in_thread

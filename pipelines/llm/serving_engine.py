@@ -1,7 +1,8 @@
 """Serving a language model: many requests decoded together by an existing engine.
 
 A :class:`ServingEngine` is what the serving process holds per text-generation deployment. Two
-engines sit behind it, chosen by the version's format (:func:`open_serving_engine`):
+engines sit behind it, chosen by the version's format
+(:func:`pipelines.llm.serving_engines.open_serving_engine`):
 
 * ``hf_checkpoint``: transformers' ``ContinuousBatchingManager``
   (:mod:`pipelines.llm.serving_transformers`), iteration-level batching: a request joins or
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from pipelines.core import Artifact, ModelFormat, PipelineError
+from pipelines.core import PipelineError
 
 __all__ = [
     "DecodeFailure",
@@ -45,7 +46,6 @@ __all__ = [
     "StreamEvent",
     "TextRequest",
     "Update",
-    "open_serving_engine",
 ]
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -331,38 +331,3 @@ class ServingEngine:
 
     def _shutdown(self) -> None:
         raise NotImplementedError
-
-
-def open_serving_engine(
-    artifact: Artifact,
-    *,
-    max_requests: int = 32,
-    threads: int | None = None,
-    kv_cache_tokens: int | None = DEFAULT_KV_CACHE_TOKENS,
-    gather_s: float = 0.005,
-    base: Artifact | None = None,
-) -> ServingEngine:
-    """The engine that serves ``artifact``'s format: transformers' continuous batching for a
-    checkpoint and for a LoRA adapter over its ``base`` checkpoint (merged into one copy of
-    the weights), ONNX Runtime GenAI's engine for its folders (``gather_s``: how long an idle
-    one waits for more requests to start a batch with). PipelineError for other formats."""
-    if artifact.format in (ModelFormat.HF_CHECKPOINT.value, ModelFormat.LORA_ADAPTER.value):
-        from pipelines.llm.serving_transformers import TransformersServingEngine
-
-        return TransformersServingEngine(
-            artifact,
-            max_requests=max_requests,
-            threads=threads,
-            kv_cache_tokens=kv_cache_tokens,
-            base=base,
-        )
-    if artifact.format == ModelFormat.ORT_GENAI.value:
-        from pipelines.llm.serving_ort import OrtGenaiServingEngine
-
-        return OrtGenaiServingEngine(
-            artifact, max_requests=max_requests, threads=threads, gather_s=gather_s
-        )
-    raise PipelineError(
-        f"{artifact.key} is a {artifact.format} model: the serving engines run Hugging Face "
-        "checkpoints, LoRA adapters over them and ONNX Runtime GenAI folders"
-    )

@@ -250,3 +250,13 @@ def lineage(version: ModelVersion) -> list[ModelVersion]:
         chain.append(node)
         node = node.parent
     return chain[::-1]
+
+
+def adapter_base(version: ModelVersion) -> Artifact | None:
+    """A LoRA adapter's base checkpoint (its nearest ``hf_checkpoint`` ancestor), else None."""
+    if version.format != ModelFormat.LORA_ADAPTER.value:
+        return None
+    for ancestor in reversed(lineage(version)[:-1]):
+        if ancestor.format == ModelFormat.HF_CHECKPOINT.value:
+            return version_artifact(ancestor, f"{ancestor.model.name} v{ancestor.number}")
+    return None

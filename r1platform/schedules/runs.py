@@ -33,7 +33,7 @@ from r1platform.jobs.models import Job, JobStatus
 from r1platform.jobs.services import LaunchRefused, launch_job
 from r1platform.notifications import services as notifications
 from r1platform.queues import TaskName, profile_queue
-from r1platform.registry.services import version_artifact
+from r1platform.registry.services import adapter_base, version_artifact
 from r1platform.schedules.checks import ScheduleRefused
 from r1platform.schedules.models import Decision, Schedule, ScheduleRun
 from r1platform.schedules.planning import champion_of, newest_dataset, plan_run
@@ -298,6 +298,7 @@ def _judge(run: ScheduleRun) -> _Verdict:
         dataset_ref(run.dataset),
         schedule.eval_split,
         schedule.model.task,
+        bases=(adapter_base(champion), adapter_base(challenger)),
     )
     fields.update(
         metric=result.metric,

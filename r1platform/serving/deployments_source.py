@@ -16,11 +16,9 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from pipelines.backends import cache_root_for
-from pipelines.core import Artifact, ModelFormat
 from r1platform.accounts.models import ApiToken
 from r1platform.deployments.models import Deployment, ServingPool, Stage
-from r1platform.registry.models import ModelVersion
-from r1platform.registry.services import lineage, version_artifact
+from r1platform.registry.services import adapter_base, version_artifact
 from r1platform.serving.models import ServingWindow
 from r1platform.serving.source import ModelSpec
 from r1platform.serving.stats import Window
@@ -50,17 +48,6 @@ def model_spec(deployment: Deployment) -> ModelSpec:
         version_id=version.pk,
         base=adapter_base(version),
     )
-
-
-def adapter_base(version: ModelVersion) -> Artifact | None:
-    """A LoRA adapter's base checkpoint (its nearest ``hf_checkpoint`` ancestor), else None."""
-    if version.format != ModelFormat.LORA_ADAPTER.value:
-        return None
-    for ancestor in reversed(lineage(version)[:-1]):
-        if ancestor.format == ModelFormat.HF_CHECKPOINT.value:
-            name = f"{ancestor.model.name} v{ancestor.number}"
-            return version_artifact(ancestor, name)
-    return None
 
 
 def window_row(window: Window, pool_id: int, stage: str) -> ServingWindow:

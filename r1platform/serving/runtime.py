@@ -34,7 +34,8 @@ from django.conf import settings
 from pipelines.core import Artifact, ModelFormat, PipelineError, TensorSpec
 from pipelines.engines import Engine, load_engine
 from pipelines.llm.kinds import is_text_format
-from pipelines.llm.serving_engine import ServingEngine, open_serving_engine
+from pipelines.llm.serving_engine import ServingEngine
+from pipelines.llm.serving_engines import open_serving_engine
 from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
 from r1platform.core.storage import sha256_file
 from r1platform.serving.batcher import DynamicBatcher
