@@ -20,6 +20,7 @@ urlpatterns = [
     path("datasets/", include("r1platform.datasets.urls")),
     path("certifications/", include("r1platform.certification.urls")),
     path("deployments/", include("r1platform.deployments.urls")),
+    path("serving/", include("r1platform.serving.urls")),
     path("workers/", include("r1platform.workers.urls")),
     path("schedules/", include("r1platform.schedules.urls")),
     path("notifications/", include("r1platform.notifications.urls")),

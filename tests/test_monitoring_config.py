@@ -26,6 +26,19 @@ RULES = {rule["alert"]: rule for group in ALERTS["groups"] for rule in group["ru
 PROMETHEUS = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "r1platform.json").read_text())
+# Every provisioned dashboard (r1platform-llm.json: language models, tests/test_llm_alerts.py).
+DASHBOARDS = [
+    json.loads(path.read_text())
+    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+]
+# Series the shipped recording rules make (budgets.yml), which rules and panels may read too.
+RECORDED = {
+    rule["record"]
+    for name in PROMETHEUS["rule_files"]
+    for group in yaml.safe_load((DEPLOY / "prometheus" / name).read_text())["groups"]
+    for rule in group["rules"]
+    if "record" in rule
+}
 # Series Prometheus itself makes: scrape health and the alerts' own states.
 BUILTIN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 SUFFIXES = {
@@ -70,8 +83,14 @@ def comparison(expr: str) -> tuple[str, float]:
     return str(node.op), node.rhs.val
 
 
-def panel_targets() -> list[tuple[dict, str]]:
-    return [(p, t["expr"]) for p in DASHBOARD["panels"] for t in p.get("targets", [])]
+def panel_targets(*dashboards: dict) -> list[tuple[dict, str]]:
+    """The panels' queries, of the main dashboard unless ``dashboards`` are named."""
+    return [
+        (p, t["expr"])
+        for dashboard in dashboards or (DASHBOARD,)
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+    ]
 
 
 # -- alert rules --------------------------------------------------------------------------------
@@ -85,6 +104,8 @@ def test_every_rule_parses_and_says_what_and_how_bad():
         "GpuMemoryHigh",
         "QueueGrowing",
         "WorkerLost",
+        "ServingDecodeFailures",
+        "ServingTTFTP99High",
     } <= set(RULES)
     for name, rule in RULES.items():
         promql_parser.parse(rule["expr"])
@@ -94,7 +115,7 @@ def test_every_rule_parses_and_says_what_and_how_bad():
 
 
 def test_every_rule_names_only_metrics_the_code_exposes():
-    exposed = exposed_series() | BUILTIN
+    exposed = exposed_series() | BUILTIN | RECORDED
     for name, rule in RULES.items():
         assert selectors(rule["expr"]) <= exposed, (name, selectors(rule["expr"]) - exposed)
 
@@ -158,17 +179,21 @@ def test_the_dashboard_uses_the_provisioned_datasource():
     )
     (source,) = provisioned["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    for panel in DASHBOARD["panels"]:
+    for panel in (p for dashboard in DASHBOARDS for p in dashboard["panels"]):
         if panel["type"] == "row":
             continue
         assert panel["datasource"]["uid"] == source["uid"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == source["uid"], panel["title"]
+    for dashboard in DASHBOARDS:
+        for variable in dashboard.get("templating", {}).get("list", []):
+            assert variable["datasource"]["uid"] == source["uid"], variable["name"]
+    assert len({d["uid"] for d in DASHBOARDS}) == len(DASHBOARDS) >= 2
 
 
 def test_every_panel_parses_and_names_only_exposed_metrics():
-    exposed = exposed_series() | BUILTIN
-    for panel, expr in panel_targets():
+    exposed = exposed_series() | BUILTIN | RECORDED
+    for panel, expr in panel_targets(*DASHBOARDS):
         assert selectors(expr) <= exposed, (panel["title"], selectors(expr) - exposed)
 
 

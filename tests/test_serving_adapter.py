@@ -73,3 +73,25 @@ def test_an_adapter_without_its_base_does_not_load_and_says_why(folders):
         assert "base" in served.error
         answer = post(url, "completions", {"model": "orphan", "prompt": "a", "max_tokens": 2})
         assert answer.status_code == 503
+
+
+def test_a_model_on_a_vllm_pool_without_vllm_answers_503_with_the_engine_servers_reason(
+    folders, tmp_path, settings
+):
+    """The runtime starts the pool's engine servers instead of an engine in process; here
+    (no vLLM, no GPU) they cannot start, and the model says why while the others serve."""
+    settings.R1_WORK_DIR = tmp_path
+    base_folder, _ = folders
+    spec = text_spec(TEAM_A, "big", base_folder, text_engine="vllm")
+    plain = text_spec(TEAM_A, "llm", base_folder)
+    app = build_app(StaticModelSource([spec, plain], {"token-a": TEAM_A}), ServingOptions())
+    with serving_in_thread(app) as url:
+        assert app.state.runtime.synced.wait(60)
+        served = app.state.runtime.lookup(TEAM_A, "big")
+        assert served is not None and served.upstream is not None and served.text is None
+        answer = post(url, "completions", {"model": "big", "prompt": "a", "max_tokens": 2})
+        assert answer.status_code == 503
+        assert "vllm" in answer.json()["error"]["message"].lower()
+        ok = post(url, "completions", {"model": "llm", "prompt": "a", "max_tokens": 2})
+        assert ok.status_code == 200
+    assert served.upstream.replicas and all(r.state != "ready" for r in served.upstream.replicas)

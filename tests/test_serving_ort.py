@@ -19,8 +19,9 @@ from pipelines.llm.serving_ort import OrtGenaiServingEngine
 from r1platform.serving.app import ServingOptions, build_app
 from r1platform.serving.server import serving_in_thread
 from r1platform.serving.source import StaticModelSource
-from tests.llm_fixtures import CONTEXT, tiny_llama
+from tests.llm_fixtures import CONTEXT
 from tests.test_serving_openai import TEAM_A, events, greedy, metric, post, text_spec
+from tests.text_models import ascii_llama
 
 PROMPTS = ["the quick brown fox", "a b", "hello there, how are you today my friend", "z"]
 
@@ -28,7 +29,9 @@ PROMPTS = ["the quick brown fox", "a b", "hello there, how are you today my frie
 @pytest.fixture(scope="module")
 def int8_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ort")
-    checkpoint = tiny_llama(root / "checkpoint")
+    # Its greedy text is always valid UTF-8: how a stream groups bytes that are not (one U+FFFD
+    # or several) depends on how its tokens were delivered, which the text comparisons must not.
+    checkpoint = ascii_llama(root / "checkpoint")
     out = root / "int8"
     build_ort_genai(
         checkpoint, out, root / "cache", BuildSettings(precision="int8"), lambda *_: None, threads=1
@@ -116,9 +119,6 @@ def test_concurrent_streams_of_different_lengths_each_equal_their_own_greedy_dec
         assert finish == want_finish
     labels = 'model="team-1/llm"'
     assert metric(url, "r1_serving_decode_batch_size_count", labels) > 0
-    assert metric(url, "r1_serving_decode_batch_size_sum", labels) > metric(
-        url, "r1_serving_decode_batch_size_count", labels
-    ), "no step decoded more than one request"
 
 
 def test_a_chat_completion_goes_through_the_folders_chat_template(served, reference, detokenizer):
@@ -129,6 +129,18 @@ def test_a_chat_completion_goes_through_the_folders_chat_template(served, refere
     want, count, _ = greedy_text(reference, detokenizer, reference.encode(prompt), 5)
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": want}
     assert answer["usage"]["completion_tokens"] == count
+
+
+def test_a_prompt_of_token_ids_is_decoded_and_ids_past_the_vocabulary_are_refused(
+    served, reference, detokenizer
+):
+    url, _ = served
+    ids = reference.encode(PROMPTS[0])
+    want, _, _ = greedy_text(reference, detokenizer, ids, 6)
+    body = {"model": "llm", "prompt": ids, "max_tokens": 6, "temperature": 0}
+    assert post(url, "completions", body).json()["choices"][0]["text"] == want
+    refused = post(url, "completions", {**body, "prompt": [1, 2, 10**6]})
+    assert refused.status_code == 400 and "below" in refused.json()["error"]["message"]
 
 
 def test_a_prompt_over_the_context_is_refused_and_the_engine_goes_on(served):
@@ -153,6 +165,34 @@ def test_a_client_that_goes_away_has_its_request_cancelled_in_the_engine(served)
         time.sleep(0.05)
     assert engine.in_flight == 0
     assert post(url, "completions", {"model": "llm", "prompt": "b", "max_tokens": 2}).ok
+
+
+def test_requests_submitted_together_are_decoded_in_one_batch(int8_folder, reference):
+    """An idle engine gathers the requests that come within its queue delay into one batch."""
+
+    async def scenario() -> tuple[list[list[int]], int]:
+        engine = open_serving_engine(artifact(int8_folder), max_requests=4, threads=1)
+        try:
+            params = SamplingParams(max_new_tokens=8, temperature=0)
+            requests = [engine.submit(engine.encode(p), params) for p in PROMPTS]
+            sizes: list[int] = []
+
+            async def tokens(request) -> list[int]:
+                out = []
+                async for event in request.events():
+                    sizes.append(engine.batch_size())
+                    out += event.token_ids
+                return out
+
+            found = await asyncio.gather(*(tokens(r) for r in requests))
+            return list(found), max(sizes)
+        finally:
+            await asyncio.to_thread(engine.close)
+
+    found, widest = asyncio.run(scenario())
+    assert widest == len(PROMPTS)
+    for prompt, tokens in zip(PROMPTS, found, strict=True):
+        assert tokens == reference.generate([reference.encode(prompt)], 8)[0].tokens
 
 
 def test_the_engine_cancels_one_request_and_finishes_the_others(int8_folder, reference):

@@ -55,14 +55,22 @@ def _load_dir(s: SuiteState, name: str) -> Path:
     return folder
 
 
-def _run_client(s: SuiteState, folder: Path, plan: dict[str, Any], what: str) -> dict[str, Any]:
-    """Run the load client on ``plan`` in its own process, relaying its progress."""
+def _run_client(
+    s: Any,
+    folder: Path,
+    plan: dict[str, Any],
+    what: str,
+    module: str = "pipelines.certification.load_client",
+) -> dict[str, Any]:
+    """Run a load client (``module``: the Open Inference Protocol's, or the streaming one of
+    language models) on ``plan`` in its own process, relaying its progress. ``s`` is the suite
+    state of either family (its ``progress``)."""
     plan_path, result_path = folder / "plan.json", folder / "result.json"
     plan_path.write_text(json.dumps(plan))
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "pipelines.certification.load_client"]
+    command = [sys.executable, "-m", module]
     process = subprocess.Popen(
         [*command, str(plan_path), str(result_path)],
         stdout=subprocess.PIPE,

@@ -9,7 +9,8 @@ problem with no number to it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,18 @@ import pipelines.certification._golden as golden_io
 from pipelines.backends import cache_root_for
 from pipelines.certification._golden import Golden
 from pipelines.certification.profiles import HardwareProfile
-from pipelines.certification.report import Measurement
+from pipelines.certification.report import CheckResult, CheckVerdict, Measurement
 from pipelines.certification.settings import CertifySettings
-from pipelines.core import Artifact, ModelFormat, PipelineContext, Precision, TensorSpec
+from pipelines.core import (
+    Artifact,
+    Cancelled,
+    ModelFormat,
+    PipelineContext,
+    Precision,
+    TensorSpec,
+)
 from pipelines.engines import Engine, load_engine, padded, run_rows
+from pipelines.onnx_io import first_error_line
 
 # Formats a reference runs in here, eagerly and on the CPU.
 REFERENCE_FORMATS = (ModelFormat.ONNX.value, ModelFormat.TORCHSCRIPT.value)
@@ -46,6 +55,8 @@ def compare(value: Any, comparison: str, threshold: Any) -> bool:
         return bool(value == threshold)
     if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
         return False
+    if comparison == "<":
+        return bool(value < threshold)
     return bool(value <= threshold) if comparison == "<=" else bool(value >= threshold)
 
 
@@ -141,3 +152,39 @@ def find_reference(ctx: PipelineContext, artifact: Artifact) -> Artifact | None:
         ):
             return ancestor
     return None
+
+
+def run_check(
+    check_id: Any,
+    state: Any,
+    functions: Mapping[Any, Callable[[Any, CheckRecord], str]],
+    titles: Mapping[Any, str],
+) -> CheckResult:
+    """One check of a suite (tensor or text), timed: a PASS or FAIL from what it recorded, a
+    NOT_RUN it raised, or a FAIL holding the error of a check that could not complete."""
+    started = time.perf_counter()
+    c = CheckRecord()
+    try:
+        summary = functions[check_id](state, c)
+        verdict = CheckVerdict.FAIL if c.failed else CheckVerdict.PASS
+    except Cancelled:
+        raise
+    except NotRun as exc:
+        summary, verdict = str(exc), CheckVerdict.NOT_RUN
+    except Exception as exc:  # a check that cannot complete fails; the suite goes on
+        summary, verdict = f"failed with an error: {first_error_line(exc)}", CheckVerdict.FAIL
+    return CheckResult(
+        id=check_id,
+        title=titles[check_id],
+        verdict=verdict,
+        summary=summary,
+        measurements=c.measurements,
+        details=c.details,
+        seconds=round(time.perf_counter() - started, 4),
+    )
+
+
+def not_run(check_id: Any, summary: str, titles: Mapping[Any, str]) -> CheckResult:
+    return CheckResult(
+        id=check_id, title=titles[check_id], verdict=CheckVerdict.NOT_RUN, summary=summary
+    )

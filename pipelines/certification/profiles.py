@@ -38,7 +38,17 @@ RUNTIME_FOR_FORMAT: dict[str, str] = {
     ModelFormat.TORCHSCRIPT.value: "torch",
     ModelFormat.AOTINDUCTOR.value: "torch",
     ModelFormat.TENSORRT.value: "tensorrt",
+    # Language models: checkpoints and adapters run on torch (transformers), ONNX Runtime GenAI
+    # folders on onnxruntime's profile (its GenAI layer is not a profile of its own). The text
+    # runtimes run on the CPU: they are certified on CPU profiles only.
+    ModelFormat.HF_CHECKPOINT.value: "torch",
+    ModelFormat.LORA_ADAPTER.value: "torch",
+    ModelFormat.ORT_GENAI.value: "onnxruntime",
 }
+# The formats above that the platform's text runtimes run, on the CPU only.
+CPU_ONLY_FORMATS = frozenset(
+    {ModelFormat.HF_CHECKPOINT.value, ModelFormat.LORA_ADAPTER.value, ModelFormat.ORT_GENAI.value}
+)
 
 # CPU flags that change which kernels a runtime picks (and so whether numbers carry over).
 ISA_FLAGS = (
@@ -116,6 +126,11 @@ def compatibility_problem(
         return f"{fmt} models cannot be certified (no runtime serves them)"
     if profile.backend != runtime:
         return f"a {fmt} model runs on {runtime}, and profile {profile.key} is {profile.backend}"
+    if fmt in CPU_ONLY_FORMATS and profile.device_kind != "cpu":
+        return (
+            f"a {fmt} model is run by the platform's text runtime on the CPU, and profile "
+            f"{profile.key} is {profile.device_kind}: certify it on a CPU profile"
+        )
     if fmt == ModelFormat.AOTINDUCTOR.value:
         device = str(meta.get("device", "cpu"))
         if device != profile.device_kind:

@@ -12,10 +12,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The engine families a suite runs for (the report's ``family``).
+from pipelines.engines.tensor import TENSOR
+from pipelines.llm.kinds import TEXT_GENERATION
+
 __all__ = [
     "CHECKS",
+    "CHECK_TITLES",
     "LEVEL_CHECKS",
     "SUITE_VERSION",
+    "TENSOR",
+    "TEXT_CHECKS",
+    "TEXT_CRITERIA",
+    "TEXT_GENERATION",
+    "TEXT_LEVEL_CHECKS",
+    "TEXT_SUITE_VERSION",
     "CheckId",
     "CheckResult",
     "CheckVerdict",
@@ -23,14 +34,20 @@ __all__ = [
     "Level",
     "Measurement",
     "SuiteReport",
+    "checks_of",
     "criteria_of",
     "level_at_least",
+    "level_checks_of",
 ]
 
 # Bumped when a check, a default threshold or the meaning of a measurement changes: certificates
 # record it, so a reader knows which rules a verdict was given under.
 # 2.0.0: the source's three criteria (API success rate, QPS per card, test cases) were added.
 SUITE_VERSION = "2.0.0"
+# The text-generation family's suite, versioned on its own (its checks, defaults and measurements
+# change apart from the tensor suite's): tokenizer, stops and context checks, the streaming load
+# through the serving process, output tokens/s per card as its performance criterion.
+TEXT_SUITE_VERSION = "text-1.0.0"
 
 
 class Level(StrEnum):
@@ -58,9 +75,13 @@ class CheckId(StrEnum):
     SERVING = "serving"
     QPS = "qps"
     SCENARIO = "scenario"
+    # The text-generation family's own checks.
+    TOKENIZER = "tokenizer"
+    STOPS = "stops"
+    CONTEXT = "context"
 
 
-# Every check in report order, with its title.
+# Every check of a tensor model in report order, with its title.
 CHECKS: dict[CheckId, str] = {
     CheckId.LOADS: "Loads and runs on the profile",
     CheckId.PARITY: "Numerical parity with the FP32 reference",
@@ -86,11 +107,65 @@ LEVEL_CHECKS: dict[Level, tuple[CheckId, ...]] = {
     Level.SCENARIO: tuple(CHECKS),
 }  # fmt: skip
 
+# Every check of a language model (text-generation) in report order, with its title: the tensor
+# checks' ids where the meaning carries over, three of its own (tokenizer, stops, context).
+TEXT_CHECKS: dict[CheckId, str] = {
+    CheckId.LOADS: "Loads and generates on the profile",
+    CheckId.TOKENIZER: "Tokenizer round trip",
+    CheckId.PARITY: "Parity with the full-precision ancestor (perplexity, greedy agreement)",
+    CheckId.FINITE: "No NaN or Inf in the logits",
+    CheckId.DETERMINISM: "Greedy determinism",
+    CheckId.STOPS: "Stops at EOS and at stop strings",
+    CheckId.CONTEXT: "Context length enforced",
+    CheckId.API_SUCCESS: "API success rate (streaming)",
+    CheckId.PERFORMANCE: "Single-stream latency budget",
+    CheckId.SERVING: "Serving contract (OpenAI-compatible API)",
+    CheckId.QPS: "Output tokens/s per card under streaming load",
+    CheckId.SCENARIO: "Scenario (text test cases)",
+}
+
+_TEXT_BASIC = (
+    CheckId.LOADS, CheckId.TOKENIZER, CheckId.PARITY, CheckId.FINITE, CheckId.DETERMINISM,
+    CheckId.STOPS, CheckId.CONTEXT, CheckId.API_SUCCESS,
+)  # fmt: skip
+TEXT_LEVEL_CHECKS: dict[Level, tuple[CheckId, ...]] = {
+    Level.BASIC: _TEXT_BASIC,
+    Level.PERFORMANCE: (*_TEXT_BASIC, CheckId.PERFORMANCE, CheckId.SERVING, CheckId.QPS),
+    Level.SCENARIO: tuple(TEXT_CHECKS),
+}
+
+# Any check's title, whichever family it belongs to (a text title where the two differ is only
+# used for text reports, whose checks carry their own titles).
+CHECK_TITLES: dict[CheckId, str] = {**TEXT_CHECKS, **CHECKS}
+
+
+def checks_of(family: str) -> dict[CheckId, str]:
+    """The checks of a family's suite, in report order, with their titles."""
+    return TEXT_CHECKS if family == TEXT_GENERATION else CHECKS
+
+
+def level_checks_of(family: str) -> dict[Level, tuple[CheckId, ...]]:
+    """The checks each level runs, for a family."""
+    return TEXT_LEVEL_CHECKS if family == TEXT_GENERATION else LEVEL_CHECKS
+
+
 # The source's definition of each level, the report's first table: the level, its criterion,
 # the check that measures it and the measurement that is its value.
 CRITERIA: dict[Level, tuple[str, CheckId, str]] = {
     Level.BASIC: ("API call success rate", CheckId.API_SUCCESS, "success_rate"),
     Level.PERFORMANCE: ("QPS per card", CheckId.QPS, "qps_per_card"),
+    Level.SCENARIO: ("Industry test cases", CheckId.SCENARIO, "pass_rate"),
+}
+# A language model's: streaming generation has no fixed cost per request, so its performance
+# criterion is the output tokens/s per card under concurrent streaming load (with its TTFT p99
+# and time-per-output-token budgets judged in the same check), not QPS.
+TEXT_CRITERIA: dict[Level, tuple[str, CheckId, str]] = {
+    Level.BASIC: ("API call success rate (streaming)", CheckId.API_SUCCESS, "success_rate"),
+    Level.PERFORMANCE: (
+        "Output tokens/s per card (TTFT p99 and TPOT in budget)",
+        CheckId.QPS,
+        "output_tokens_per_s_per_card",
+    ),
     Level.SCENARIO: ("Industry test cases", CheckId.SCENARIO, "pass_rate"),
 }
 
@@ -115,7 +190,7 @@ class Measurement(_Model):
     threshold: float | int | bool | str | None = Field(
         None, description="The limit it is judged against (None: recorded, not judged)."
     )
-    comparison: Literal["<=", ">=", "==", ""] = Field(
+    comparison: Literal["<=", ">=", "==", "<", ""] = Field(
         "", description="How value is compared with threshold; empty when not judged."
     )
     unit: str = Field("", description='e.g. "ms", "samples/s", "MiB", "" for a ratio.')
@@ -131,7 +206,7 @@ class Criterion(_Model):
     verdict: CheckVerdict
     value: float | int | bool | str | None = None
     threshold: float | int | bool | str | None = None
-    comparison: Literal["<=", ">=", "==", ""] = ""
+    comparison: Literal["<=", ">=", "==", "<", ""] = ""
     unit: str = ""
     summary: str = Field("", description="The check's summary line (or why it did not run).")
 
@@ -152,6 +227,10 @@ class SuiteReport(_Model):
     """The whole run of the suite on one engine, on one profile, at one level."""
 
     suite_version: str = SUITE_VERSION
+    family: str = Field(
+        default=TENSOR,
+        description='The engine family the suite ran for: "tensor" or "text-generation".',
+    )
     level: Level
     verdict: Literal["passed", "failed"]
     profile: dict[str, Any] = Field(description="HardwareProfile.to_dict() of where it ran.")
@@ -175,12 +254,13 @@ class SuiteReport(_Model):
     finished_at: str = Field(description="ISO 8601, UTC.")
 
 
-def criteria_of(checks: list[CheckResult]) -> list[Criterion]:
+def criteria_of(checks: list[CheckResult], family: str = TENSOR) -> list[Criterion]:
     """The headline criteria, read from the checks that measure them (a criterion above the
     certification's level, whose check is absent, is NOT_RUN saying so)."""
     by_id = {check.id: check for check in checks}
     found = []
-    for level, (title, check_id, name) in CRITERIA.items():
+    criteria = TEXT_CRITERIA if family == TEXT_GENERATION else CRITERIA
+    for level, (title, check_id, name) in criteria.items():
         check = by_id.get(check_id)
         if check is None:
             summary = f"not part of this certification's level ({level.value} measures it)"

@@ -4,8 +4,9 @@ The serving runtime belongs to the platform (``r1platform.serving``), which ``pi
 imports; the platform registers two hooks here instead (the worker's runner does, when it is
 imported): a probe, which answers one request (the serving-contract check), and a server, which
 serves an engine on loopback for as long as a ``with`` block lasts, so the API-success and QPS
-checks can drive it with many requests from another process. Without them (``python -m
-pipelines run``), those checks report ``not run``.
+checks can drive it with many requests from another process (a language model's checks, every
+one that goes through the serving process, share one server for the whole suite). Without them
+(``python -m pipelines run``), those checks report ``not run``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -48,17 +50,28 @@ ServingProbe = Callable[[Artifact, str, Mapping[str, np.ndarray]], ProbeResult]
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An engine served on loopback: its model URL and the headers a request needs."""
+    """An engine served on loopback: its model URL and the headers a request needs.
+
+    A language model is called on the server's OpenAI-compatible routes instead
+    (``base_url`` + ``/v1/completions``, naming ``model``)."""
 
     runtime: str
     url: str  # http://127.0.0.1:<port>/v2/models/<name>
     headers: dict[str, str]
     max_batch_size: int
+    base_url: str = ""  # http://127.0.0.1:<port>
+    model: str = ""  # the name requests give
 
 
-# (the engine's artifact, the device, the largest batch the runtime may gather) -> a context
-# manager serving it while the block runs (it raises RuntimeError when the engine did not load).
-ServingServer = Callable[[Artifact, str, int], AbstractContextManager[Endpoint]]
+class ServingServer(Protocol):
+    """(the engine's artifact, the device, the largest batch the runtime may gather; a LoRA
+    adapter's ``base`` checkpoint) -> a context manager serving it while the block runs (it
+    raises RuntimeError when the engine did not load)."""
+
+    def __call__(
+        self, artifact: Artifact, device: str, max_batch_size: int, base: Artifact | None = None
+    ) -> AbstractContextManager[Endpoint]: ...
+
 
 _registered: list[ServingProbe] = []
 _servers: list[ServingServer] = []

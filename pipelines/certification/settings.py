@@ -13,7 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines.certification.report import Level
 from pipelines.core import StageSettings
 
-__all__ = ["CertifySettings", "OutputTolerance"]
+__all__ = [
+    "TENSOR_ONLY_SETTINGS",
+    "TEXT_GOLDEN_KINDS",
+    "TEXT_ONLY_SETTINGS",
+    "CertifySettings",
+    "OutputTolerance",
+]
+
+# The text dataset kinds a language model's golden set may be: they hold text to score (its
+# perplexity) and to prompt with; test cases do not.
+TEXT_GOLDEN_KINDS = ("text", "prompt_completion", "messages")
 
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
 DimSize = Annotated[int, Field(ge=1, le=1_000_000)]
@@ -175,6 +185,103 @@ class CertifySettings(StageSettings):
         ),
     )
 
+    # -- language models (text-generation) only -------------------------------------------------
+    text_prompts: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description=(
+            "Language models: golden prompts (the first text_prompt_tokens tokens of the golden "
+            "texts) for the logits, determinism, greedy-agreement, stop and serving checks."
+        ),
+    )
+    text_prompt_tokens: int = Field(
+        16, ge=1, le=4096, description="Language models: tokens of each golden prompt."
+    )
+    text_new_tokens: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description=(
+            "Language models: greedy tokens generated per golden prompt (greedy agreement is "
+            "judged on these) and per test case."
+        ),
+    )
+    min_tokenizer_roundtrip: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Language models: share of the golden texts (and a few non-ASCII probes) that "
+            "decode(encode(text)) gives back unchanged."
+        ),
+    )
+    max_ppl_increase: float = Field(
+        0.02,
+        ge=0.0,
+        description=(
+            "Language models, parity: perplexity on the golden texts at most this much above "
+            "the full-precision ancestor's (0.02: +2%)."
+        ),
+    )
+    min_greedy_agreement: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Language models, parity and serving: share of the first text_new_tokens greedy "
+            "tokens equal to the full-precision ancestor's (and of the served text equal to the "
+            "engine's). After the first different token the continuations part, so 0.5 means "
+            "the first half agrees on average."
+        ),
+    )
+    stream_requests: int = Field(
+        500,
+        ge=10,
+        le=1_000_000,
+        description=(
+            "Language models: streaming completions sent through the serving process for the "
+            "API success rate, decode failures, TTFT, TPOT and output tokens/s (with fewer than "
+            "1,000, 99.9% means none may fail)."
+        ),
+    )
+    stream_concurrency: int = Field(
+        8, ge=1, le=256, description="Language models: streaming clients at once."
+    )
+    stream_max_tokens: int = Field(
+        32, ge=1, le=4096, description="Language models: max_tokens of each streaming request."
+    )
+    max_decode_failure_rate: float = Field(
+        0.001,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Language models: decode failures (a stream that ended in error or without [DONE], "
+            "invalid UTF-8, no finish_reason) under this fraction of the streams."
+        ),
+    )
+    ttft_p99_budget_ms: float = Field(
+        2000.0,
+        gt=0.0,
+        description="Language models: time to first token, p99, under streaming load (and alone).",
+    )
+    tpot_budget_ms: float = Field(
+        250.0,
+        gt=0.0,
+        description=(
+            "Language models: time per output token after the first, p99 of the requests' "
+            "means, under streaming load (and alone)."
+        ),
+    )
+    min_output_tokens_per_card: float = Field(
+        20.0,
+        ge=0.0,
+        description=(
+            "Language models' performance criterion (instead of QPS): output tokens per second "
+            "through the serving process under streaming load, divided by the profile's cards."
+        ),
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> CertifySettings:
         if self.min_batch > self.max_batch:
@@ -198,3 +305,45 @@ class CertifySettings(StageSettings):
         if self.input_range is not None and self.input_range[0] > self.input_range[1]:
             raise ValueError("input_range must be [low, high] with low <= high")
         return self
+
+
+# Settings only one family's suite reads: a report records the thresholds its family uses.
+TEXT_ONLY_SETTINGS = frozenset(
+    {
+        "text_prompts",
+        "text_prompt_tokens",
+        "text_new_tokens",
+        "min_tokenizer_roundtrip",
+        "max_ppl_increase",
+        "min_greedy_agreement",
+        "stream_requests",
+        "stream_concurrency",
+        "stream_max_tokens",
+        "max_decode_failure_rate",
+        "ttft_p99_budget_ms",
+        "tpot_budget_ms",
+        "min_output_tokens_per_card",
+    }
+)
+TENSOR_ONLY_SETTINGS = frozenset(
+    {
+        "tolerances",
+        "min_batch",
+        "opt_batch",
+        "max_batch",
+        "dynamic_dims",
+        "input_range",
+        "determinism_atol",
+        "api_requests",
+        "api_concurrency",
+        "qps_seconds",
+        "qps_concurrency",
+        "qps_request_batch",
+        "min_qps_per_card",
+        "serving_batch",
+        "p99_budget_ms",
+        "min_throughput",
+        "scenario_metric",
+        "scenario_threshold",
+    }
+)

@@ -1,5 +1,9 @@
 """The certification suite: the checks an engine passes on one hardware profile.
 
+This is the tensor family's suite; a language model (``hf_checkpoint``, ``ort_genai``,
+``lora_adapter``) runs :mod:`.text_suite` instead, which fills the same report (its checks, its
+three criteria, the same levels and verdicts).
+
 :func:`run_suite` loads the engine on the profile's device and runs every check of
 ``report.CHECKS`` in order; each records what it measured against its threshold as
 :class:`~pipelines.certification.report.Measurement` s and gives a verdict. A check that raises is
@@ -55,7 +59,6 @@ Measured values that are not finite (an infinite error) are recorded as the stri
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +69,13 @@ from pipelines.certification import _checks as checks_
 from pipelines.certification._load_checks import check_api_success, check_qps
 from pipelines.certification._parity import check_parity
 from pipelines.certification._scenario import check_scenario
-from pipelines.certification._state import CheckRecord, NotRun, SuiteState, find_reference
+from pipelines.certification._state import (
+    CheckRecord,
+    SuiteState,
+    find_reference,
+    not_run,
+    run_check,
+)
 from pipelines.certification.profiles import RUNTIME_FOR_FORMAT, HardwareProfile
 from pipelines.certification.report import (
     CHECKS,
@@ -78,10 +87,10 @@ from pipelines.certification.report import (
     SuiteReport,
     criteria_of,
 )
-from pipelines.certification.settings import CertifySettings
-from pipelines.core import Artifact, Cancelled, PipelineContext, PipelineError, ProgressFn
+from pipelines.certification.settings import TEXT_ONLY_SETTINGS, CertifySettings
+from pipelines.core import Artifact, PipelineContext, PipelineError, ProgressFn
 from pipelines.engines import input_specs as engine_input_specs
-from pipelines.onnx_io import first_error_line
+from pipelines.llm.kinds import is_text_format
 
 __all__ = ["CHECK_FUNCTIONS", "describe_file", "find_reference", "run_suite"]
 
@@ -120,35 +129,6 @@ def describe_file(artifact: Artifact) -> dict[str, Any]:
     }
 
 
-def _run_check(check_id: CheckId, s: SuiteState) -> CheckResult:
-    started = time.perf_counter()
-    c = CheckRecord()
-    try:
-        summary = CHECK_FUNCTIONS[check_id](s, c)
-        verdict = CheckVerdict.FAIL if c.failed else CheckVerdict.PASS
-    except Cancelled:
-        raise
-    except NotRun as exc:
-        summary, verdict = str(exc), CheckVerdict.NOT_RUN
-    except Exception as exc:  # a check that cannot complete fails; the suite goes on
-        summary, verdict = f"failed with an error: {first_error_line(exc)}", CheckVerdict.FAIL
-    return CheckResult(
-        id=check_id,
-        title=CHECKS[check_id],
-        verdict=verdict,
-        summary=summary,
-        measurements=c.measurements,
-        details=c.details,
-        seconds=round(time.perf_counter() - started, 4),
-    )
-
-
-def _not_run(check_id: CheckId, summary: str) -> CheckResult:
-    return CheckResult(
-        id=check_id, title=CHECKS[check_id], verdict=CheckVerdict.NOT_RUN, summary=summary
-    )
-
-
 def _lowest_level(check_id: CheckId) -> Level:
     return next(level for level in Level if check_id in LEVEL_CHECKS[level])
 
@@ -164,12 +144,17 @@ def run_suite(
     profile: HardwareProfile,
     progress: ProgressFn,
 ) -> SuiteReport:
-    """Run every check of ``settings.level`` on ``engine_artifact`` on ``profile``.
+    """Run every check of ``settings.level`` on ``engine_artifact`` on ``profile``; a language
+    model runs its family's suite (:mod:`.text_suite`) into the same report model.
 
     Raises PipelineError only when the suite cannot start: the file's sha256 differs from the
     one recorded when it was made, the golden dataset does not fit the model, or the scenario
     level's golden dataset has no target. Failed checks are verdicts in the report.
     """
+    if is_text_format(engine_artifact.format):  # a language model: its own checks, same report
+        from pipelines.certification.text_suite import run_text_suite
+
+        return run_text_suite(engine_artifact, ctx, settings, profile, progress)
     started_at = _now()
     level = Level(settings.level)
     expected_sha = engine_artifact.meta.get("sha256")
@@ -203,7 +188,7 @@ def run_suite(
         specs=specs,
         golden=golden,
         dim_sizes=dim_sizes,
-        thresholds=settings.model_dump(mode="json"),
+        thresholds=settings.model_dump(mode="json", exclude=set(TEXT_ONLY_SETTINGS)),
         reference=find_reference(ctx, engine_artifact),
     )
     checks: list[CheckResult] = []
@@ -212,14 +197,14 @@ def run_suite(
         if check_id not in in_level:
             needs = _lowest_level(check_id).value
             summary = f"not part of the {level.value} level; it runs from the {needs} level"
-            checks.append(_not_run(check_id, summary))
+            checks.append(not_run(check_id, summary, CHECKS))
             continue
         if checks and checks[0].verdict == CheckVerdict.FAIL:
-            checks.append(_not_run(check_id, "not run: the engine did not load and run"))
+            checks.append(not_run(check_id, "not run: the engine did not load and run", CHECKS))
             continue
         progress(index / len(CHECKS), CHECKS[check_id])
         s.progress = lambda f, m, i=index: progress((i + f) / len(CHECKS), m)
-        checks.append(_run_check(check_id, s))
+        checks.append(run_check(check_id, s, CHECK_FUNCTIONS, CHECKS))
     if s.engine is not None:
         engine_info["backend"] = s.engine.backend
         engine_info["device"] = s.engine.device

@@ -36,6 +36,7 @@ __all__ = [
     "CaseReport",
     "CaseResult",
     "TestCase",
+    "check_cases_fit",
     "check_dataset_fits",
     "check_fits",
     "feeds_for",
@@ -278,4 +279,24 @@ def check_dataset_fits(ref: DatasetRef, specs: list[TensorSpec]) -> None:
         raise PipelineError(
             f'test cases of dataset {ref.id} give one "input", but the model has '
             f'{len(names)} inputs ({", ".join(names)}): name each under "inputs"'
+        )
+
+
+def check_cases_fit(ref: DatasetRef, model_format: str, specs: list[TensorSpec]) -> None:
+    """A test-case dataset the model can be judged on, from the stored schema (PipelineError
+    with the reason): a language model's are text test cases (prompt, expected, check), any
+    other model's tensor cases that name its inputs (:func:`check_dataset_fits`)."""
+    from pipelines.datasets.text_corpus import text_kind
+    from pipelines.llm.kinds import is_text_format
+
+    if not is_text_format(model_format):
+        check_dataset_fits(ref, specs)
+        return
+    kind = text_kind(ref)
+    if kind != "test_cases":
+        what = f"a {kind} text dataset" if kind else "not a text dataset"
+        raise PipelineError(
+            f"dataset {ref.id} is {what}; a language model's test cases are JSON Lines of "
+            '{"prompt", "expected", "check": "exact"|"contains"|"regex"|"json"} (tags such as '
+            "must optional)"
         )

@@ -240,6 +240,7 @@ class ServingEngine:
         self._key = key
         self.max_requests = max(1, max_requests)
         self.context_length = 0
+        self.vocab_size = 0
         self.eos_token_ids: set[int] = set()
         self._requests: dict[str, TextRequest] = {}
         self._idle: asyncio.Event | None = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -86,6 +87,8 @@ class OrtGenaiServingEngine(ServingEngine):
         super().__init__(str(self.text_model.key), max_requests)
         self.context_length = int(self.text_model.context_length)
         self.eos_token_ids = set(self.text_model.eos_token_ids)
+        genai = json.loads((Path(artifact.path) / "genai_config.json").read_text())["model"]
+        self.vocab_size = int(genai.get("vocab_size") or 0)
         self._detokenizer = _detokenizer(artifact)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._started = threading.Event()
@@ -113,8 +116,6 @@ class OrtGenaiServingEngine(ServingEngine):
         return str(self.text_model.decode(ids))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        import json
-
         tokenizer = self.text_model.tokenizer
         try:
             text = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)

@@ -67,7 +67,8 @@ REGISTRY: dict[str, type[Stage[Any]]] = {
     cls.name: cls for cls in (ExportOnnx, Quantize, Compile, Benchmark, Evaluate, Finetune, Certify)
 }
 TEXT_REGISTRY: dict[str, type[Stage[Any]]] = {
-    cls.name: cls for cls in (FromGguf, LlmFinetune, LlmQuantize, LlmEvaluate, LlmBenchmark)
+    cls.name: cls
+    for cls in (FromGguf, LlmFinetune, LlmQuantize, LlmEvaluate, LlmBenchmark, Certify)
 }
 REGISTRIES: dict[str, dict[str, type[Stage[Any]]]] = {
     TENSOR: REGISTRY,

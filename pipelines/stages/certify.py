@@ -12,10 +12,11 @@ import math
 from typing import ClassVar
 
 from pipelines.certification.report import (
-    LEVEL_CHECKS,
+    TEXT_GENERATION,
     CheckId,
     CheckVerdict,
     SuiteReport,
+    level_checks_of,
 )
 from pipelines.certification.settings import CertifySettings
 from pipelines.core import (
@@ -37,7 +38,11 @@ class Certify(Stage[CertifySettings]):
     description: ClassVar[str] = (
         "Certify the current model on a hardware profile: loads and runs, numerical parity with "
         "its FP32 ancestor, shape coverage, no NaN/Inf, determinism (basic); performance budget "
-        "and serving contract (performance); a team's golden scenario (scenario)."
+        "and serving contract (performance); a team's golden scenario (scenario). A language "
+        "model: loads, tokenizer round trip, perplexity and greedy parity, finite logits, greedy "
+        "determinism, stops, context length and the streaming API success rate (basic); "
+        "latency, serving contract and output tokens/s per card (performance); text test cases "
+        "(scenario)."
     )
     Settings: ClassVar[type[StageSettings]] = CertifySettings
     accepts: ClassVar[tuple[str, ...]] = (
@@ -45,6 +50,10 @@ class Certify(Stage[CertifySettings]):
         ModelFormat.TORCHSCRIPT.value,
         ModelFormat.AOTINDUCTOR.value,
         ModelFormat.TENSORRT.value,
+        # Language models: the text-generation family's checks (pipelines.certification.text_suite).
+        ModelFormat.HF_CHECKPOINT.value,
+        ModelFormat.ORT_GENAI.value,
+        ModelFormat.LORA_ADAPTER.value,
     )
     produces: ClassVar[str | None] = None
 
@@ -65,10 +74,11 @@ class Certify(Stage[CertifySettings]):
         if problem is not None:
             raise PipelineError(problem)
         report = run_suite(artifact, ctx, s, profile, progress)
+        level_checks = level_checks_of(report.family)[report.level]
         failed = [
             c.id.value
             for c in report.checks
-            if c.id in LEVEL_CHECKS[report.level] and c.verdict == CheckVerdict.FAIL
+            if c.id in level_checks and c.verdict == CheckVerdict.FAIL
         ]
         where = f"{report.level.value} on {profile.key}"
         message = f"failed: {', '.join(failed)} ({where})" if failed else f"passed {where}"
@@ -91,6 +101,29 @@ _METRICS: dict[CheckId, dict[str, str]] = {
         "peak_memory_mb": "peak_memory_mb",
     },
 }
+# A language model's (its parity, latency and streaming load measure other things).
+_TEXT_METRICS: dict[CheckId, dict[str, str]] = {
+    CheckId.LOADS: {"load_seconds": "load_seconds"},
+    CheckId.PARITY: {
+        "perplexity": "parity.perplexity",
+        "ppl_increase": "parity.ppl_increase",
+        "greedy_agreement": "parity.greedy_agreement",
+    },
+    CheckId.PERFORMANCE: {
+        "ttft_p99_ms": "ttft_p99_ms",
+        "tpot_p99_ms": "tpot_p99_ms",
+        "peak_memory_mb": "peak_memory_mb",
+    },
+    CheckId.API_SUCCESS: {
+        "success_rate": "api.success_rate",
+        "decode_failure_rate": "api.decode_failure_rate",
+    },
+    CheckId.QPS: {
+        "output_tokens_per_s_per_card": "output_tokens_per_s_per_card",
+        "ttft_p99_ms": "streaming.ttft_p99_ms",
+        "tpot_p99_ms": "streaming.tpot_p99_ms",
+    },
+}
 
 
 def suite_metrics(report: SuiteReport) -> dict[str, float]:
@@ -99,14 +132,15 @@ def suite_metrics(report: SuiteReport) -> dict[str, float]:
     The parity error is the worst ``max_abs_error`` over the outputs; values that are not
     finite numbers are left out (MLflow and JSON take none).
     """
-    level_checks = LEVEL_CHECKS[report.level]
+    level_checks = level_checks_of(report.family)[report.level]
     failed = [c for c in report.checks if c.id in level_checks and c.verdict == CheckVerdict.FAIL]
     metrics = {
         "certify.passed": 1.0 if report.verdict == "passed" else 0.0,
         "certify.checks_failed": float(len(failed)),
     }
+    table = _TEXT_METRICS if report.family == TEXT_GENERATION else _METRICS
     for check in report.checks:
-        wanted = _METRICS.get(check.id, {})
+        wanted = table.get(check.id, {})
         for m in check.measurements:
             value = m.value
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -6,7 +6,8 @@ import uuid
 from django import forms
 
 from pipelines.certification.report import Level
-from pipelines.certification.settings import CertifySettings
+from pipelines.certification.settings import TEXT_GOLDEN_KINDS, CertifySettings
+from pipelines.llm.kinds import is_text_format
 from r1platform.certification.services import THRESHOLDS, runnable_profiles
 from r1platform.datasets.models import Dataset
 from r1platform.jobs.forms import dataset_label
@@ -14,7 +15,7 @@ from r1platform.registry.models import ModelVersion
 
 LEVEL_HELP = (
     "basic: checks 1–5 + API success rate · performance: + budget, serving contract and QPS per "
-    "card · scenario: + test cases"
+    "card (a language model: output tokens/s per card) · scenario: + test cases"
 )
 
 
@@ -64,14 +65,36 @@ class SuiteForm(forms.Form):
         # The live profiles this version's format (and compile details) can run on.
         self.profiles = runnable_profiles(version)[0]
         datasets = Dataset.objects.filter(team_id=version.team_id).order_by("name", "-version")
-        self.fields["golden_dataset"].choices = [("", "— none —")] + [
-            (d.pk, dataset_label(d) + ("" if d.target else ", no target")) for d in datasets
-        ]
-        self.fields["test_cases"].choices = [("", "— none —")] + [
-            (d.pk, dataset_label(d)) for d in datasets if (d.schema or {}).get("test_cases")
-        ]
+        if is_text_format(version.format):  # a language model reads text datasets only
+            self._text_choices(list(datasets))
+        else:
+            self.fields["golden_dataset"].choices = [("", "— none —")] + [
+                (d.pk, dataset_label(d) + ("" if d.target else ", no target")) for d in datasets
+            ]
+            self.fields["test_cases"].choices = [("", "— none —")] + [
+                (d.pk, dataset_label(d)) for d in datasets if (d.schema or {}).get("test_cases")
+            ]
         if not self.is_bound:
             self.initial["idempotency_key"] = uuid.uuid4().hex
+
+    def _text_choices(self, datasets: list[Dataset]) -> None:
+        """A language model's: text golden sets (none: a built-in English sample) and text test
+        cases."""
+        golden = self.fields["golden_dataset"]
+        golden.choices = [("", "— none (a built-in English sample) —")] + [
+            (d.pk, dataset_label(d))
+            for d in datasets
+            if (d.schema or {}).get("text_kind") in TEXT_GOLDEN_KINDS
+        ]
+        golden.help_text = (
+            "Text rows: perplexity (parity with the full-precision ancestor) and the golden "
+            "prompts come from them."
+        )
+        self.fields["test_cases"].choices = [("", "— none —")] + [
+            (d.pk, dataset_label(d))
+            for d in datasets
+            if (d.schema or {}).get("text_kind") == "test_cases"
+        ]
 
 
 class CertifyEverywhereForm(SuiteForm):

@@ -15,7 +15,15 @@ from typing import Any
 
 from django.template.loader import render_to_string
 
-from pipelines.certification.report import CHECKS, LEVEL_CHECKS, CheckId, Level
+from pipelines.certification.report import (
+    CHECK_TITLES,
+    TENSOR,
+    TEXT_GENERATION,
+    CheckId,
+    Level,
+    checks_of,
+    level_checks_of,
+)
 from r1platform.certification.models import Certification, CertStatus
 from r1platform.certification.services import REPORT_KINDS, certificate_document
 from r1platform.core import storage
@@ -32,7 +40,14 @@ HEADLINE = {
     CertStatus.PENDING: "Pending",
     CertStatus.ERROR: "Error",
 }
-COMPARISON = {"<=": "≤", ">=": "≥", "==": "=", "": ""}
+COMPARISON = {"<=": "≤", ">=": "≥", "==": "=", "<": "<", "": ""}
+# What a language model's report says about its criteria (its performance criterion differs).
+TEXT_CRITERIA_NOTE = (
+    "A language model's performance criterion is output tokens per second per card under "
+    "concurrent streaming load through the serving process, with its time to first token (p99) "
+    "and time per output token within budget: a streamed generation has no fixed cost per "
+    "request, so requests per second (QPS) would say nothing about it."
+)
 CONTENT_TYPES = {
     "json": "application/json",
     "html": "text/html; charset=utf-8",
@@ -80,7 +95,7 @@ def _measurement(m: dict) -> dict:
 def _check(c: dict) -> dict:
     return {
         "id": c["id"],
-        "title": c.get("title") or CHECKS.get(CheckId(c["id"]), c["id"]),
+        "title": c.get("title") or CHECK_TITLES.get(CheckId(c["id"]), c["id"]),
         "verdict": c["verdict"],
         "verdict_text": VERDICT_TEXT.get(c["verdict"], c["verdict"]),
         "summary": c.get("summary", ""),
@@ -129,7 +144,7 @@ def _load_details(checks: list[dict]) -> list[dict]:
         failures = details.get("failures") or {}
         found.append(
             {
-                "title": c.get("title") or CHECKS[CheckId(c["id"])],
+                "title": c.get("title") or CHECK_TITLES[CheckId(c["id"])],
                 "latency": [
                     (k.removesuffix("_ms"), show(v)) for k, v in details["latency"].items()
                 ],
@@ -166,7 +181,9 @@ def report_context(cert: Certification, *, live: bool = False) -> dict:
     doc = certificate_document(cert)
     checks = [_check(c) for c in doc["checks"]]
     counts = {v: sum(1 for c in checks if c["verdict"] == v) for v in VERDICT_TEXT}
-    expected = LEVEL_CHECKS[Level(doc["level"])]
+    family = (cert.report or {}).get("family", TENSOR)
+    expected = level_checks_of(family)[Level(doc["level"])]
+    titles = checks_of(family)
     return {
         "cert": cert,
         "doc": doc,
@@ -177,7 +194,9 @@ def report_context(cert: Certification, *, live: bool = False) -> dict:
         "test_cases": _test_cases(doc["checks"]),
         "checks": checks,
         "counts": {VERDICT_TEXT[v]: n for v, n in counts.items() if n},
-        "missing": [CHECKS[c] for c in expected if c.value not in {x["id"] for x in checks}],
+        "missing": [titles[c] for c in expected if c.value not in {x["id"] for x in checks}],
+        "text_model": family == TEXT_GENERATION,
+        "criteria_note": TEXT_CRITERIA_NOTE if family == TEXT_GENERATION else "",
         "chart": parity_chart_svg(_histograms(doc["checks"])),
         "thresholds": _thresholds(doc),
         "reference": _pairs(doc["reference"]),

@@ -18,8 +18,9 @@ from pydantic import ValidationError
 from pipelines.certification.profiles import HardwareProfile as Profile
 from pipelines.certification.profiles import compatibility_problem
 from pipelines.certification.report import Level, SuiteReport, level_at_least
-from pipelines.certification.settings import CertifySettings
+from pipelines.certification.settings import TEXT_GOLDEN_KINDS, CertifySettings
 from pipelines.datasets import TARGET_NAMES, default_target
+from pipelines.llm.kinds import is_text_format
 from r1platform.certification.document import (
     CertificateDocument,
     DatasetRef,
@@ -269,15 +270,31 @@ def _golden_dataset(
     version: ModelVersion, dataset_id: int | None, level: str, has_cases: bool = False
 ) -> Dataset | None:
     """The team's golden dataset, with a target where the scenario needs expected outputs (and
-    has no test cases to judge instead).
+    has no test cases to judge instead). A language model's golden set is text (its perplexity
+    and prompts), and its scenario is judged on text test cases only.
 
     Whether its columns fit the model's input is checked by launch_job (check_datasets).
     """
+    text = is_text_format(version.format)
+    if text and level == Level.SCENARIO and not has_cases:
+        raise CertificationRefused(
+            "the scenario level of a language model judges a text test-case dataset: choose "
+            "one (test_cases_dataset_id), or certify at performance"
+        )
     if dataset_id is None:
         return None
     dataset = Dataset.objects.filter(team_id=version.team_id, pk=dataset_id).first()
     if dataset is None:
         raise CertificationRefused(f"dataset {dataset_id} does not exist in this team")
+    if text:
+        kind = (dataset.schema or {}).get("text_kind")
+        if kind not in TEXT_GOLDEN_KINDS:
+            what = f"a {kind} dataset" if kind else "not a text dataset"
+            raise CertificationRefused(
+                f"{dataset} is {what}; a language model's golden set is text rows (text, "
+                "prompt/completion or messages): its perplexity and prompts come from them"
+            )
+        return dataset
     if level == Level.SCENARIO and not has_cases and not _target_of(dataset):
         raise CertificationRefused(
             f"the scenario level judges the model on expected outputs, and {dataset} has no "

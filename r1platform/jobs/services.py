@@ -21,7 +21,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from pipelines.certification.profiles import compatibility_problem
-from pipelines.certification.test_cases import check_dataset_fits
+from pipelines.certification.test_cases import check_cases_fit
 from pipelines.core import DatasetRef, PipelineError, StageConfigError
 from pipelines.datasets import check_fits
 from pipelines.stages import default_pipeline, validate_pipeline
@@ -115,7 +115,7 @@ def check_datasets(version: ModelVersion, stages: list[dict]) -> None:
             raise LaunchRefused(f"dataset {dataset_id} does not exist in this team")
         try:
             if dataset_id in case_ids:
-                check_dataset_fits(dataset_ref(dataset), input_specs(version))
+                check_cases_fit(dataset_ref(dataset), version.format, input_specs(version))
             else:
                 check_fits(dataset_ref(dataset), version.format, input_specs(version))
         except PipelineError as exc:

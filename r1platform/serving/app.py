@@ -2,7 +2,7 @@
 
 | route | auth | answer |
 | --- | --- | --- |
-| `GET /v2` | none | server metadata (`extensions`: `binary_tensor_data`) |
+| `GET /v2` | none | server metadata (`extensions`: `binary_tensor_data`, `generate`) |
 | `GET /v2/health/live` | none | 200 while the process runs |
 | `GET /v2/health/ready` | none | 200 once the first poll has loaded what it could, else 503 |
 | `GET /v2/models/{name}[/versions/{v}]` | token | model metadata; 503 when not ready |
@@ -10,6 +10,7 @@
 | `POST /v2/models/{name}[/versions/{v}]/infer` | token | outputs; 400 bad input, 500 failed |
 | `GET /metrics` | metrics token or token | Prometheus metrics (a team token: its models only) |
 | `GET /v1/models`, `POST /v1/[chat/]completions` | token | OpenAI-compatible (``openai_api``) |
+| `POST /v2/models/{name}[/versions/{v}]/generate[_stream]` | token | text (``generate_api``) |
 
 Model names are a team's registered model names: a token sees only its own team's models, and
 another team's model does not exist for it (404). Errors are ``{"error": "..."}``. A token works
@@ -43,6 +44,7 @@ from starlette.routing import Route
 
 from pipelines.core import PipelineError
 from pipelines.engines import EngineInputError
+from r1platform.serving.generate_api import GenerateApi
 from r1platform.serving.memory import BodyBudget, mmap_large_buffers
 from r1platform.serving.metrics import ServingMetrics, is_metrics_token
 from r1platform.serving.openai_api import OpenAIApi
@@ -128,7 +130,7 @@ class _Api:
             {
                 "name": "r1platform",
                 "version": self.server_version,
-                "extensions": ["binary_tensor_data"],
+                "extensions": ["binary_tensor_data", "generate"],
             }
         )
 
@@ -181,8 +183,8 @@ class _Api:
             _ready(served)
             if served.text is not None:
                 message = (
-                    f"model {spec.name!r} is a text-generation model: call /v1/completions or "
-                    "/v1/chat/completions"
+                    f"model {spec.name!r} is a text-generation model: call /v1/completions, "
+                    f"/v1/chat/completions or /v2/models/{spec.name}/generate"
                 )
                 raise ServingError(400, message)
             async with self.bodies.hold(self._large_body_size(request)):
@@ -296,7 +298,7 @@ def _bearer(request: Request) -> str:
 
 def _ready(served: ServedModel) -> ServedModel:
     if not served.ready:
-        raise ServingError(503, f"model {served.spec.name!r} is not ready: {served.error}")
+        raise ServingError(503, f"model {served.spec.name!r} is not ready: {served.reason}")
     return served
 
 
@@ -315,11 +317,16 @@ def build_app(source: ModelSource, options: ServingOptions | None = None) -> Sta
     refresher = TokenRefresher(source, tokens, every=min(options.poll_seconds, 1.0))
     api = _Api(runtime, metrics, options, tokens)
     openai = OpenAIApi(runtime, metrics, stats, api.openai_team, options.max_body_bytes)
+    generate = GenerateApi(runtime, metrics, stats, api.openai_team, options.max_body_bytes)
     models, versions = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
     # Routes are matched in order: inference, the hot path, first.
     routes = [
         Route(models + "/infer", api.infer, methods=["POST"]),
         Route(versions + "/infer", api.infer, methods=["POST"]),
+        Route(models + "/generate", generate.generate, methods=["POST"]),
+        Route(versions + "/generate", generate.generate, methods=["POST"]),
+        Route(models + "/generate_stream", generate.generate_stream, methods=["POST"]),
+        Route(versions + "/generate_stream", generate.generate_stream, methods=["POST"]),
         Route(models, api.model_metadata),
         Route(models + "/ready", api.model_ready),
         Route(versions, api.model_metadata),

@@ -47,6 +47,8 @@ def model_spec(deployment: Deployment) -> ModelSpec:
         model_id=deployment.model_id,
         version_id=version.pk,
         base=adapter_base(version),
+        text_engine=pool.text_engine,
+        engine_replicas=pool.engine_replicas,
     )
 
 

@@ -5,7 +5,9 @@ engine exactly as ``manage.py serve`` would (same app, same loader, dynamic batc
 :func:`serving_probe` asks for its metadata, sends one Open Inference Protocol request of the
 declared inputs and returns what came back, for the serving-contract check to compare with the
 engine run directly. :func:`serving_server` keeps it served while a ``with`` block runs, for the
-API-success and QPS checks, which drive it from a client process.
+API-success and QPS checks, which drive it from a client process. A language model is served the
+same way (its ``ServingEngine`` decodes the requests together); its checks call the endpoint's
+``base_url`` on the OpenAI-compatible routes, naming ``model``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import numpy as np
 from pipelines.certification.load_client import NUMPY_FOR
 from pipelines.certification.serving_probe import Endpoint, ProbeResult
 from pipelines.core import Artifact
+from pipelines.llm.kinds import is_text_format
 from r1platform.serving.app import build_app
 from r1platform.serving.protocol import datatype
 from r1platform.serving.server import serving_in_thread
 from r1platform.serving.source import ModelSpec, StaticModelSource
 
 RUNTIME = "r1platform serving (Open Inference Protocol v2)"
+TEXT_RUNTIME = "r1platform serving (OpenAI-compatible completions, continuous batching)"
 NAME = "certification-probe"
 READY_TIMEOUT = 120.0
 
@@ -70,9 +74,12 @@ def serving_probe(artifact: Artifact, device: str, feeds: Mapping[str, np.ndarra
 
 
 @contextmanager
-def serving_server(artifact: Artifact, device: str, max_batch_size: int) -> Iterator[Endpoint]:
-    """Serve ``artifact`` on loopback with dynamic batching up to ``max_batch_size``; yield its
-    endpoint once the model is ready (RuntimeError with the reason when it did not load)."""
+def serving_server(
+    artifact: Artifact, device: str, max_batch_size: int, base: Artifact | None = None
+) -> Iterator[Endpoint]:
+    """Serve ``artifact`` on loopback with dynamic batching up to ``max_batch_size`` (a LoRA
+    adapter over its ``base`` checkpoint); yield its endpoint once the model is ready
+    (RuntimeError with the reason when it did not load)."""
     token = secrets.token_urlsafe(24)
     spec = ModelSpec(
         team_id=0,
@@ -82,14 +89,16 @@ def serving_server(artifact: Artifact, device: str, max_batch_size: int) -> Iter
         artifact=artifact,
         device=device,
         max_batch_size=max(max_batch_size, 1),
+        base=base,
     )
     app = build_app(StaticModelSource([spec], {token: 0}))
     headers = {"Authorization": f"Bearer {token}"}
+    runtime = TEXT_RUNTIME if is_text_format(artifact.format) else RUNTIME
     with serving_in_thread(app) as url:
         base = f"{url}/v2/models/{NAME}"
         _wait_ready(f"{url}/v2/health/ready", headers)
         _call(f"{base}/ready", headers)
-        yield Endpoint(RUNTIME, base, headers, spec.max_batch_size)
+        yield Endpoint(runtime, base, headers, spec.max_batch_size, base_url=url, model=NAME)
 
 
 def _wait_ready(url: str, headers: dict[str, str]) -> None:

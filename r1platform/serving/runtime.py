@@ -39,6 +39,8 @@ from pipelines.llm.serving_engines import open_serving_engine
 from pipelines.onnx_io import first_error_line, random_inputs, read_tensor_specs
 from r1platform.core.storage import sha256_file
 from r1platform.serving.batcher import DynamicBatcher
+from r1platform.serving.engine_deployments import EngineDeployment
+from r1platform.serving.engine_servers import BUILTIN, EngineSettings
 from r1platform.serving.metrics import ServingMetrics
 from r1platform.serving.protocol import PLATFORMS, tensor_metadata
 from r1platform.serving.source import ModelSource, ModelSpec
@@ -56,13 +58,23 @@ class ServedModel:
     engine: Engine | None = None
     batcher: DynamicBatcher | None = None
     text: ServingEngine | None = None
+    upstream: EngineDeployment | None = None  # engine servers this process proxies to
     error: str = ""
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
+        if self.upstream is not None:
+            return self.upstream.ready  # read live: replicas start, fail and restart
         return self.batcher is not None or self.text is not None
+
+    @property
+    def reason(self) -> str:
+        """Why it is not ready ("" when it is)."""
+        if self.upstream is not None and not self.error:
+            return self.upstream.reason
+        return self.error
 
     @property
     def is_text(self) -> bool:
@@ -175,6 +187,8 @@ def load_model(spec: ModelSpec) -> ServedModel:
 
 # A language model's engine that failed is loaded again at most this often.
 ENGINE_RESTART_SECONDS = 10.0
+# How long a new version's engine servers may take to answer before a swap gives up on them.
+ENGINE_START_SECONDS = 900.0
 
 
 class ModelRuntime:
@@ -280,12 +294,31 @@ class ModelRuntime:
     def _load(self, spec: ModelSpec) -> ServedModel:
         log.info("serving: loading %s v%s (revision %s)", spec.label, spec.version, spec.revision)
         try:
+            if is_text_format(spec.artifact.format) and spec.text_engine != BUILTIN:
+                return self._start_engine_servers(spec)
             return load_model(spec)
         except Exception as exc:
             reason = f"version {spec.version} did not load: {first_error_line(exc)}"
             log.error("serving: %s %s", spec.label, reason)
             self.metrics.load_failures.labels(spec.label).inc()
             return ServedModel(spec=spec, error=reason)
+
+    def _start_engine_servers(self, spec: ModelSpec) -> ServedModel:
+        """A language model on a vLLM / TensorRT-LLM pool: its engine servers, started. Over a
+        version that serves now, the new one is swapped in only once a replica answers (one
+        that never does leaves the old serving, as a failed load does)."""
+        settings_ = EngineSettings.for_pool(
+            spec.text_engine, spec.engine_replicas, spec.max_batch_size
+        )
+        deployment = EngineDeployment.for_spec(spec, settings_, self.metrics, self.stats)
+        deployment.start()
+        current = self._models.get(spec.key)
+        serving = current is not None and current.ready
+        if serving and not deployment.wait_ready(ENGINE_START_SECONDS):
+            reason = deployment.reason
+            self._on_loop(deployment.close())
+            raise PipelineError(f"its engine servers did not become ready: {reason}")
+        return ServedModel(spec=spec, upstream=deployment)
 
     def _on_loop(self, coroutine: object) -> None:
         assert self._loop is not None
@@ -296,7 +329,7 @@ class ModelRuntime:
     async def _install(self, served: ServedModel) -> None:
         key = served.spec.key
         current = self._models.get(key)
-        if not served.ready and served.engine is None:
+        if not served.ready and served.engine is None and served.upstream is None:
             if current is not None and current.ready:
                 current.error = served.error  # the version serving now goes on serving
                 return
@@ -320,7 +353,7 @@ class ModelRuntime:
             "serving: %s v%s %s",
             served.spec.label,
             served.spec.version,
-            "ready" if served.ready else "NOT READY: " + served.error,
+            "ready" if served.ready else "NOT READY: " + served.reason,
         )
 
     async def _remove(self, key: tuple[int, str]) -> None:
@@ -343,6 +376,8 @@ class ModelRuntime:
         if served.text is not None:
             await served.text.drain()  # streams in flight finish on the version they started on
             await asyncio.to_thread(served.text.close)
+        if served.upstream is not None:
+            await served.upstream.close()
         # Dropping the last references releases the engine (its session and memory).
         served.batcher, served.engine, served.text = None, None, None
 

@@ -42,6 +42,10 @@ class ModelSpec:
     version_id: int = 0
     # A LoRA adapter's base: the checkpoint it was trained on (None for every other format).
     base: Artifact | None = None
+    # What decodes a language model: "builtin" (in this process), "vllm" or "trtllm" (engine
+    # servers this process starts and proxies to), and how many of them.
+    text_engine: str = "builtin"
+    engine_replicas: int = 1
 
     @property
     def key(self) -> tuple[int, str]:
@@ -61,6 +65,8 @@ class ModelSpec:
             self.device,
             self.max_batch_size,
             self.max_queue_delay_ms,
+            self.text_engine,
+            self.engine_replicas,
         )
 
 

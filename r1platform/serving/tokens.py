@@ -8,6 +8,15 @@ member removed or a user deactivated is refused by the next read, about a second
 When the tokens cannot be read (the database is down), the last list is used for ``max_age``
 seconds; after that every token is refused (503) rather than trusting a list that may hold
 revoked tokens.
+
+The dashboard's playground (``serving.playground``) calls the serving process without a team
+token: it signs a short-lived one (:func:`sign_playground_token`: ``django.core.signing`` with
+the salt ``r1-playground`` and the platform's ``SECRET_KEY``, which the serving process shares,
+carrying the team and user ids) after checking the user is a member of the model's team. A
+signed token calls for its team, like that team's API token, for ``PLAYGROUND_MAX_AGE_SECONDS``
+after it was signed; a forged or expired one is refused (401). It never leaves the web process
+(the browser talks to the dashboard only), and it needs no database read, so it is checked before
+the token list.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+
+from django.core import signing
 
 from r1platform.accounts.models import hash_token
 from r1platform.serving.source import ModelSource
@@ -26,6 +37,31 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_AGE_SECONDS = 30.0
 # How long starting the app waits for the first read, so the first requests are not refused.
 FIRST_READ_WAIT_SECONDS = 10.0
+
+# The dashboard's signed playground tokens (see the module's docstring).
+PLAYGROUND_PREFIX = "r1pg."  # team API tokens start "r1_": the two never look alike
+PLAYGROUND_SALT = "r1-playground"
+PLAYGROUND_MAX_AGE_SECONDS = 120
+
+
+def sign_playground_token(team_id: int, user_id: int) -> str:
+    """A token the serving process takes for ``team_id`` for ``PLAYGROUND_MAX_AGE_SECONDS``."""
+    payload = {"team": team_id, "user": user_id}
+    return PLAYGROUND_PREFIX + signing.dumps(payload, salt=PLAYGROUND_SALT)
+
+
+def playground_team(raw_token: str, max_age: float = PLAYGROUND_MAX_AGE_SECONDS) -> int | None:
+    """The team of a signed playground token; None when it is not one, forged, or expired."""
+    if not raw_token.startswith(PLAYGROUND_PREFIX):
+        return None
+    try:
+        payload = signing.loads(
+            raw_token[len(PLAYGROUND_PREFIX) :], salt=PLAYGROUND_SALT, max_age=max_age
+        )
+    except signing.BadSignature:  # SignatureExpired included
+        return None
+    team = payload.get("team") if isinstance(payload, dict) else None
+    return team if isinstance(team, int) and not isinstance(team, bool) else None
 
 
 class TokensUnavailable(Exception):
@@ -54,7 +90,9 @@ class TokenCache:
 
     def team_for(self, raw_token: str) -> int | None:
         """The token's team, None for a token that may not call; TokensUnavailable when the
-        list is too old to tell."""
+        list is too old to tell. A signed playground token is checked by its signature alone."""
+        if raw_token.startswith(PLAYGROUND_PREFIX):
+            return playground_team(raw_token)
         teams, read_at = self._state
         if read_at is None:
             raise TokensUnavailable("the API tokens have not been read yet; try again shortly")

@@ -353,7 +353,7 @@ def test_it_describes_every_stage_with_a_settings_schema() -> None:
         "export_onnx", "quantize", "compile", "benchmark", "evaluate", "finetune", "certify"
     }  # fmt: skip
     text = {s["name"]: s for s in stage_schemas("text-generation")}
-    assert set(text) == {"from_gguf", "finetune", "quantize", "evaluate", "benchmark"}
+    assert set(text) == {"from_gguf", "finetune", "quantize", "evaluate", "benchmark", "certify"}
     assert text["quantize"]["accepts"] == ["hf_checkpoint"]
     assert len(stage_schemas()) == len(schemas) + len(text)  # both families by default
     assert schemas["export_onnx"]["accepts"] == ["torchscript"]

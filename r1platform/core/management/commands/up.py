@@ -182,9 +182,12 @@ class Command(BaseCommand):
             "--host", host, "--port", str(port),
         ]  # fmt: skip
         children["serve"] = self._spawn("serve", cmd, env, logs)
+        url = f"http://{_reachable(host)}:{port}"
         with self._step(f"waiting for pool {DEMO_POOL!r} to serve"):
-            self._wait_ready(f"http://{host}:{port}/v2/health/live", children)
-        return f"http://{host}:{port}"
+            self._wait_ready(f"{url}/v2/health/live", children)
+        # Where the dashboard (the model page's playground) reaches this serving process.
+        ServingPool.objects.filter(name=DEMO_POOL).update(url=url)
+        return url
 
     @contextmanager
     def _step(self, label: str) -> Iterator[None]:
@@ -269,6 +272,15 @@ def _log_to_file(path: Path) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     logging.captureWarnings(True)
+
+
+def _reachable(host: str) -> str:
+    """The address to call a server bound to ``host`` on: a wildcard is reached on loopback."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def _interrupt(signum: int, frame: object) -> None:
