@@ -236,6 +236,12 @@ def prepare(args: argparse.Namespace) -> dict[str, tuple[Path, str]]:
     return versions
 
 
+def kv_tokens(args: argparse.Namespace) -> int:
+    """KV-cache tokens for ``max_requests`` requests of this benchmark's length, twice over
+    (the serving default, 65,536, is sized for long contexts and costs GBs per engine)."""
+    return 2 * args.max_requests * (args.prompt + args.new + 16)
+
+
 def start_servers(args: argparse.Namespace, versions: dict, env: dict) -> dict:
     servers: dict[str, tuple[subprocess.Popen, int, str]] = {}
     for n, (label, (folder, fmt)) in enumerate(versions.items()):
@@ -248,9 +254,12 @@ def start_servers(args: argparse.Namespace, versions: dict, env: dict) -> dict:
     if not args.no_peer:
         folder = versions["transformers-cb fp32"][0]
         port = args.port + len(servers)
+        # Its KV cache as large as ours: by default it reserved 12 GB here and ran out of memory.
+        blocks = str(kv_tokens(args) // 32)
         command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder),
                    "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning"]  # fmt: skip
+                   "--port", str(port), "--log-level", "warning",
+                   "--cb-block-size", "32", "--cb-num-blocks", blocks]  # fmt: skip
         log = open(args.work / "transformers-serve.log", "w")  # noqa: SIM115
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         servers["transformers serve (peer)"] = (process, port, str(folder))
@@ -310,7 +319,11 @@ def main() -> int:
     )
     ids = tokenizer.encode(" ".join(corpus(40_000)), add_special_tokens=False)
     texts = [tokenizer.decode(ids[i * args.prompt : (i + 1) * args.prompt]) for i in range(16)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "R1_LLM_KV_CACHE_TOKENS": str(kv_tokens(args)),
+    }
     engines = {
         label: open_serving_engine(
             Artifact(label, str(folder), fmt, "fp32", [], []),

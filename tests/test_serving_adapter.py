@@ -95,3 +95,29 @@ def test_a_model_on_a_vllm_pool_without_vllm_answers_503_with_the_engine_servers
         ok = post(url, "completions", {"model": "llm", "prompt": "a", "max_tokens": 2})
         assert ok.status_code == 200
     assert served.upstream.replicas and all(r.state != "ready" for r in served.upstream.replicas)
+
+
+def test_on_an_engine_server_pool_an_adapter_needs_its_base_served_there(
+    folders, tmp_path, settings
+):
+    """vLLM's multi-LoRA: the adapter is loaded into its base's servers, so it waits for them;
+    servers started without LoRA cannot take it without a restart, and it says so."""
+    settings.R1_WORK_DIR = tmp_path
+    base_folder, adapter_folder = folders
+    base = Artifact("llm v1", str(base_folder), "hf_checkpoint", "fp32", [], [])
+    adapter = text_spec(
+        TEAM_A, "tuned", adapter_folder, version=2, fmt="lora_adapter", base=base,
+        text_engine="vllm",
+    )  # fmt: skip
+    alone = build_app(StaticModelSource([adapter], {"token-a": TEAM_A}), ServingOptions())
+    with serving_in_thread(alone):
+        assert alone.state.runtime.synced.wait(60)
+        served = alone.state.runtime.lookup(TEAM_A, "tuned")
+        assert not served.ready and "promote the checkpoint it was trained on" in served.reason
+    with_base = [text_spec(TEAM_A, "llm", base_folder, text_engine="vllm"), adapter]
+    app = build_app(StaticModelSource(with_base, {"token-a": TEAM_A}), ServingOptions())
+    with serving_in_thread(app):
+        assert app.state.runtime.synced.wait(60)
+        served = app.state.runtime.lookup(TEAM_A, "tuned")
+        assert not served.ready and "without a restart" in served.reason
+        assert app.state.runtime.lookup(TEAM_A, "llm").upstream is not None

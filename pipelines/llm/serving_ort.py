@@ -217,7 +217,10 @@ class OrtGenaiServingEngine(ServingEngine):
     ) -> None:
         og, params = self.og, request.params
         try:
-            handle = engine.create_request()
+            # Its cache holds this request's tokens, not the model's whole context.
+            limits = og.RequestOptions()
+            limits.set_max_session_tokens(len(prompt_ids) + params.max_new_tokens)
+            handle = engine.create_request(options=limits)
             options = og.TurnOptions(handle)
             options.set_max_generated_tokens(params.max_new_tokens)
             if params.greedy:

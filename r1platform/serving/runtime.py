@@ -59,6 +59,7 @@ class ServedModel:
     batcher: DynamicBatcher | None = None
     text: ServingEngine | None = None
     upstream: EngineDeployment | None = None  # engine servers this process proxies to
+    owns_upstream: bool = True  # False: an adapter served by its base's engine servers
     error: str = ""
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -274,6 +275,7 @@ class ModelRuntime:
             self._attempted.pop(key, None)
             self._on_loop(self._remove(key))
         self._restart_failed_engines(specs)
+        self._reattach_adapters()
 
     def _restart_failed_engines(self, specs: dict[tuple[int, str], ModelSpec]) -> None:
         """A language model whose engine's loop died (an error in a decoding step) is loaded
@@ -307,6 +309,8 @@ class ModelRuntime:
         """A language model on a vLLM / TensorRT-LLM pool: its engine servers, started. Over a
         version that serves now, the new one is swapped in only once a replica answers (one
         that never does leaves the old serving, as a failed load does)."""
+        if spec.artifact.format == ModelFormat.LORA_ADAPTER.value:
+            return self._adapter_on_base(spec)
         settings_ = EngineSettings.for_pool(
             spec.text_engine, spec.engine_replicas, spec.max_batch_size
         )
@@ -319,6 +323,52 @@ class ModelRuntime:
             self._on_loop(deployment.close())
             raise PipelineError(f"its engine servers did not become ready: {reason}")
         return ServedModel(spec=spec, upstream=deployment)
+
+    def _adapter_on_base(self, spec: ModelSpec) -> ServedModel:
+        """A LoRA adapter on an engine-server pool is loaded into its base's servers (vLLM's
+        multi-LoRA: no second copy of the base); requests name the adapter as the model."""
+        base = next(
+            (
+                m
+                for m in self._models.values()
+                if m.upstream is not None
+                and m.owns_upstream
+                and spec.base is not None
+                and m.spec.team_id == spec.team_id
+                and Path(m.spec.artifact.path) == Path(spec.base.path)
+            ),
+            None,
+        )
+        if base is None or base.upstream is None:
+            raise PipelineError(
+                f"on a {spec.text_engine} pool a LoRA adapter is served by its base's engine "
+                "servers: promote the checkpoint it was trained on to this pool first"
+            )
+        if not base.upstream.add_adapter(spec.name, spec.artifact.path):
+            raise PipelineError(
+                f"{base.spec.label}'s {spec.text_engine} servers cannot load the adapter without "
+                "a restart (LoRA off, a higher rank, or TensorRT-LLM): promote the base again"
+            )
+        return ServedModel(spec=spec, upstream=base.upstream, owns_upstream=False)
+
+    def _reattach_adapters(self) -> None:
+        """An adapter on an engine-server pool is loaded again on the next poll when its base's
+        servers were replaced (a promotion of the base), or when it waited for a base that now
+        serves (the two were loaded in the other order)."""
+        owners = [m for m in self._models.values() if m.upstream is not None and m.owns_upstream]
+        for key, served in self._models.items():
+            spec = served.spec
+            if spec.artifact.format != ModelFormat.LORA_ADAPTER.value or spec.base is None:
+                continue
+            if spec.text_engine == BUILTIN:
+                continue
+            if served.upstream is not None:
+                stale = all(m.upstream is not served.upstream for m in owners)
+            else:
+                base = Path(spec.base.path)
+                stale = any(Path(m.spec.artifact.path) == base for m in owners)
+            if stale:
+                self._attempted.pop(key, None)
 
     def _on_loop(self, coroutine: object) -> None:
         assert self._loop is not None
@@ -376,7 +426,7 @@ class ModelRuntime:
         if served.text is not None:
             await served.text.drain()  # streams in flight finish on the version they started on
             await asyncio.to_thread(served.text.close)
-        if served.upstream is not None:
+        if served.upstream is not None and served.owns_upstream:
             await served.upstream.close()
         # Dropping the last references releases the engine (its session and memory).
         served.batcher, served.engine, served.text = None, None, None
