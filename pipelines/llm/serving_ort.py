@@ -89,6 +89,7 @@ class OrtGenaiServingEngine(ServingEngine):
         self.eos_token_ids = set(self.text_model.eos_token_ids)
         genai = json.loads((Path(artifact.path) / "genai_config.json").read_text())["model"]
         self.vocab_size = int(genai.get("vocab_size") or 0)
+        self._min_session = min(int(self.text_model.min_cache), self.context_length)
         self._detokenizer = _detokenizer(artifact)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._started = threading.Event()
@@ -217,9 +218,11 @@ class OrtGenaiServingEngine(ServingEngine):
     ) -> None:
         og, params = self.og, request.params
         try:
-            # Its cache holds this request's tokens, not the model's whole context.
+            # Its cache holds this request's tokens, not the model's whole context (but at
+            # least a sliding window's: such a model's cache must hold the window).
+            tokens = len(prompt_ids) + params.max_new_tokens
             limits = og.RequestOptions()
-            limits.set_max_session_tokens(len(prompt_ids) + params.max_new_tokens)
+            limits.set_max_session_tokens(max(tokens, self._min_session))
             handle = engine.create_request(options=limits)
             options = og.TurnOptions(handle)
             options.set_max_generated_tokens(params.max_new_tokens)
