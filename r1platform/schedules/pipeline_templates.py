@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from pydantic import ValidationError as SettingsError
 
-from pipelines.stages import MAX_STAGES, REGISTRY
+from pipelines.stages import MAX_STAGES, REGISTRIES
 from r1platform.accounts.models import Team
 from r1platform.datasets.models import Dataset
 from r1platform.schedules.checks import ScheduleRefused, clean_name, creator
@@ -97,7 +97,10 @@ def check_template_stages(stages: Any, team: Team) -> list[dict]:
 
     Whether the stages fit a model's format is checked per schedule, where the model is known.
     """
-    known = ", ".join(REGISTRY)
+    # A template is the model's business only once a schedule names the model: a stage name
+    # and settings any model family takes are valid here (a language model's finetune too).
+    stage_names = list(dict.fromkeys(n for registry in REGISTRIES.values() for n in registry))
+    known = ", ".join(stage_names)
     if not isinstance(stages, list) or not stages:
         raise ScheduleRefused(
             'a template is a non-empty list of stages such as [{"name": "finetune", '
@@ -111,8 +114,8 @@ def check_template_stages(stages: Any, team: Team) -> list[dict]:
     for index, item in enumerate(stages, start=1):
         name = item.get("name") if isinstance(item, dict) else None
         raw = item.get("settings", {}) if isinstance(item, dict) else None
-        if not isinstance(name, str) or name not in REGISTRY:
-            close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+        if not isinstance(name, str) or name not in stage_names:
+            close = difflib.get_close_matches(str(name), stage_names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors.append(f"stage {index}: unknown stage {name!r}{hint}; known stages: {known}")
             continue
@@ -129,12 +132,9 @@ def check_template_stages(stages: Any, team: Team) -> list[dict]:
         trial = fill_datasets([{"name": name, "settings": raw}], newest=1, training=set())[0]
         if name == CERTIFY:
             trial["settings"].setdefault("profile", "any")
-        try:
-            REGISTRY[name].Settings.model_validate(trial["settings"])
-        except SettingsError as exc:
-            for error in exc.errors():
-                field = ".".join(str(part) for part in error["loc"]) or "settings"
-                errors.append(f"stage {index} ({name}): {field}: {error['msg']}")
+        problems = settings_problems(name, trial["settings"])
+        if problems:
+            errors += [f"stage {index} ({name}): {problem}" for problem in problems]
             continue
         cleaned.append({"name": name, "settings": dict(raw)})
         numbered.append((index, cleaned[-1]))
@@ -142,6 +142,27 @@ def check_template_stages(stages: Any, team: Team) -> list[dict]:
     if errors:
         raise ScheduleRefused("\n".join(errors))
     return cleaned
+
+
+def settings_problems(name: str, settings: dict) -> list[str]:
+    """Nothing when some model family's stage ``name`` takes ``settings``; else the problems
+    the family with the fewest found (a tensor model's fine-tune and a language model's differ)."""
+    found: list[list[str]] = []
+    for registry in REGISTRIES.values():
+        if name not in registry:
+            continue
+        try:
+            registry[name].Settings.model_validate(settings)
+        except SettingsError as exc:
+            found.append(
+                [
+                    f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+                    for e in exc.errors()
+                ]
+            )
+            continue
+        return []
+    return min(found, key=len) if found else [f"unknown stage {name!r}"]
 
 
 def foreign_datasets(stages: list[tuple[int, dict]], team: Team) -> list[str]:
