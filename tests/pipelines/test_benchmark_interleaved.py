@@ -114,9 +114,15 @@ def test_it_measures_the_input_and_its_ancestors_together_with_speedups_vs_paren
         vs_parent = result.metrics.get(f"speedup_vs_parent.input.b{batch}")
         vs_upload = result.metrics.get(f"speedup_vs_upload.input.b{batch}")
         if steady:
-            assert vs_parent == by["version-2"].p50_ms / by["input"].p50_ms
-            assert vs_upload == by["version-1"].p50_ms / by["input"].p50_ms
-            assert result.metrics[f"speedup_vs_parent.version-2.b{batch}"] > 0
+            # Claimed only when the per-round ratio held; otherwise the message names the pair
+            # (a busy machine's rounds can move it more than the agreement).
+            for ratio, ref in ((vs_parent, "version-2"), (vs_upload, "version-1")):
+                if ratio is None:
+                    assert f"input vs {ref} at batch {batch}" in result.message
+                else:
+                    assert ratio == by[ref].p50_ms / by["input"].p50_ms
+            older = result.metrics.get(f"speedup_vs_parent.version-2.b{batch}")
+            assert (older or 0) > 0 or f"version-2 vs version-1 at batch {batch}" in result.message
         assert f"speedup_vs_upload.version-1.b{batch}" not in result.metrics  # it is the upload
     assert "3 models timed together" in result.message
 
