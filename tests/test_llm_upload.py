@@ -232,9 +232,10 @@ def test_a_checkpoints_launch_form_offers_the_language_model_stages(
             assert api.post("/api/v1/datasets", {"name": name, "file": f}).status_code == 201
 
     body = member_client.get(reverse("jobs:job_new"), {"version": version_id}).content.decode()
-    for name in ("finetune", "quantize", "evaluate", "benchmark", "from_gguf"):
+    # certify too: a language model has its own suite (pipelines/certification/text_suite.py).
+    for name in ("finetune", "quantize", "evaluate", "benchmark", "from_gguf", "certify"):
         assert f'name="include_{name}"' in body, name
-    for name in ("export_onnx", "compile", "certify"):  # tensor stages are not offered
+    for name in ("export_onnx", "compile"):  # tensor stages are not offered
         assert f'name="include_{name}"' not in body, name
     assert "prompt_lengths" in body  # the text benchmark's settings, not batch_sizes
     # The default pipeline, quantize -> evaluate -> benchmark, is checked; from_gguf is not.
