@@ -3,6 +3,7 @@ the same OpenAI-compatible routes; the deployments source finds the base through
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,16 @@ def test_a_model_on_a_vllm_pool_without_vllm_answers_503_with_the_engine_servers
         assert app.state.runtime.synced.wait(60)
         served = app.state.runtime.lookup(TEAM_A, "big")
         assert served is not None and served.upstream is not None and served.text is None
-        answer = post(url, "completions", {"model": "big", "prompt": "a", "max_tokens": 2})
-        assert answer.status_code == 503
-        assert "vllm" in answer.json()["error"]["message"].lower()
+        # Its replica is "starting" until the supervisor sees that vllm cannot start.
+        deadline = time.monotonic() + 60
+        while True:
+            answer = post(url, "completions", {"model": "big", "prompt": "a", "max_tokens": 2})
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+            if "starting" not in message or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "vllm" in message.lower(), message
         ok = post(url, "completions", {"model": "llm", "prompt": "a", "max_tokens": 2})
         assert ok.status_code == 200
     assert served.upstream.replicas and all(r.state != "ready" for r in served.upstream.replicas)
