@@ -108,6 +108,41 @@ def corpus(limit_chars: int) -> list[str]:
     return out
 
 
+def calibration_corpus() -> list[str]:
+    """Other English prose for the measured sensitivity: docstrings of other standard-library
+    modules, their classes and functions (none of it is in :func:`corpus`)."""
+    import asyncio
+    import csv
+    import decimal
+    import difflib
+    import doctest
+    import heapq
+    import optparse
+    import pydoc
+    import random
+    import shutil
+    import socket
+    import sqlite3
+    import tarfile
+    import textwrap
+    import urllib.request
+    import zipfile
+
+    modules = [textwrap, difflib, heapq, random, decimal, doctest, optparse, pydoc, tarfile,
+               zipfile, csv, sqlite3, shutil, asyncio, socket, urllib.request]  # fmt: skip
+    texts: list[str] = []
+    for module in modules:
+        docs = [inspect.getdoc(module) or ""] + [
+            inspect.getdoc(obj) or ""
+            for _, obj in sorted(vars(module).items())
+            if (inspect.isclass(obj) or inspect.isfunction(obj))
+            and getattr(obj, "__module__", "") == module.__name__
+        ]
+        for doc in docs:
+            texts += [p.replace("\n", " ") for p in doc.split("\n\n") if len(p) > 200]
+    return texts
+
+
 def read_bandwidth_gbs() -> float:
     import numpy as np
 
@@ -170,13 +205,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--corpus-chars", type=int, default=12_000)
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument(
+        "--effective-bits",
+        type=float,
+        default=6.0,
+        help="the body's bits a weight of the measured INT4 build with k-quant",
+    )
     args = parser.parse_args()
 
     from pipelines.core import Artifact
     from pipelines.llm.builder import BuildSettings, build_ort_genai
     from pipelines.llm.gguf_convert import convert_gguf
-    from pipelines.llm.perplexity import measure_perplexity
+    from pipelines.llm.perplexity import measure_perplexity, windows
     from pipelines.llm.runtime import open_text_model
+    from pipelines.llm.sensitivity import choose_int8, measure_sensitivity
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -190,6 +233,30 @@ def main() -> None:
         (work / "fp32-tmp").rename(fp32)
         print(f"converted {gguf.name} in {time.perf_counter() - t:.0f} s", flush=True)
 
+    # The measured mixed precision: each projection's INT4 cost on other text, then the INT8 set
+    # under a bits budget (what the quantize stage's sensitive_layers=measured does). The RTN
+    # build gets the budget llama.cpp's list spends on this model (4.82 bits), for a like-for-like
+    # comparison; the k-quant one ``--effective-bits``.
+    measured: dict[tuple[bool, int], list] = {}
+    with open_text_model(Artifact("fp32", str(fp32), "hf_checkpoint", "fp32", [], []),
+                         threads=args.threads) as parent:  # fmt: skip
+        calibration = [w for t in calibration_corpus() for w in windows(parent.encode(t), 256)]
+        calibration = calibration[: args.calibration_windows]
+        for symmetric, block in ((True, 32), (False, 16)):
+            t = time.perf_counter()
+            measured[(symmetric, block)] = measure_sensitivity(
+                parent.model, calibration, block_size=block, symmetric=symmetric
+            )
+            seconds = time.perf_counter() - t
+            tokens = sum(map(len, calibration))
+            print(
+                f"sensitivity (symmetric {symmetric}, block {block}): "
+                f"{tokens} tokens, {seconds:.0f} s"
+            )
+
+    def nodes(symmetric: bool, block: int, bits: float) -> tuple[str, ...]:
+        return tuple(c.node for c in choose_int8(measured[(symmetric, block)], bits))
+
     variants = {
         "FP32 (ORT GenAI)": BuildSettings("fp32"),
         "INT8 (lm_head float)": BuildSettings("int8"),
@@ -199,6 +266,16 @@ def main() -> None:
         "INT4 rtn (default: + sensitive int8)": BuildSettings("int4", sensitive_layers="int8"),
         "INT4 k_quant (+ sensitive int8)": BuildSettings(
             "int4", method="k_quant", sensitive_layers="int8"
+        ),
+        "INT4 rtn + measured int8, 4.82 bits": BuildSettings(
+            "int4", int8_nodes=nodes(True, 32, 4.82)
+        ),
+        f"INT4 k_quant asym b16 + measured int8, {args.effective_bits:g} bits": BuildSettings(
+            "int4",
+            block_size=16,
+            method="k_quant",
+            symmetric=False,
+            int8_nodes=nodes(False, 16, args.effective_bits),
         ),
     }
     folders: dict[str, tuple[Path, str]] = {"FP32 (torch)": (fp32, "hf_checkpoint")}

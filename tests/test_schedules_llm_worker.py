@@ -13,6 +13,7 @@ import pytest
 from django.utils import timezone
 
 from pipelines.certification.profiles import detect_profiles
+from r1platform.certification.models import Certification
 from r1platform.deployments.models import Deployment, ServingPool
 from r1platform.registry.models import ModelVersion
 from r1platform.schedules import pipeline_templates, runs, services
@@ -32,6 +33,14 @@ def _texts(api, path: Path, rows: list[str]) -> int:
         response = api.post("/api/v1/datasets", {"name": "corpus", "file": f})
     assert response.status_code == 201, response.content
     return response.json()["id"]
+
+
+def _why(run: ScheduleRun) -> str:
+    """The run's reason, with its certificate's failed checks as the report holds them."""
+    cert = Certification.objects.filter(job_id=run.job_id).order_by("-pk").first()
+    checks = (cert.report or {}).get("checks", []) if cert else []
+    failed = [c for c in checks if c.get("status") not in ("passed", "not_run")]
+    return f"{run.reason}: {json.dumps(failed, default=str)[:4000]}"
 
 
 def test_a_schedule_fine_tunes_certifies_promotes_and_judges_a_language_model(
@@ -68,7 +77,7 @@ def test_a_schedule_fine_tunes_certifies_promotes_and_judges_a_language_model(
     )  # fmt: skip
 
     first = _decided(runs.run_schedule(schedule.pk, trigger="beat"), timeout=400)
-    assert first.decision == Decision.PROMOTED, first.reason
+    assert first.decision == Decision.PROMOTED, _why(first)
     assert first.challenger.format == "lora_adapter" and first.job.queue == f"profile.{key}"
     assert Deployment.objects.get(pool=pool, stage="production").version == first.challenger
 
@@ -77,6 +86,7 @@ def test_a_schedule_fine_tunes_certifies_promotes_and_judges_a_language_model(
     ScheduleRun.objects.update(created_at=timezone.now() - timedelta(hours=1))
     second = _decided(runs.run_schedule(schedule.pk, trigger="beat"), timeout=400)
     assert second.decision in (Decision.PROMOTED, Decision.KEPT), second.reason
-    assert second.metric == "perplexity" and second.champion == first.challenger
+    assert second.metric == "perplexity", _why(second)
+    assert second.champion == first.challenger
     assert 1 < second.champion_score < 1000 and 1 < second.challenger_score < 1000
     assert f"challenger {second.challenger_score:.4g} vs champion" in second.reason

@@ -102,12 +102,16 @@ def check_stops(s: TextSuiteState, c: CheckRecord) -> str:
     new = s.new_tokens(prompts)
     honoured = probed = consistent = 0
     probes: list[dict[str, Any]] = []
+    finishes: list[dict[str, Any]] = []
     try:
         for ids in prompts:
             full = stream_completion(conn, endpoint.headers, _body(s, ids, new))
             if full.cause:
                 raise PipelineError(f"a golden prompt's completion failed: {full.cause}")
-            consistent += finish_consistent(full.finish_reason, full.tokens, new)
+            agrees = finish_consistent(full.finish_reason, full.tokens, new)
+            consistent += agrees
+            finishes.append({"finish_reason": full.finish_reason, "tokens": full.tokens,
+                             "max_tokens": new, "ok": agrees})  # fmt: skip
             stop = _stop_string(full.text)
             if stop is None:
                 continue
@@ -123,6 +127,7 @@ def check_stops(s: TextSuiteState, c: CheckRecord) -> str:
     c.measure("finish_reasons_consistent", consistent, len(prompts), "==")
     c.measure("stop_strings_honoured", honoured, probed, "==")
     c.details["stop_probes"] = probes
+    c.details["finishes"] = finishes
     parts.append(f"{honoured}/{probed} stop strings honoured through the serving process")
     parts.append(f"{consistent}/{len(prompts)} finish reasons consistent with max_tokens")
     if not probed:

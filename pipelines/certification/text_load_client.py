@@ -108,7 +108,9 @@ def stream_completion(
     """
     started = time.perf_counter()
     found = StreamOutcome(status=0, seconds=0.0)
-    data = json.dumps({**body, "stream": True}).encode()
+    # The usage's token count, not the text events: a server may send several tokens in one
+    # event (a busy machine coalesces them) or hold a token with no text of its own.
+    data = json.dumps({"stream_options": {"include_usage": True}, **body, "stream": True}).encode()
     sent = {**headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
     first_text = last_text = None
     events = 0

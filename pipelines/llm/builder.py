@@ -17,6 +17,10 @@ from the installed builder's ``--extra_options`` help:
   (``matmul_mixed_precision=last_matmul:int8``), float under int8
   (``nodes_to_exclude=/lm_head/MatMul``). It is the largest matrix of a small model and the one
   every token's distribution comes out of.
+* measured mixed precision: ``int8_nodes`` names the MatMuls to keep int8 under int4; they go
+  in the builder's structured configuration (``--builder_config_version 2 --target_options``,
+  ``quant_config.weights.overrides``, which refuses a name the graph does not have), with
+  ``fuse_qkv=false`` so q, k and v are separate MatMuls.
 
 The builder reads the checkpoint with ``HF_HUB_OFFLINE=1`` and ``hf_remote=false`` (no remote
 code), writes only into the output and cache folders it is given, and its output is streamed
@@ -55,6 +59,7 @@ __all__ = [
     "convert_checkpoint",
     "folder_bytes",
     "run_streamed",
+    "structured_arguments",
     "supported_architectures",
 ]
 
@@ -78,6 +83,9 @@ class BuildSettings:
     keep_lm_head: bool = True
     sensitive_layers: str = "int4"  # int4: llama.cpp's sensitive MatMuls in this type (int8)
     symmetric: bool = True  # False: a zero point per block (asymmetric)
+    # int4: these MatMul nodes in int8, chosen by measurement (pipelines.llm.sensitivity); they
+    # replace llama.cpp's list, and q/k/v are built as separate MatMuls so each has its width.
+    int8_nodes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -162,11 +170,27 @@ def builder_arguments(
             mixed.append("last_matmul:int8")
         else:
             options.append("nodes_to_exclude=/lm_head/MatMul")
+    if settings.precision == "int4" and settings.int8_nodes:
+        options.append("fuse_qkv=false")  # the LM head goes in the structured overrides too
+        return options, notes
     if settings.precision == "int4" and settings.sensitive_layers == "int8":
         mixed.append("mixed_layers:int8")
     if mixed:
         options.append("matmul_mixed_precision=" + ",".join(mixed))
     return options, notes
+
+
+def structured_arguments(settings: BuildSettings) -> list[str]:
+    """The builder's structured-configuration arguments: per-node int8 overrides for a measured
+    int4 build (the LM head among them when it is kept), none otherwise."""
+    if settings.precision != "int4" or not settings.int8_nodes:
+        return []
+    nodes = list(settings.int8_nodes)
+    if settings.keep_lm_head and "/lm_head/MatMul" not in nodes:
+        nodes.append("/lm_head/MatMul")
+    overrides = [{"match": {"name": node}, "type": "int8"} for node in nodes]
+    target = {"quant_config": {"weights": {"overrides": overrides}}}
+    return ["--builder_config_version", "2", "--target_options", json.dumps(target)]
 
 
 class _Progress:
@@ -254,7 +278,7 @@ def build_ort_genai(
     command = [
         sys.executable, "-m", BUILDER_MODULE,
         "-i", str(checkpoint), "-o", str(out), "-p", settings.precision, "-e", "cpu",
-        "-c", str(cache), "--extra_options", *options,
+        "-c", str(cache), *structured_arguments(settings), "--extra_options", *options,
     ]  # fmt: skip
     env = {
         **os.environ,

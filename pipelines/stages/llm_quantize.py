@@ -102,12 +102,34 @@ class LlmQuantizeSettings(StageSettings):
         True,
         description="int8/int4: symmetric blocks (one scale); false adds a zero point per block.",
     )
-    sensitive_layers: Literal["int8", "int4"] = Field(
+    sensitive_layers: Literal["int8", "int4", "measured"] = Field(
         "int8",
         description=(
-            "int4: the MatMuls most sensitive to quantization (llama.cpp's mixed strategy: the "
+            "int4: which MatMuls stay int8. int8 (default): llama.cpp's mixed strategy (the "
             "first and last eighth of the layers and every third layer's qkv/v/down "
-            "projections) in int8 (default) or int4 like the rest."
+            "projections); int4: none, all like the rest; measured: each projection's loss "
+            "increase under int4 and int8 is measured on calibration text (Model Optimizer "
+            "AutoQuantize's gradient score) and the ones that buy the most per extra bit are "
+            "kept int8 up to effective_bits."
+        ),
+    )
+    effective_bits: float = Field(
+        5.0,
+        ge=4.0,
+        le=8.0,
+        description=(
+            "int4 with measured sensitive layers: the decoder body's average bits a weight "
+            "(4: all int4; 5: a quarter of the weights int8; 8: all int8). The LM head is "
+            "counted apart (keep_lm_head)."
+        ),
+    )
+    calibration_windows: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description=(
+            "int4 with measured sensitive layers: windows of max_length tokens the sensitivity "
+            "is measured on (the train split of dataset_id, or the built-in sample)."
         ),
     )
     max_ppl_increase: float = Field(
@@ -160,6 +182,47 @@ def load_eval_texts(
     if not texts:
         raise PipelineError(f"the {split} split of dataset {ref.id} has no text to measure on")
     return texts, f"{len(texts)} texts of the {split} split of dataset {ref.id}"
+
+
+def _measure_sensitivity(
+    ctx: PipelineContext, s: LlmQuantizeSettings, parent: object, progress: ProgressFn
+) -> dict[str, object]:
+    """Each projection's INT4 and INT8 cost on calibration text, and the ones kept INT8 under
+    ``effective_bits`` (what the version's meta records)."""
+    from pipelines.llm.perplexity import windows
+    from pipelines.llm.sensitivity import choose_int8, measure_sensitivity
+
+    model = getattr(parent, "model", None)
+    if model is None or getattr(parent, "backend", "") != "torch":
+        raise PipelineError(
+            "measured sensitive layers need the parent as a torch checkpoint; use "
+            "sensitive_layers int8 (llama.cpp's list) for this model"
+        )
+    texts, source = load_eval_texts(ctx, s.dataset_id, "train", s.max_texts, "quantize")
+    cut = [w for t in texts for w in windows(parent.encode(t), s.max_length)]  # type: ignore[attr-defined]
+    calibration = cut[: s.calibration_windows]
+    progress(0.1, f"sensitivity of each projection on {len(calibration)} windows of {source}")
+    costs = measure_sensitivity(
+        model,
+        calibration,
+        block_size=s.block_size,
+        symmetric=s.symmetric,
+        progress=lambda f, m: progress(0.1 + 0.1 * f, m),
+    )
+    chosen = choose_int8(costs, s.effective_bits)
+    body = sum(c.params for c in costs)
+    int8 = sum(c.params for c in chosen)
+    ranked = sorted(costs, key=lambda c: c.gain_per_param, reverse=True)
+    return {
+        "calibration": f"{len(calibration)} windows of {source}",
+        "calibration_tokens": sum(len(w) for w in calibration),
+        "effective_bits": round(4.0 + 4.0 * int8 / body, 4) if body else 4.0,
+        "int8_share": round(int8 / body, 4) if body else 0.0,
+        "int8_nodes": [c.node for c in chosen],
+        "ranking": [
+            {"node": c.node, "params": c.params, "int4": c.int4, "int8": c.int8} for c in ranked
+        ],
+    }
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -260,8 +323,13 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
             before = measure_perplexity(
                 parent_model, ids, s.max_length, _scaled(progress, 0.0, 0.1, source.key)
             )
+            sensitivity = None
+            if s.precision == "int4" and s.sensitive_layers == "measured":
+                sensitivity = _measure_sensitivity(ctx, s, parent_model, progress)
         notes: list[str] = []
         meta: dict[str, object] = {}
+        if sensitivity is not None:
+            meta["sensitivity"] = sensitivity
         with scratch_dir(stage_dir) as scratch:
             out = scratch / MODEL_DIR
             if s.precision in _INT:
@@ -280,6 +348,7 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                         s.precision == "int4" if s.keep_lm_head is None else s.keep_lm_head,
                         s.sensitive_layers,
                         s.symmetric,
+                        tuple(sensitivity["int8_nodes"]) if sensitivity else (),
                     ),
                     lambda f, m: progress(0.1 + 0.7 * f, m),
                     timeout_s=s.timeout_s,
@@ -342,6 +411,11 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                     "ppl_tokens": float(after.tokens),
                     "size_bytes": float(size),
                     "size_ratio": size / parent_size if parent_size else 1.0,
+                    **(
+                        {"body_effective_bits": float(sensitivity["effective_bits"])}  # type: ignore[arg-type]
+                        if sensitivity is not None
+                        else {}
+                    ),
                 }
             )
             measured = (
@@ -385,6 +459,12 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
             if s.precision in _INT
             else f"{s.precision} checkpoint"
         )
+        if sensitivity is not None:
+            what += (
+                f", {sensitivity['int8_share']:.0%} of the body's weights int8 by measured "
+                f"sensitivity ({sensitivity['effective_bits']:g} bits a weight; "
+                f"{sensitivity['calibration']})"
+            )
         message = f"{what}: {measured}; size x{metrics['size_ratio']:.2f}"
         if notes:
             message += f" ({'; '.join(notes)})"
