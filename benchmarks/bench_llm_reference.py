@@ -19,9 +19,17 @@ per round, the order rotated each round): a prompt of ``--prompt`` tokens, greed
 tokens/s = 1 / mean time per output token after the first; TTFT = the prompt's prefill to the
 first token. Each cell is the median over rounds; a row whose rounds spread over 15% is marked.
 
+Measured mixed precision (the quantize stage's ``sensitive_layers=measured``): each decoder
+projection's INT4 and INT8 cost is measured on other text (docstrings of other standard-library
+modules, ``--calibration-windows`` windows) with Model Optimizer AutoQuantize's gradient score
+(:mod:`pipelines.llm.sensitivity`), and the projections that buy the most per extra bit are built
+INT8: an RTN build at the budget llama.cpp's list spends on Gemma 3 270M (4.82 bits a body
+weight), for a like-for-like comparison, and a k-quant build at ``--effective-bits``.
+
 The bound: decoding one token reads every weight once (the embedding table only one row, but a
 tied LM head reads it whole), so tokens/s <= read bandwidth / bytes read per token. Bandwidth is
-measured here with numpy (a 1 GiB array summed, best of 5) and stated beside the rows.
+measured here as a 1 GiB float32 dot product with itself on the same threads (BLAS, best of 5;
+numpy's ``sum`` is compute-bound well below it) and stated beside the rows.
 """
 
 from __future__ import annotations
@@ -143,16 +151,20 @@ def calibration_corpus() -> list[str]:
     return texts
 
 
-def read_bandwidth_gbs() -> float:
+def read_bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth in GB/s: a 1 GiB float32 array's dot product with itself (BLAS, vectorized,
+    on ``threads`` threads; numpy's ``sum`` is compute-bound below it), best of 5."""
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     a = np.ones(2**28, dtype=np.float32)  # 1 GiB
-    a.sum()
     best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        a.sum()
-        best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    with threadpool_limits(limits=threads):
+        np.dot(a, a)
+        for _ in range(5):
+            t = time.perf_counter()
+            np.dot(a, a)
+            best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -176,8 +188,10 @@ def weight_bytes_per_token(folder: Path, fmt: str) -> int:
     config = json.loads((folder / "genai_config.json").read_text())
     vocab = int(config["model"]["vocab_size"])
     hidden = int(config["model"]["decoder"]["hidden_size"])
-    # A float embedding Gather beside its own LM head matrix: only one row of it is read.
-    return data - vocab * hidden * 4 if _separate_embedding(folder) else data
+    # A float embedding Gather beside its own LM head matrix, and the rotary cos/sin tables:
+    # only one row of each is read.
+    embedding, tables = _read_one_row_bytes(folder)
+    return data - tables - (vocab * hidden * 4 if embedding else 0)
 
 
 def _nbytes(f, name: str) -> int:
@@ -188,11 +202,21 @@ def _nbytes(f, name: str) -> int:
     return int(np.prod(sl.get_shape())) * itemsize
 
 
-def _separate_embedding(folder: Path) -> bool:
+def _read_one_row_bytes(folder: Path) -> tuple[bool, int]:
+    """(whether the embedding is a float Gather of its own, bytes of the rotary tables)."""
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    return any(n.op_type == "Gather" for n in model.graph.node if "embed" in n.name)
+    embedding = any(n.op_type == "Gather" for n in model.graph.node if "embed" in n.name)
+    itemsize = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}
+    tables = 0
+    for init in model.graph.initializer:
+        if "cos_cache" in init.name or "sin_cache" in init.name:
+            size = 1
+            for dim in init.dims:
+                size *= dim
+            tables += size * itemsize.get(init.data_type, 4)
+    return embedding, tables
 
 
 def main() -> None:
@@ -263,8 +287,8 @@ def main() -> None:
         "INT8 (default: lm_head int8)": BuildSettings("int8", keep_lm_head=False),
         "INT4 rtn (lm_head int8)": BuildSettings("int4"),
         "INT4 k_quant (lm_head int8)": BuildSettings("int4", method="k_quant"),
-        "INT4 rtn (default: + sensitive int8)": BuildSettings("int4", sensitive_layers="int8"),
-        "INT4 k_quant (+ sensitive int8)": BuildSettings(
+        "INT4 rtn (+ llama.cpp sensitive int8)": BuildSettings("int4", sensitive_layers="int8"),
+        "INT4 k_quant (+ llama.cpp sensitive int8)": BuildSettings(
             "int4", method="k_quant", sensitive_layers="int8"
         ),
         "INT4 rtn + measured int8, 4.82 bits": BuildSettings(
@@ -314,7 +338,7 @@ def main() -> None:
                 timings[label]["tps"].append(1.0 / gen.tpot_s)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = read_bandwidth_gbs(args.threads)
     ref_tps = statistics.median(timings[ref]["tps"])
     ref_ttft = statistics.median(timings[ref]["ttft"])
     ref_ppl = ppl[ref].perplexity
@@ -323,7 +347,7 @@ def main() -> None:
         f"Gemma 3 270M ({gguf.name}); {args.threads} threads, batch 1, prompt {args.prompt} "
         f"tokens, {args.new} new tokens, {args.rounds} interleaved rounds; perplexity on "
         f"{ppl[ref].tokens} tokens of stdlib docstrings, windows of {args.max_length}. "
-        f"Read bandwidth {bandwidth:.1f} GB/s (numpy, 1 GiB)."
+        f"Read bandwidth {bandwidth:.1f} GB/s (a 1 GiB dot product, {args.threads} threads)."
     )
     print()
     print(

@@ -16,6 +16,7 @@ from pipelines.certification._state import CheckRecord, NotRun
 from pipelines.certification._text_state import FULL_PRECISIONS, TextSuiteState
 from pipelines.core import ModelFormat, PipelineError
 from pipelines.latency import peak_rss_mb, reset_peak_rss
+from pipelines.llm.agreement import greedy_agreement
 
 __all__ = [
     "PPL_WINDOW",
@@ -26,7 +27,6 @@ __all__ = [
     "check_parity",
     "check_performance",
     "check_tokenizer",
-    "greedy_agreement",
 ]
 
 # Tokens per perplexity window (capped at the context), as evaluate measures it by default.
@@ -36,24 +36,6 @@ PPL_WINDOW = 512
 ROUNDTRIP_PROBES = ("naïve café — 東京 😀 ∑x²", "line one\nline two: 42, 3.14")
 LOAD_TOKENS = 8  # tokens the loads check generates
 MAX_LISTED = 10
-
-
-def greedy_agreement(
-    ours: Sequence[Sequence[int]], theirs: Sequence[Sequence[int]], n: int
-) -> tuple[float, float]:
-    """(share of the first ``n`` positions where two greedy continuations chose the same token,
-    mean length of their equal prefix); a position one of them did not reach differs. The same
-    measure as the language-model evaluate stage's ``greedy_agreement``."""
-    same = positions = 0
-    prefixes = []
-    for a, b in zip(ours, theirs, strict=True):
-        a, b = list(a)[:n], list(b)[:n]
-        positions += max(len(a), len(b))
-        same += sum(x == y for x, y in zip(a, b, strict=False))
-        prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        prefixes.append(min(len(a), len(b)) if prefix is None else prefix)
-    share = same / positions if positions else 1.0
-    return share, (sum(prefixes) / len(prefixes) if prefixes else 0.0)
 
 
 def check_loads(s: TextSuiteState, c: CheckRecord) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "int8_matmuls",
     "measure_sensitivity",
     "onnx_name",
+    "projections",
 ]
 
 _ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|attn)\.([qkvo])_proj$")
@@ -69,6 +70,17 @@ def onnx_name(module_name: str) -> str | None:
         layer, proj = found.groups()
         return f"/model/layers.{layer}/mlp/{proj}_proj/MatMul"
     return None
+
+
+def projections(model: Any) -> dict[str, Any]:
+    """The model's decoder-layer projections the builder writes as MatMuls, by module name."""
+    import torch
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and onnx_name(name) is not None
+    }
 
 
 def fake_quantize(weight: Any, bits: int, block_size: int, symmetric: bool) -> Any:
@@ -114,11 +126,7 @@ def measure_sensitivity(
     """
     import torch
 
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and onnx_name(name) is not None
-    }
+    linears = projections(model)
     if not linears:
         raise PipelineError(
             "measured sensitivity needs decoder layers with Llama-style projections "

@@ -22,7 +22,6 @@ the current artifact's metrics (the version's) and the stage result.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -36,9 +35,10 @@ from pipelines.core import (
     ProgressFn,
     StageSettings,
 )
+from pipelines.llm.agreement import greedy_agreement
 from pipelines.stages.base import Stage, StageOutcome, settings_meta
 
-__all__ = ["LlmEvaluate", "LlmEvaluateSettings", "agreement"]
+__all__ = ["LlmEvaluate", "LlmEvaluateSettings"]
 
 Split = Literal["test", "validation", "train", "all"]
 PROMPT_TOKENS = 16  # tokens of each perplexity text that prompt the agreement check
@@ -92,28 +92,6 @@ class _Measured:
     ppl_tokens: int = 0
     outputs: list[str] = field(default_factory=list)  # one per test case
     greedy: list[list[int]] = field(default_factory=list)  # one per agreement prompt
-
-
-def agreement(
-    ours: Sequence[Sequence[int]], theirs: Sequence[Sequence[int]], n: int
-) -> tuple[float, float]:
-    """(share of the first ``n`` positions with equal tokens, mean length of the equal prefix)
-    over pairs of greedy continuations; a missing position (stopped early) differs."""
-    same = positions = 0
-    prefixes: list[int] = []
-    for a, b in zip(ours, theirs, strict=True):
-        a, b = list(a)[:n], list(b)[:n]
-        width = max(len(a), len(b))
-        same += sum(x == y for x, y in zip(a, b, strict=False))
-        positions += width
-        prefix = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            prefix += 1
-        prefixes.append(prefix)
-    share = same / positions if positions else 1.0
-    return share, (sum(prefixes) / len(prefixes) if prefixes else 0.0)
 
 
 def _generate_texts(model: Any, prompts: list[list[int]], max_new: int) -> list[str]:
@@ -272,7 +250,7 @@ class LlmEvaluate(Stage[LlmEvaluateSettings]):
                     tagged = [p for c, p in zip(cases, passed, strict=True) if tag in c.tags]
                     values[f"{prefix}test_case_accuracy.{tag}"] = sum(tagged) / len(tagged)
         if theirs is not None and ours.greedy and theirs.greedy:
-            share, run = agreement(ours.greedy, theirs.greedy, s.agreement_tokens)
+            share, run = greedy_agreement(ours.greedy, theirs.greedy, s.agreement_tokens)
             values["greedy_agreement"] = share
             values["greedy_prefix_tokens"] = run
             metrics["agreement_prompts"] = float(len(ours.greedy))

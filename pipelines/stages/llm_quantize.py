@@ -3,8 +3,9 @@ its parent's perplexity.
 
 * ``int8`` / ``int4``: ONNX Runtime GenAI's model builder (:mod:`pipelines.llm.builder`) makes an
   ``ort_genai`` folder for the CPU: MatMulNBits weights in blocks of ``block_size``, RTN or
-  k-quant; the embeddings kept float, and under int4 the LM head and llama.cpp's sensitive
-  layers kept int8 by default (under int8 the LM head is int8 with the rest: measured on
+  k-quant; the embeddings kept float, and under int4 the LM head and the projections measured
+  most sensitive (:mod:`pipelines.llm.sensitivity`) kept int8 by default, up to
+  ``effective_bits`` (under int8 the LM head is int8 with the rest: measured on
   Gemma 3 270M, a float head halved decode speed for 0.2% perplexity).
 * ``bf16`` / ``fp16``: the checkpoint's weights written in that dtype (an ``hf_checkpoint``).
 
@@ -102,15 +103,17 @@ class LlmQuantizeSettings(StageSettings):
         True,
         description="int8/int4: symmetric blocks (one scale); false adds a zero point per block.",
     )
-    sensitive_layers: Literal["int8", "int4", "measured"] = Field(
-        "int8",
+    sensitive_layers: Literal["measured", "int8", "int4"] = Field(
+        "measured",
         description=(
-            "int4: which MatMuls stay int8. int8 (default): llama.cpp's mixed strategy (the "
-            "first and last eighth of the layers and every third layer's qkv/v/down "
-            "projections); int4: none, all like the rest; measured: each projection's loss "
+            "int4: which MatMuls stay int8. measured (default): each projection's loss "
             "increase under int4 and int8 is measured on calibration text (Model Optimizer "
             "AutoQuantize's gradient score) and the ones that buy the most per extra bit are "
-            "kept int8 up to effective_bits."
+            "kept int8 up to effective_bits (a model without Llama-style projections falls "
+            "back to int8, said in the message); int8: llama.cpp's mixed strategy (the first "
+            "and last eighth of the layers and every third layer's qkv/v/down projections); "
+            "int4: none, all like the rest. Measured on Gemma 3 270M at llama.cpp's budget: "
+            "+24.9% perplexity against its +38.7% (RTN), see the README."
         ),
     )
     effective_bits: float = Field(
@@ -186,11 +189,12 @@ def load_eval_texts(
 
 def _measure_sensitivity(
     ctx: PipelineContext, s: LlmQuantizeSettings, parent: object, progress: ProgressFn
-) -> dict[str, object]:
+) -> dict[str, object] | None:
     """Each projection's INT4 and INT8 cost on calibration text, and the ones kept INT8 under
-    ``effective_bits`` (what the version's meta records)."""
+    ``effective_bits`` (what the version's meta records); None when the model has no
+    Llama-style projections to measure (llama.cpp's list is used instead)."""
     from pipelines.llm.perplexity import windows
-    from pipelines.llm.sensitivity import choose_int8, measure_sensitivity
+    from pipelines.llm.sensitivity import choose_int8, measure_sensitivity, projections
 
     model = getattr(parent, "model", None)
     if model is None or getattr(parent, "backend", "") != "torch":
@@ -198,6 +202,8 @@ def _measure_sensitivity(
             "measured sensitive layers need the parent as a torch checkpoint; use "
             "sensitive_layers int8 (llama.cpp's list) for this model"
         )
+    if not projections(model):
+        return None
     texts, source = load_eval_texts(ctx, s.dataset_id, "train", s.max_texts, "quantize")
     cut = [w for t in texts for w in windows(parent.encode(t), s.max_length)]  # type: ignore[attr-defined]
     calibration = cut[: s.calibration_windows]
@@ -330,6 +336,10 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
         meta: dict[str, object] = {}
         if sensitivity is not None:
             meta["sensitivity"] = sensitivity
+        elif s.precision == "int4" and s.sensitive_layers == "measured":
+            notes.append(
+                "no Llama-style projections to measure: llama.cpp's sensitive layers kept int8"
+            )
         with scratch_dir(stage_dir) as scratch:
             out = scratch / MODEL_DIR
             if s.precision in _INT:
@@ -346,9 +356,9 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                         s.accuracy_level,
                         s.keep_embeddings,
                         s.precision == "int4" if s.keep_lm_head is None else s.keep_lm_head,
-                        s.sensitive_layers,
+                        "int8" if s.sensitive_layers == "measured" else s.sensitive_layers,
                         s.symmetric,
-                        tuple(sensitivity["int8_nodes"]) if sensitivity else (),
+                        tuple(sensitivity["int8_nodes"]) if sensitivity else (),  # type: ignore[arg-type]
                     ),
                     lambda f, m: progress(0.1 + 0.7 * f, m),
                     timeout_s=s.timeout_s,

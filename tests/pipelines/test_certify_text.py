@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from pipelines.certification._text_checks import greedy_agreement
 from pipelines.certification._text_serving import finish_consistent, stop_honoured
 from pipelines.certification.profiles import compatibility_problem, detect_profiles
 from pipelines.certification.text_load_client import connection, stream_completion
 from pipelines.core import Artifact, DatasetRef, PipelineContext, PipelineError
+from pipelines.llm.agreement import greedy_agreement
 from pipelines.llm.runtime import open_text_model
 from pipelines.stages.certify import Certify
 from tests.text_models import ascii_llama, copy_model, edit_head, lowercasing_tokenizer

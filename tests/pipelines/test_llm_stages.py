@@ -21,9 +21,10 @@ from pipelines.core import (
     StageResult,
     StageStatus,
 )
+from pipelines.llm.agreement import greedy_agreement as agreement
 from pipelines.llm.runtime import open_text_model
 from pipelines.stages.llm_benchmark import LlmBenchmark
-from pipelines.stages.llm_evaluate import LlmEvaluate, agreement
+from pipelines.stages.llm_evaluate import LlmEvaluate
 from pipelines.stages.llm_quantize import MODEL_DIR, LlmQuantize
 from tests.llm_fixtures import CORPUS, tiny_gpt2, tiny_llama
 
