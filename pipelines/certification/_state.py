@@ -28,6 +28,7 @@ from pipelines.core import (
     Cancelled,
     ModelFormat,
     PipelineContext,
+    PipelineError,
     Precision,
     TensorSpec,
 )
@@ -140,6 +141,17 @@ class SuiteState:
     def first_batch(self) -> dict[str, np.ndarray]:
         """The golden set's first batch of the opt size, padded to the engine's minimum."""
         return padded(self.loaded, self.golden.head(self.batches[1]))
+
+
+def check_sha256(artifact: Artifact, described: Mapping[str, Any]) -> None:
+    """PipelineError when the file a suite is about to certify is not the one recorded when it
+    was made (``artifact.meta["sha256"]``, where there is one)."""
+    expected = artifact.meta.get("sha256")
+    if expected and expected != described["sha256"]:
+        raise PipelineError(
+            f"{artifact.key}'s file does not match the sha256 recorded when it was made "
+            f"({described['sha256'][:12]} != {str(expected)[:12]}); it is not certified"
+        )
 
 
 def find_reference(ctx: PipelineContext, artifact: Artifact) -> Artifact | None:

@@ -72,6 +72,7 @@ from pipelines.certification._scenario import check_scenario
 from pipelines.certification._state import (
     CheckRecord,
     SuiteState,
+    check_sha256,
     find_reference,
     not_run,
     run_check,
@@ -157,13 +158,8 @@ def run_suite(
         return run_text_suite(engine_artifact, ctx, settings, profile, progress)
     started_at = _now()
     level = Level(settings.level)
-    expected_sha = engine_artifact.meta.get("sha256")
     engine_info = describe_file(engine_artifact)
-    if expected_sha and expected_sha != engine_info["sha256"]:
-        raise PipelineError(
-            f"{engine_artifact.key}'s file does not match the sha256 recorded when it was made "
-            f"({engine_info['sha256'][:12]} != {str(expected_sha)[:12]}); it is not certified"
-        )
+    check_sha256(engine_artifact, engine_info)
     progress(0.0, "preparing the golden set")
     specs = engine_input_specs(engine_artifact)
     if not golden_io.has_batch(specs):

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pipelines.certification import _text_checks as checks_
-from pipelines.certification._state import CheckRecord, not_run, run_check
+from pipelines.certification._state import CheckRecord, check_sha256, not_run, run_check
 from pipelines.certification._text_load import check_stream_qps, check_stream_success
 from pipelines.certification._text_serving import check_context, check_serving, check_stops
 from pipelines.certification._text_state import (
@@ -115,13 +115,8 @@ def run_text_suite(
     """
     started_at = _now()
     level = Level(settings.level)
-    expected_sha = artifact.meta.get("sha256")
     engine_info = describe_text_file(artifact)
-    if expected_sha and expected_sha != engine_info["sha256"]:
-        raise PipelineError(
-            f"{artifact.key}'s file does not match the sha256 recorded when it was made "
-            f"({engine_info['sha256'][:12]} != {str(expected_sha)[:12]}); it is not certified"
-        )
+    check_sha256(artifact, engine_info)
     if level == Level.SCENARIO and settings.test_cases_dataset_id is None:
         raise PipelineError(
             "the scenario level of a language model judges a text test-case dataset: give "

@@ -126,13 +126,14 @@ class LlmQuantizeSettings(StageSettings):
             "counted apart (keep_lm_head)."
         ),
     )
-    calibration_windows: int = Field(
-        16,
-        ge=1,
-        le=1024,
+    calibration_tokens: int = Field(
+        4096,
+        ge=2,
+        le=1_048_576,
         description=(
-            "int4 with measured sensitive layers: windows of max_length tokens the sensitivity "
-            "is measured on (the train split of dataset_id, or the built-in sample)."
+            "int4 with measured sensitive layers: about this many tokens the sensitivity is "
+            "measured on, in windows of at most max_length (the train split of dataset_id, or "
+            "the built-in sample, which is shorter)."
         ),
     )
     max_ppl_increase: float = Field(
@@ -205,9 +206,17 @@ def _measure_sensitivity(
     if not projections(model):
         return None
     texts, source = load_eval_texts(ctx, s.dataset_id, "train", s.max_texts, "quantize")
-    cut = [w for t in texts for w in windows(parent.encode(t), s.max_length)]  # type: ignore[attr-defined]
-    calibration = cut[: s.calibration_windows]
-    progress(0.1, f"sensitivity of each projection on {len(calibration)} windows of {source}")
+    calibration: list[list[int]] = []
+    tokens = 0
+    for text in texts:
+        for window in windows(parent.encode(text), s.max_length):  # type: ignore[attr-defined]
+            if tokens >= s.calibration_tokens:
+                break
+            calibration.append(window)
+            tokens += len(window)
+        if tokens >= s.calibration_tokens:
+            break
+    progress(0.1, f"sensitivity of each projection on {tokens} tokens of {source}")
     costs = measure_sensitivity(
         model,
         calibration,
@@ -220,8 +229,8 @@ def _measure_sensitivity(
     int8 = sum(c.params for c in chosen)
     ranked = sorted(costs, key=lambda c: c.gain_per_param, reverse=True)
     return {
-        "calibration": f"{len(calibration)} windows of {source}",
-        "calibration_tokens": sum(len(w) for w in calibration),
+        "calibration": f"{tokens} tokens of {source}",
+        "calibration_tokens": tokens,
         "effective_bits": round(4.0 + 4.0 * int8 / body, 4) if body else 4.0,
         "int8_share": round(int8 / body, 4) if body else 0.0,
         "int8_nodes": [c.node for c in chosen],

@@ -124,7 +124,43 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class EngineServer:
+class _Watched:
+    """What a supervised and a followed replica share: its address and state, and the thread
+    that watches it (woken early by :meth:`suspect`, ended by :meth:`_end_thread`)."""
+
+    def __init__(self, name: str, url: str, state: str) -> None:
+        self.name = name
+        self._url, self._state, self._problem = url, state, ""
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._url
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def suspect(self) -> None:
+        self._wake.set()
+
+    def _start_thread(self, label: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=label, daemon=True)
+        self._thread.start()
+
+    def _end_thread(self, timeout: float) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class EngineServer(_Watched):
     """One supervised engine server process (see the module docstring)."""
 
     def __init__(
@@ -144,7 +180,8 @@ class EngineServer:
         failed_starts: int = 5,
         stop_grace_seconds: float = 20.0,
     ) -> None:
-        self.name, self.command, self.log_path = name, command, Path(log_path)
+        super().__init__(name, "", STOPPED)
+        self.command, self.log_path = command, Path(log_path)
         self.env = dict(env or {})
         self.health_path, self.headers, self.host = health_path, dict(headers or {}), host
         self.startup_timeout, self.check_seconds = startup_timeout, check_seconds
@@ -152,22 +189,10 @@ class EngineServer:
         self.failed_starts, self.stop_grace_seconds = failed_starts, stop_grace_seconds
         self.restarts = 0  # restarts after it had been ready
         self.given_up = False  # failed for good: it is not started again
-        self._state, self._problem, self._since = STOPPED, "", time.monotonic()
-        self._url = ""
+        self._since = time.monotonic()
         self._process: subprocess.Popen[bytes] | None = None
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- what the proxy and the runtime read -------------------------------------------------------
-
-    @property
-    def base_url(self) -> str:
-        return self._url
-
-    @property
-    def state(self) -> str:
-        return self._state
 
     @property
     def pid(self) -> int | None:
@@ -193,9 +218,6 @@ class EngineServer:
     def log_tail(self, lines: int = TAIL_LINES) -> str:
         return log_tail(self.log_path, lines)
 
-    def suspect(self) -> None:
-        self._wake.set()
-
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -203,15 +225,11 @@ class EngineServer:
         if self._thread is not None:
             return
         self._set(STARTING, "")
-        self._thread = threading.Thread(target=self._run, name=f"engine {self.name}", daemon=True)
-        self._thread.start()
+        self._start_thread(f"engine {self.name}")
 
     def stop(self) -> None:
         """Stop the server (SIGTERM to its group, SIGKILL after the grace) and the supervision."""
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.stop_grace_seconds + 10)
+        self._end_thread(self.stop_grace_seconds + 10)
         self._end_process()
         if self._state != FAILED:
             self._set(STOPPED, self._problem)
@@ -348,7 +366,7 @@ class EngineServer:
         self._state, self._problem = state, problem
 
 
-class RemoteServer:
+class RemoteServer(_Watched):
     """A replica run elsewhere (another host's engine server): its health is followed."""
 
     def __init__(
@@ -360,21 +378,9 @@ class RemoteServer:
         headers: Mapping[str, str] | None = None,
         check_seconds: float = 2.0,
     ) -> None:
-        self.name, self._url = name, url.rstrip("/")
+        super().__init__(name, url.rstrip("/"), STARTING)
         self.health_path, self.headers = health_path, dict(headers or {})
         self.check_seconds = check_seconds
-        self._state, self._problem = STARTING, ""
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return self._url
-
-    @property
-    def state(self) -> str:
-        return self._state
 
     @property
     def reason(self) -> str:
@@ -384,20 +390,12 @@ class RemoteServer:
             return f"{self.name} ({self._url}) is unreachable: {self._problem}"
         return f"{self.name} ({self._url}) has not answered yet"
 
-    def suspect(self) -> None:
-        self._wake.set()
-
     def start(self) -> None:
         if self._thread is None:
-            name = f"remote {self.name}"
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+            self._start_thread(f"remote {self.name}")
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self._end_thread(10)
         self._state = STOPPED
 
     def _run(self) -> None:

@@ -299,3 +299,10 @@ def test_the_streaming_client_tells_successes_decode_failures_and_refusals(strea
     refused = send("refused")
     assert refused.status == 400 and not refused.decode_failure
     assert refused.error_code == "context_length_exceeded"
+
+
+def test_a_model_folder_that_changed_since_it_was_recorded_is_not_certified(tmp_path, llama):
+    model = _artifact(llama)
+    model.meta["sha256"] = "0" * 64  # what the registry would hold for another file
+    with pytest.raises(PipelineError, match="does not match the sha256 recorded"):
+        _certify(tmp_path, model)

@@ -151,7 +151,7 @@ def test_the_builder_writes_the_chosen_matmuls_in_int8(llama: Path, tmp_path: Pa
 def test_quantize_int4_with_measured_sensitive_layers(llama: Path, tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, "measured", llama)
     settings = {"precision": "int4", "sensitive_layers": "measured", "effective_bits": 6.0,
-                "calibration_windows": 2, "max_length": 64, "max_ppl_increase": 10.0,
+                "calibration_tokens": 64, "max_length": 64, "max_ppl_increase": 10.0,
                 "threads": 1}  # fmt: skip
     progress = Progress()
     result = LlmQuantize().run(ctx, "01-quantize", settings, progress)
@@ -159,7 +159,8 @@ def test_quantize_int4_with_measured_sensitive_layers(llama: Path, tmp_path: Pat
     made = ctx.current_artifact
     measured = made.meta["sensitivity"]
     assert measured["int8_nodes"] and 4.0 < measured["effective_bits"] <= 6.0
-    assert len(measured["ranking"]) == 14 and "windows of the built-in" in measured["calibration"]
+    assert len(measured["ranking"]) == 14 and "tokens of the built-in" in measured["calibration"]
+    assert 64 <= measured["calibration_tokens"] < 64 + 64
     assert result.metrics["body_effective_bits"] == measured["effective_bits"]
     assert "by measured sensitivity" in result.message
     assert any("sensitivity: window" in line for _, line in progress.lines)
