@@ -18,11 +18,14 @@ from tests.test_playground import (  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.browser]
 
-# Counts the output's changes, so the test sees the answer arrive in pieces, not at once.
+# Counts the output's changes (mutation records, one per streamed event the page applied), so the
+# test sees the answer built from many events, not set at once. Counting observer callbacks
+# instead failed on a busy CI machine: every event arrived in one network read, was applied in
+# one task, and the observer was called once with all the records.
 WATCH_OUTPUT = """() => {
   window.__updates = 0;
   const output = document.querySelector("[data-testid=playground-output]");
-  new MutationObserver(() => { window.__updates += 1; })
+  new MutationObserver((records) => { window.__updates += records.length; })
     .observe(output, {childList: true, characterData: true, subtree: true});
 }"""
 
