@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.core import PipelineError
@@ -32,7 +31,6 @@ __all__ = [
     "MatMulCost",
     "choose_int8",
     "fake_quantize",
-    "int8_matmuls",
     "measure_sensitivity",
     "onnx_name",
     "projections",
@@ -208,17 +206,3 @@ def choose_int8(costs: Sequence[MatMulCost], effective_bits: float) -> list[MatM
             chosen.append(cost)
             spent += cost.params
     return chosen
-
-
-def int8_matmuls(model_onnx: Path) -> dict[str, int]:
-    """Every MatMulNBits node of a built model and its bits, read from the graph (the weights,
-    in external data, are not loaded)."""
-    import onnx
-
-    graph = onnx.load(str(model_onnx), load_external_data=False).graph
-    found: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            found[node.name] = int(bits)
-    return found

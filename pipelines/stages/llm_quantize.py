@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -188,12 +188,24 @@ def load_eval_texts(
     return texts, f"{len(texts)} texts of the {split} split of dataset {ref.id}"
 
 
+@dataclass(frozen=True)
+class MeasuredInt8:
+    """What the sensitivity measurement chose for an int4 build, and what it rests on."""
+
+    calibration: str  # "4096 tokens of ..."
+    calibration_tokens: int
+    effective_bits: float  # the body's average bits a weight
+    int8_share: float  # of the body's weights
+    int8_nodes: tuple[str, ...]
+    ranking: list[dict[str, object]]  # every projection, most loss saved per bit first
+
+
 def _measure_sensitivity(
     ctx: PipelineContext, s: LlmQuantizeSettings, parent: object, progress: ProgressFn
-) -> dict[str, object] | None:
+) -> MeasuredInt8 | None:
     """Each projection's INT4 and INT8 cost on calibration text, and the ones kept INT8 under
-    ``effective_bits`` (what the version's meta records); None when the model has no
-    Llama-style projections to measure (llama.cpp's list is used instead)."""
+    ``effective_bits`` (progress 0.1 to 0.2); None when the model has no Llama-style
+    projections to measure (llama.cpp's list is used instead)."""
     from pipelines.llm.perplexity import windows
     from pipelines.llm.sensitivity import choose_int8, measure_sensitivity, projections
 
@@ -228,16 +240,16 @@ def _measure_sensitivity(
     body = sum(c.params for c in costs)
     int8 = sum(c.params for c in chosen)
     ranked = sorted(costs, key=lambda c: c.gain_per_param, reverse=True)
-    return {
-        "calibration": f"{tokens} tokens of {source}",
-        "calibration_tokens": tokens,
-        "effective_bits": round(4.0 + 4.0 * int8 / body, 4) if body else 4.0,
-        "int8_share": round(int8 / body, 4) if body else 0.0,
-        "int8_nodes": [c.node for c in chosen],
-        "ranking": [
+    return MeasuredInt8(
+        calibration=f"{tokens} tokens of {source}",
+        calibration_tokens=tokens,
+        effective_bits=round(4.0 + 4.0 * int8 / body, 4) if body else 4.0,
+        int8_share=round(int8 / body, 4) if body else 0.0,
+        int8_nodes=tuple(c.node for c in chosen),
+        ranking=[
             {"node": c.node, "params": c.params, "int4": c.int4, "int8": c.int8} for c in ranked
         ],
-    }
+    )
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -343,12 +355,20 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                 sensitivity = _measure_sensitivity(ctx, s, parent_model, progress)
         notes: list[str] = []
         meta: dict[str, object] = {}
-        if sensitivity is not None:
-            meta["sensitivity"] = sensitivity
-        elif s.precision == "int4" and s.sensitive_layers == "measured":
-            notes.append(
-                "no Llama-style projections to measure: llama.cpp's sensitive layers kept int8"
-            )
+        sensitive_layers = s.sensitive_layers
+        if sensitivity is not None:  # its nodes, and nothing else, int8 (none at 4 bits)
+            meta["sensitivity"] = {
+                **asdict(sensitivity),
+                "int8_nodes": list(sensitivity.int8_nodes),
+            }
+            sensitive_layers = "int4"
+        elif s.sensitive_layers == "measured":
+            sensitive_layers = "int8"
+            if s.precision == "int4":
+                notes.append(
+                    "no Llama-style projections to measure: llama.cpp's sensitive layers kept int8"
+                )
+        build_from = 0.2 if sensitivity is not None else 0.1
         with scratch_dir(stage_dir) as scratch:
             out = scratch / MODEL_DIR
             if s.precision in _INT:
@@ -365,11 +385,11 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                         s.accuracy_level,
                         s.keep_embeddings,
                         s.precision == "int4" if s.keep_lm_head is None else s.keep_lm_head,
-                        "int8" if s.sensitive_layers == "measured" else s.sensitive_layers,
+                        sensitive_layers,
                         s.symmetric,
-                        tuple(sensitivity["int8_nodes"]) if sensitivity else (),  # type: ignore[arg-type]
+                        sensitivity.int8_nodes if sensitivity is not None else (),
                     ),
-                    lambda f, m: progress(0.1 + 0.7 * f, m),
+                    lambda f, m: progress(build_from + (0.8 - build_from) * f, m),
                     timeout_s=s.timeout_s,
                     threads=s.threads,
                 )
@@ -431,7 +451,7 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
                     "size_bytes": float(size),
                     "size_ratio": size / parent_size if parent_size else 1.0,
                     **(
-                        {"body_effective_bits": float(sensitivity["effective_bits"])}  # type: ignore[arg-type]
+                        {"body_effective_bits": sensitivity.effective_bits}
                         if sensitivity is not None
                         else {}
                     ),
@@ -480,9 +500,9 @@ class LlmQuantize(Stage[LlmQuantizeSettings]):
         )
         if sensitivity is not None:
             what += (
-                f", {sensitivity['int8_share']:.0%} of the body's weights int8 by measured "
-                f"sensitivity ({sensitivity['effective_bits']:g} bits a weight; "
-                f"{sensitivity['calibration']})"
+                f", {sensitivity.int8_share:.0%} of the body's weights int8 by measured "
+                f"sensitivity ({sensitivity.effective_bits:g} bits a weight; "
+                f"{sensitivity.calibration})"
             )
         message = f"{what}: {measured}; size x{metrics['size_ratio']:.2f}"
         if notes:

@@ -14,7 +14,6 @@ from pipelines.llm.sensitivity import (
     MatMulCost,
     choose_int8,
     fake_quantize,
-    int8_matmuls,
     measure_sensitivity,
     onnx_name,
 )
@@ -108,6 +107,19 @@ def test_a_model_without_llama_projections_is_refused() -> None:
         measure_sensitivity(Plain(), [[1, 2, 3]])
 
 
+def matmul_bits(model_onnx: Path) -> dict[str, int]:
+    """Every MatMulNBits node of a built model (without its ``_Q4``/``_Q8`` suffix) and its bits,
+    read from the graph (the weights, in external data, are not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(model_onnx), load_external_data=False).graph
+    return {
+        node.name.rsplit("_Q", 1)[0]: next(a.i for a in node.attribute if a.name == "bits")
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
 def _cost(node: str, params: int, int4: float, int8: float = 0.0) -> MatMulCost:
     return MatMulCost(module=node, node=node, params=params, int4=int4, int8=int8)
 
@@ -140,10 +152,7 @@ def test_the_builder_writes_the_chosen_matmuls_in_int8(llama: Path, tmp_path: Pa
         llama, tmp_path / "out", tmp_path / "cache", settings, lambda f, m: None, threads=1
     )
     assert "fuse_qkv=false" in report.extra_options
-    bits = {
-        name.rsplit("_Q", 1)[0]: b
-        for name, b in int8_matmuls(tmp_path / "out" / "model.onnx").items()
-    }
+    bits = matmul_bits(tmp_path / "out" / "model.onnx")
     assert {name for name, b in bits.items() if b == 8} == {*chosen, "/lm_head/MatMul"}
     assert bits["/model/layers.0/attn/q_proj/MatMul"] == 4  # q, k and v built apart
 
@@ -164,6 +173,20 @@ def test_quantize_int4_with_measured_sensitive_layers(llama: Path, tmp_path: Pat
     assert result.metrics["body_effective_bits"] == measured["effective_bits"]
     assert "by measured sensitivity" in result.message
     assert any("sensitivity: window" in line for _, line in progress.lines)
-    bits = int8_matmuls(Path(made.path) / "model.onnx")
-    int8 = {name.rsplit("_Q", 1)[0] for name, b in bits.items() if b == 8}
+    fractions = [f for f, _ in progress.lines]
+    assert fractions == sorted(fractions)  # the build's progress starts after the sensitivity's
+    bits = matmul_bits(Path(made.path) / "model.onnx")
+    int8 = {name for name, b in bits.items() if b == 8}
     assert int8 == {*measured["int8_nodes"], "/lm_head/MatMul"}
+
+
+def test_a_budget_of_four_bits_keeps_only_the_lm_head_int8(llama: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, "four", llama)
+    settings = {"precision": "int4", "effective_bits": 4.0, "calibration_tokens": 32,
+                "max_ppl_increase": 10.0, "threads": 1}  # fmt: skip
+    result = LlmQuantize().run(ctx, "01-quantize", settings, Progress())
+    assert result.status == StageStatus.SUCCEEDED, result.message
+    made = ctx.current_artifact
+    assert made.meta["sensitivity"]["int8_nodes"] == []  # measured is the default for int4
+    bits = matmul_bits(Path(made.path) / "model.onnx")
+    assert {name for name, b in bits.items() if b == 8} == {"/lm_head/MatMul"}
